@@ -14,9 +14,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Arch = Literal["mlp", "cnn"]
-Activation = Literal[
-    "sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "softsign", "identity"
-]
+Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "softsign", "identity"]
 Init = Literal[
     "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "normal"
 ]
@@ -41,9 +39,7 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     arch: Arch = Field("mlp", description="mlp: fully connected; cnn: 3x3 convolutions.")
-    depth: int = Field(
-        10, ge=1, le=MAX_DEPTH, description="Hidden layers (mlp) or convolution layers (cnn), 1-100."
-    )
+    depth: int = Field(10, ge=1, le=MAX_DEPTH, description="Hidden layers (mlp) or convolution layers (cnn), 1-100.")
     width: int = Field(
         128, ge=2, le=MAX_WIDTH, description="Units per hidden layer (mlp, 2-1024) or channels (cnn, 2-256)."
     )
@@ -64,9 +60,7 @@ class Spec(BaseModel):
     clip_mode: ClipMode = Field("norm", description="'norm': clip the total L2 norm; 'value': each entry.")
     optimizer: Optimizer = Field("sgd", description="sgd, momentum (SGD with 0.9), adam or adamw.")
     lr: float = Field(0.01, gt=0, le=1e3, description="Learning rate, (0, 1000].")
-    weight_decay: float = Field(
-        0.0, ge=0, le=1, description="L2 penalty (decoupled for adamw), [0, 1]."
-    )
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 penalty (decoupled for adamw), [0, 1].")
     l1: float = Field(0.0, ge=0, le=1, description="L1 penalty on the weights added to the loss, [0, 1].")
     batch_size: int = Field(128, ge=2, le=MAX_BATCH_SIZE, description="Examples per step, 2-1024.")
     steps: int = Field(100, ge=1, le=MAX_STEPS, description="Optimizer updates, 1-5000.")

@@ -82,6 +82,7 @@ class Evidence(_Row):
     interior_ratio_trained: float | None = None
     rel_grad_median_trained: float | None = None
     max_update_ratio: float | None = None
+    grad_norm_total_init: float | None = None
     grad_norm_total_max: float | None = None
     zero_grad_frac_max: float | None = None
     saturation_frac_mean: float | None = None

@@ -1,0 +1,169 @@
+"""Measures per-layer gradient statistics during training, cheaply.
+
+Measurement point: every statistic of a step is taken after ``backward()`` and before gradient
+clipping, except ``grad_norm_total_post`` (after clipping) and ``update_ratio`` (the step the
+optimizer actually took, so it reflects clipping). All per-layer norms come from one batched
+``torch._foreach_norm`` pass and stay on the device; the host receives one stacked tensor per
+recorded step, never one ``.item()`` per layer, so a CUDA run does not synchronise per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from models.networks import Layer
+
+# Columns of the per-layer matrix returned by Recorder.layer_stats, in this order.
+STAT_COLUMNS = (
+    "grad_norm",
+    "bias_grad_norm",
+    "weight_norm",
+    "rel_grad",
+    "update_ratio",
+    "act_grad_norm",
+    "zero_grad_frac",
+    "saturation_frac",
+)
+
+# A unit counts as saturated where the activation's local derivative is below 5% of its maximum:
+# sigmoid: y(1-y) < 0.05 * 0.25; tanh: 1 - y^2 < 0.05.
+_SATURATION_DERIVATIVE = 0.05
+
+
+def _saturated_fraction(activation: str, output: Tensor) -> Tensor:
+    derivative = output * (1 - output) / 0.25 if activation == "sigmoid" else 1 - output * output
+    return (derivative < _SATURATION_DERIVATIVE).float().mean()
+
+
+class Recorder:
+    """Hooks into a network's layers and turns each step's gradients into device-side statistics."""
+
+    def __init__(self, layers: Sequence[Layer], activation: str) -> None:
+        self.layers = list(layers)
+        self.weights: list[Tensor] = [layer.weight for layer in self.layers]
+        self.biases: list[Tensor | None] = [layer.bias for layer in self.layers]
+        # Every parameter, weights and biases of each layer in forward order, for one foreach pass.
+        self.params: list[Tensor] = [
+            p for w, b in zip(self.weights, self.biases, strict=True) for p in (w, b) if p is not None
+        ]
+        self._weight_pos: list[int] = []
+        self._bias_pos: list[int | None] = []
+        position = 0
+        for bias in self.biases:
+            self._weight_pos.append(position)
+            position += 1
+            self._bias_pos.append(position if bias is not None else None)
+            position += bias is not None
+        self.recording = False
+        self._act_grad: list[Tensor | None] = [None] * len(self.layers)
+        self._saturation: list[Tensor | None] = [None] * len(self.layers)
+        self._weights_before: list[Tensor] | None = None
+        self._handles: list[RemovableHandle] = []
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.module.register_forward_hook(partial(self._on_output, i)))
+            if activation in ("sigmoid", "tanh") and layer.activation is not None:
+                hook = partial(self._on_activation, i, activation)
+                self._handles.append(layer.activation.register_forward_hook(hook))
+
+    def close(self) -> None:
+        """Remove every hook from the network."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_output(self, index: int, _module: nn.Module, _inputs: object, output: Tensor) -> None:
+        if self.recording and output.requires_grad:
+            output.register_hook(partial(self._on_output_grad, index))
+
+    def _on_output_grad(self, index: int, grad: Tensor) -> None:
+        self._act_grad[index] = torch.linalg.vector_norm(grad.detach())
+
+    def _on_activation(self, index: int, activation: str, _module: nn.Module, _inputs: object, output: Tensor) -> None:
+        if self.recording:
+            self._saturation[index] = _saturated_fraction(activation, output.detach())
+
+    def begin_step(self, record: bool) -> None:
+        """Arm (or disarm) the hooks for the coming forward and backward pass."""
+        self.recording = record
+        if record:
+            self._act_grad = [None] * len(self.layers)
+            self._saturation = [None] * len(self.layers)
+
+    def param_grad_norms(self) -> Tensor:
+        """L2 norm of every parameter's gradient, one batched pass; a vector on the device."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return torch.stack(torch._foreach_norm(grads))
+
+    def snapshot_weights(self) -> None:
+        """Copy the weights before the optimizer step, to measure the update it makes."""
+        self._weights_before = [w.detach().clone() for w in self.weights]
+
+    def layer_stats(self, grad_norms: Tensor) -> Tensor:
+        """The (layers × STAT_COLUMNS) matrix of the recorded step, on the device (NaN = not measured).
+
+        `grad_norms` is the result of `param_grad_norms` for this step (before clipping); call this
+        after the optimizer step when `snapshot_weights` was called before it.
+        """
+        device = grad_norms.device
+        nan = torch.tensor(float("nan"), device=device)
+        weight_grad = grad_norms[self._weight_pos]
+        bias_grad = torch.stack([grad_norms[i] if i is not None else nan for i in self._bias_pos])
+        # Norms of the weights the gradient was computed at, i.e. before this step's update.
+        before = self._weights_before if self._weights_before is not None else [w.detach() for w in self.weights]
+        weight_norm = torch.stack(torch._foreach_norm(before))
+        if self._weights_before is not None:
+            delta = torch._foreach_sub([w.detach() for w in self.weights], self._weights_before)
+            update_ratio = torch.stack(torch._foreach_norm(delta)) / weight_norm
+            self._weights_before = None
+        else:
+            update_ratio = torch.full_like(weight_norm, float("nan"))
+        zero_frac = torch.stack([(w.grad == 0).float().mean() if w.grad is not None else nan for w in self.weights])
+        act_grad = torch.stack([g if g is not None else nan for g in self._act_grad])
+        saturation = torch.stack([s if s is not None else nan for s in self._saturation])
+        columns = (
+            weight_grad,
+            bias_grad,
+            weight_norm,
+            weight_grad / weight_norm,
+            update_ratio,
+            act_grad,
+            zero_frac,
+            saturation,
+        )
+        return torch.stack(columns, dim=1)
+
+
+def locate_nonfinite(layers: Sequence[Layer], model: nn.Module, inputs: Tensor) -> int | None:
+    """Index of the first layer where a non-finite value appeared, or None if none is found.
+
+    Looks in the order a value goes bad: a weight an earlier update already broke, then the first
+    forward output that overflows, then the gradient nearest the output (where backprop starts).
+    """
+    for layer in layers:
+        if not torch.isfinite(layer.weight).all():
+            return layer.index
+    bad_outputs: list[int] = []
+
+    def check(index: int, _module: nn.Module, _inputs: object, output: Tensor) -> None:
+        if not torch.isfinite(output).all():
+            bad_outputs.append(index)
+
+    handles = [layer.module.register_forward_hook(partial(check, layer.index)) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if bad_outputs:
+        return min(bad_outputs)
+    for layer in reversed(layers):
+        grad = layer.weight.grad
+        if grad is not None and not torch.isfinite(grad).all():
+            return layer.index
+    return None

@@ -1,0 +1,34 @@
+"""Shared fixtures: the real CIFAR-10 copy (from GRADDIAG_DATA_DIR) and tiny specs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from service.engine.data import ImageSet, load_cifar10
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    """The real CIFAR-10 copy; under CI a missing copy fails instead of skipping."""
+    value = os.environ.get("GRADDIAG_DATA_DIR")
+    if not value or not Path(value).is_dir():
+        message = f"GRADDIAG_DATA_DIR={value!r} does not point at the CIFAR-10 copy"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def cifar10_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One decoded-data cache for the whole session, so the JPEGs are decoded once."""
+    return tmp_path_factory.mktemp("graddiag-cache")
+
+
+@pytest.fixture(scope="session")
+def cifar10_data(cifar10_dir: Path, cifar10_cache: Path) -> tuple[ImageSet, ImageSet]:
+    """The decoded (train, test) CIFAR-10 sets."""
+    return load_cifar10(cifar10_dir, cifar10_cache)
