@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from service.engine.data import ImageSet, load_cifar10
+
+# Test tensors are tiny: a second intra-op thread only adds contention with the server and worker
+# processes the end-to-end tests start beside this one.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

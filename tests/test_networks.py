@@ -21,15 +21,6 @@ ARCHS = ("mlp", "cnn")
 BATCH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: a second intra-op thread only adds contention on a shared 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_spec(**overrides: Any) -> Spec:
     fields: dict[str, Any] = {"width": 8, "depth": 3, "init_std": 0.1}
     fields.update(overrides)
@@ -215,9 +206,7 @@ def test_cnn_pools_between_stages(depth):
     network = build_network(make_spec(arch="cnn", depth=depth))
     sizes: dict[str, int] = {}
     for layer in network.layers:
-        layer.module.register_forward_pre_hook(
-            lambda _, args, name=layer.name: sizes.update({name: args[0].shape[-1]})
-        )
+        layer.module.register_forward_pre_hook(lambda _, args, name=layer.name: sizes.update({name: args[0].shape[-1]}))
     network(images())
 
     stage_sizes = {name.split(".")[0]: size for name, size in sizes.items() if name != "output.linear"}
@@ -249,9 +238,7 @@ def test_residual_mlp_adds_the_skip():
 def test_residual_mlp_block_is_input_plus_activation():
     network = build_network(make_spec(arch="mlp", depth=3, residual=True, norm="layer", activation="tanh"))
     captured: dict[str, Tensor] = {}
-    network.get_submodule("hidden2").register_forward_hook(
-        lambda _, args, out: captured.update(x=args[0], out=out)
-    )
+    network.get_submodule("hidden2").register_forward_hook(lambda _, args, out: captured.update(x=args[0], out=out))
     network.get_submodule("hidden2.act").register_forward_hook(lambda *args: captured.update(act=args[2]))
     network(images())
 
@@ -288,9 +275,7 @@ def test_same_seed_same_weights_other_seed_other_weights(arch, init):
     assert all(torch.equal(first[key], again[key]) for key in first)
     weights = weight_layers(network)
     assert not any(
-        torch.equal(first[f"{name}.{p}"], other[f"{name}.{p}"])
-        for name in weights
-        for p in ("weight", "bias")
+        torch.equal(first[f"{name}.{p}"], other[f"{name}.{p}"]) for name in weights for p in ("weight", "bias")
     )
 
 
@@ -395,10 +380,7 @@ def test_bias_zeros_and_norms_start_at_identity(arch, init):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_bias_is_pytorchs_whatever_the_weight_init(arch):
     biases = {
-        init: [
-            layer.module.get_parameter("bias")
-            for layer in build_network(make_spec(arch=arch, init=init)).layers
-        ]
+        init: [layer.module.get_parameter("bias") for layer in build_network(make_spec(arch=arch, init=init)).layers]
         for init in INITS
     }
 

@@ -63,6 +63,7 @@ class Recorder:
         self._act_grad: list[Tensor | None] = [None] * len(self.layers)
         self._saturation: list[Tensor | None] = [None] * len(self.layers)
         self._weights_before: list[Tensor] | None = None
+        self._buffers: list[Tensor] | None = None
         self._handles: list[RemovableHandle] = []
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.module.register_forward_hook(partial(self._on_output, i)))
@@ -101,7 +102,12 @@ class Recorder:
 
     def snapshot_weights(self) -> None:
         """Copy the weights before the optimizer step, to measure the update it makes."""
-        self._weights_before = [w.detach().clone() for w in self.weights]
+        # Buffers are allocated once and refilled: recording every step must cost next to nothing.
+        if self._buffers is None:
+            self._buffers = [w.detach().clone() for w in self.weights]
+        else:
+            torch._foreach_copy_(self._buffers, [w.detach() for w in self.weights])
+        self._weights_before = self._buffers
 
     def layer_stats(self, grad_norms: Tensor) -> Tensor:
         """The (layers × STAT_COLUMNS) matrix of the recorded step, on the device (NaN = not measured).
@@ -117,12 +123,15 @@ class Recorder:
         before = self._weights_before if self._weights_before is not None else [w.detach() for w in self.weights]
         weight_norm = torch.stack(torch._foreach_norm(before))
         if self._weights_before is not None:
-            delta = torch._foreach_sub([w.detach() for w in self.weights], self._weights_before)
-            update_ratio = torch.stack(torch._foreach_norm(delta)) / weight_norm
+            # In place: the buffers become W_before - W_after, refilled at the next snapshot.
+            torch._foreach_sub_(self._weights_before, [w.detach() for w in self.weights])
+            update_ratio = torch.stack(torch._foreach_norm(self._weights_before)) / weight_norm
             self._weights_before = None
         else:
             update_ratio = torch.full_like(weight_norm, float("nan"))
-        zero_frac = torch.stack([(w.grad == 0).float().mean() if w.grad is not None else nan for w in self.weights])
+        zero_frac = torch.stack(
+            [1 - torch.count_nonzero(w.grad) / w.grad.numel() if w.grad is not None else nan for w in self.weights]
+        )
         act_grad = torch.stack([g if g is not None else nan for g in self._act_grad])
         saturation = torch.stack([s if s is not None else nan for s in self._saturation])
         columns = (

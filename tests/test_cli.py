@@ -1,0 +1,74 @@
+"""`graddiag probe` as a user runs it: a subprocess, its output and its exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["--dataset", "synthetic", "--depth", "3", "--width", "8", "--steps", "3", "--batch-size", "8"]
+
+
+def graddiag(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_probe_json_has_the_report_keys() -> None:
+    result = graddiag("probe", *TINY, "--record-every", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"spec", "layers", "steps", "records", "verdict", "eval", "timing"}
+    assert set(report["layers"][0]) == {"index", "name", "kind", "params"}
+    assert set(report["steps"][0]) == {"step", "loss", "accuracy", "grad_norm_total_pre", "grad_norm_total_post"}
+    assert set(report["records"][0]) == {
+        "step", "layer", "grad_norm", "bias_grad_norm", "weight_norm", "rel_grad",
+        "update_ratio", "act_grad_norm", "zero_grad_frac", "saturation_frac",
+    }  # fmt: skip
+    assert {"label", "at_init", "evidence", "reasons", "advice", "theory"} <= set(report["verdict"])
+    assert {"decades_per_layer", "nonfinite_step", "nonfinite_layer"} <= set(report["verdict"]["evidence"])
+    assert report["spec"]["depth"] == 3 and len(report["records"]) == 3 * len(report["layers"])
+
+
+def test_probe_table_shows_layers_verdict_and_theory() -> None:
+    result = graddiag("probe", *TINY, "--activation", "sigmoid")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "input.linear" in out and "output.linear" in out
+    assert "verdict:" in out and "theory:" in out and "held-out" in out
+
+
+def test_spec_file_with_flag_override(tmp_path: Path) -> None:
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"dataset": "synthetic", "depth": 4, "width": 8, "steps": 2, "batch_size": 4}))
+    result = graddiag("probe", "--spec", str(spec_file), "--depth", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["spec"]["depth"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--depth", "1000"], "depth: Input should be less than or equal to 100"),
+        (["--activation", "swish"], "activation: Input should be 'sigmoid', 'tanh'"),
+        (["--init", "normal"], "init_std is required when init='normal'"),
+        (["--lr", "fast"], "lr: Input should be a valid number"),
+    ],
+)
+def test_invalid_spec_exits_2_with_a_readable_message(args: list[str], expected: str) -> None:
+    result = graddiag("probe", *TINY, *args)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_cifar10_is_a_clear_error(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = graddiag("probe", "--data-dir", str(tmp_path / "nowhere"), "--steps", "1", env=env)
+    assert result.returncode == 1
+    assert "GRADDIAG_DATA_DIR" in result.stderr and str(tmp_path / "nowhere") in result.stderr
+    assert "Traceback" not in result.stderr
