@@ -243,5 +243,7 @@ def test_verdict_examples_on_real_cifar10(cifar10_data) -> None:
     assert sigmoid.verdict.theory.agrees
     assert relu.verdict.label == "healthy", relu.verdict.reasons
     assert relu.eval.samples == 500 and relu.eval.accuracy is not None
-    # Real images carry signal: twenty steps of a healthy net beat chance on held-out data.
-    assert relu.eval.accuracy > 0.12
+    # Real images carry signal: a short Adam run of a shallow healthy net beats chance on held-out data.
+    learner = Spec(dataset="cifar10", depth=2, width=128, steps=60, batch_size=64, optimizer="adam", lr=1e-3)
+    learned = run_probe(learner, data=cifar10_data, eval_samples=500)
+    assert learned.eval.accuracy > 0.2
