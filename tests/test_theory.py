@@ -98,9 +98,7 @@ def test_small_q_limits_are_sigma_w2_times_slope_at_zero_squared():
     assert gaussian_moments("gelu", tiny)[1] == pytest.approx(1 / 4, rel=1e-5)
     assert gaussian_moments("silu", tiny)[1] == pytest.approx(1 / 4, rel=1e-5)
     # selu's slope jumps at 0 (λα on the left, λ on the right): each side holds half the mass.
-    assert gaussian_moments("selu", tiny)[1] == pytest.approx(
-        SELU_SCALE**2 * (1 + SELU_ALPHA**2) / 2, rel=1e-5
-    )
+    assert gaussian_moments("selu", tiny)[1] == pytest.approx(SELU_SCALE**2 * (1 + SELU_ALPHA**2) / 2, rel=1e-5)
 
 
 def test_piecewise_linear_moments_are_exact_despite_the_kink():

@@ -174,7 +174,7 @@ def run_probe(
 
         if on_progress is not None and time.monotonic() - last_progress >= progress_interval:
             last_progress = time.monotonic()
-            loss_now = _finite_or_none(float(loss))
+            loss_now = _finite_or_none(loss.item())
             partial_evidence = measure(_layer_infos(model), _records(stat_rows), _steps(metrics, steps_run))
             on_progress(Progress(step + 1, spec.steps, loss_now, decide(spec, partial_evidence, None).label))
     recorder.close()

@@ -1,0 +1,326 @@
+"""Runs: create, find, list, cancel, delete, and the report kept in tidy per-run tables.
+
+Plain functions over a Session; the API's routes are thin wrappers. Functions that change data commit
+their own transaction (a write transaction holds SQLite's single write lock, so it is kept short).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from typing import Any, Final, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models.spec import Activation, Arch, Dataset, Init, Norm, Optimizer, Spec
+from service.engine.report import (
+    EvalResult,
+    Label,
+    LayerInfo,
+    LayerRecord,
+    Report,
+    StepMetrics,
+    Timing,
+    Verdict,
+)
+from service.store.tables import SPEC_COLUMNS, Base, Run, RunLayer, RunRecord, RunStatus, RunStep, stamp
+
+RowModel = TypeVar("RowModel", LayerInfo, StepMetrics, LayerRecord)
+
+SORTABLE: Final[frozenset[str]] = frozenset(
+    {"created_at", "finished_at", "depth", "width", "lr", "status", "verdict", "activation"}
+)
+# The verdict is split over columns: the label (filtered on), the evidence (read by dashboards), the rest.
+_VERDICT_SPLIT: Final[frozenset[str]] = frozenset({"label", "evidence"})
+
+
+class RunNotFound(LookupError):
+    """No run has this id."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} not found")
+        self.run_id = run_id
+
+
+class RunFinished(RuntimeError):
+    """The run already finished, so the operation no longer applies (e.g. cancelling it)."""
+
+
+class RunFilters(BaseModel):
+    """Filters, order and page of a run listing; None means "any"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: Arch | None = None
+    activation: Activation | None = None
+    init: Init | None = None
+    norm: Norm | None = None
+    residual: bool | None = None
+    depth: int | None = None
+    width: int | None = None
+    optimizer: Optimizer | None = None
+    lr: float | None = None
+    clip_value: float | None = None
+    dataset: Dataset | None = None
+    seed: int | None = None
+    status: RunStatus | None = None
+    verdict: Label | None = None
+    sweep_id: str | None = None
+    depth_min: int | None = None
+    depth_max: int | None = None
+    sort: str = Field("-created_at", description=f"Column, '-' for descending: {', '.join(sorted(SORTABLE))}.")
+    limit: int = Field(50, ge=1, le=1000)
+    offset: int = Field(0, ge=0)
+
+    @field_validator("sort")
+    @classmethod
+    def _known_sort(cls, value: str) -> str:
+        if value.removeprefix("-") not in SORTABLE:
+            raise ValueError(f"sort by one of {', '.join(sorted(SORTABLE))} (prefix '-' for descending)")
+        return value
+
+
+def build_run(
+    spec: Spec,
+    *,
+    sweep_id: str | None = None,
+    grid: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> Run:
+    """A new queued Run for `spec` (not yet added to a session)."""
+    return Run(
+        id=uuid.uuid4().hex,
+        spec=_json_value(spec),
+        spec_hash=spec.fingerprint(),
+        **{name: getattr(spec, name) for name in SPEC_COLUMNS},
+        status="queued",
+        attempt=0,
+        cancel_requested=False,
+        sweep_id=sweep_id,
+        grid=grid,
+        idempotency_key=idempotency_key,
+        **stamp("created"),
+    )
+
+
+def _by_idempotency_key(session: Session, key: str) -> Run | None:
+    return session.scalars(select(Run).where(Run.idempotency_key == key)).one_or_none()
+
+
+def create_run(
+    session: Session, spec: Spec, *, sweep_id: str | None = None, idempotency_key: str | None = None
+) -> tuple[Run, bool]:
+    """Queue a run of `spec` and commit; (run, created).
+
+    With an idempotency key seen before, nothing is created: (the earlier run, False).
+    """
+    if idempotency_key is not None:
+        earlier = _by_idempotency_key(session, idempotency_key)
+        if earlier is not None:
+            session.commit()  # ends the (write-locking) transaction the lookup opened
+            return earlier, False
+    run = build_run(spec, sweep_id=sweep_id, idempotency_key=idempotency_key)
+    session.add(run)
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key committed first (PostgreSQL; SQLite serialises writers).
+        session.rollback()
+        earlier = _by_idempotency_key(session, idempotency_key) if idempotency_key is not None else None
+        if earlier is None:
+            raise
+        return earlier, False
+    return run, True
+
+
+def get_run(session: Session, run_id: str) -> Run:
+    """The run with this id; raises RunNotFound."""
+    run = session.get(Run, run_id, populate_existing=True)
+    if run is None:
+        raise RunNotFound(run_id)
+    return run
+
+
+def _conditions(filters: RunFilters) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    for name in (*SPEC_COLUMNS, "status", "verdict", "sweep_id"):
+        value = getattr(filters, name)
+        if value is not None:
+            conditions.append(getattr(Run, name) == value)
+    if filters.depth_min is not None:
+        conditions.append(Run.depth >= filters.depth_min)
+    if filters.depth_max is not None:
+        conditions.append(Run.depth <= filters.depth_max)
+    return conditions
+
+
+def list_runs(session: Session, filters: RunFilters) -> tuple[list[Run], int]:
+    """One page of the runs matching `filters`, in their order, and how many match in all."""
+    conditions = _conditions(filters)
+    total = session.scalar(select(func.count()).select_from(Run).where(*conditions)) or 0
+    column = getattr(Run, filters.sort.removeprefix("-"))
+    order = column.desc() if filters.sort.startswith("-") else column.asc()
+    # NULLS LAST on both backends (SQLite puts NULL first, PostgreSQL last); the id makes pages stable.
+    query = (
+        select(Run).where(*conditions).order_by(order.nulls_last(), Run.id).limit(filters.limit).offset(filters.offset)
+    )
+    return list(session.scalars(query)), total
+
+
+def _finite(value: Any) -> Any:
+    # SQLite would store NaN as NULL anyway and PostgreSQL would keep it; NULL on both keeps them equal.
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _json_value(model: BaseModel) -> Any:
+    # Through JSON text: pydantic writes non-finite floats as null there, and JSON columns cannot hold NaN.
+    return json.loads(model.model_dump_json())
+
+
+def report_columns(report: Report) -> dict[str, Any]:
+    """The `runs` column values that hold a report's verdict, evaluation and timing."""
+    verdict = _json_value(report.verdict)
+    return {
+        "verdict": report.verdict.label,
+        "evidence": verdict["evidence"],
+        "verdict_detail": {key: value for key, value in verdict.items() if key not in _VERDICT_SPLIT},
+        "eval_result": _json_value(report.eval),
+        "timing": _json_value(report.timing),
+    }
+
+
+ReportRows = list[tuple[type[Base], list[dict[str, Any]]]]
+
+
+def report_rows(run_id: str, report: Report) -> ReportRows:
+    """A report's layers, steps and records as tidy rows per table (built before a write transaction,
+    so the write lock is held only for the inserts)."""
+    tables: tuple[tuple[type[Base], list[LayerInfo] | list[StepMetrics] | list[LayerRecord]], ...] = (
+        (RunLayer, report.layers),
+        (RunStep, report.steps),
+        (RunRecord, report.records),
+    )
+    return [
+        (
+            table,
+            [
+                {"run_id": run_id, **{key: _finite(value) for key, value in model.model_dump().items()}}
+                for model in models
+            ],
+        )
+        for table, models in tables
+    ]
+
+
+def insert_report_rows(connection: Connection | Session, rows: ReportRows) -> None:
+    """Insert tidy report rows, one executemany per table."""
+    for table, table_rows in rows:
+        if table_rows:
+            connection.execute(insert(table), table_rows)
+
+
+def _read_rows(
+    session: Session,
+    model: type[RowModel],
+    table: type[RunLayer | RunStep | RunRecord],
+    run_id: str,
+    *conditions: ColumnElement[bool],
+    order_by: tuple[str, ...],
+) -> list[RowModel]:
+    # The tidy tables' columns are named after the report model's fields, so one select fits all three.
+    columns = table.__table__.c
+    query = (
+        select(*(columns[name] for name in model.model_fields))
+        .where(columns["run_id"] == run_id, *conditions)
+        .order_by(*(columns[name] for name in order_by))
+    )
+    return [model.model_validate(row) for row in session.execute(query).mappings()]
+
+
+def layer_rows(session: Session, run_id: str) -> list[LayerInfo]:
+    """The run's layers in forward order (empty until it succeeded); raises RunNotFound."""
+    get_run(session, run_id)
+    return _read_rows(session, LayerInfo, RunLayer, run_id, order_by=("index",))
+
+
+def gradient_rows(
+    session: Session,
+    run_id: str,
+    *,
+    layer: int | None = None,
+    step_from: int | None = None,
+    step_to: int | None = None,
+) -> list[LayerRecord]:
+    """The run's per-layer records by (step, layer); optionally one layer and an inclusive step range.
+
+    Empty until the run succeeded; raises RunNotFound.
+    """
+    get_run(session, run_id)
+    conditions = []
+    if layer is not None:
+        conditions.append(RunRecord.layer == layer)
+    if step_from is not None:
+        conditions.append(RunRecord.step >= step_from)
+    if step_to is not None:
+        conditions.append(RunRecord.step <= step_to)
+    return _read_rows(session, LayerRecord, RunRecord, run_id, *conditions, order_by=("step", "layer"))
+
+
+def load_report(session: Session, run_id: str) -> Report | None:
+    """The report of a succeeded run, rebuilt from the tidy tables; None before it succeeded."""
+    run = get_run(session, run_id)
+    if run.status != "succeeded":
+        return None
+    verdict = Verdict.model_validate({**(run.verdict_detail or {}), "label": run.verdict, "evidence": run.evidence})
+    return Report(
+        spec=Spec.model_validate(run.spec),
+        layers=_read_rows(session, LayerInfo, RunLayer, run_id, order_by=("index",)),
+        steps=_read_rows(session, StepMetrics, RunStep, run_id, order_by=("step",)),
+        records=_read_rows(session, LayerRecord, RunRecord, run_id, order_by=("step", "layer")),
+        verdict=verdict,
+        eval=EvalResult.model_validate(run.eval_result),
+        timing=Timing.model_validate(run.timing),
+    )
+
+
+def cancel_run(session: Session, run_id: str) -> Run:
+    """Cancel a run and commit: a queued run at once; a running one is flagged and its worker stops it.
+
+    Raises RunFinished for a run already succeeded, failed or cancelled, RunNotFound for no run.
+    """
+    # Conditional UPDATEs rather than read-then-write, so a worker finishing the run at the same
+    # moment cannot be overwritten.
+    queued = session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status == "queued")
+        .values(status="cancelled", **stamp("finished"))
+        .returning(Run.id)
+    ).first()
+    if queued is None:
+        running = session.execute(
+            update(Run).where(Run.id == run_id, Run.status == "running").values(cancel_requested=True).returning(Run.id)
+        ).first()
+        if running is None:
+            status = session.scalar(select(Run.status).where(Run.id == run_id))
+            session.rollback()
+            if status is None:
+                raise RunNotFound(run_id)
+            raise RunFinished(f"run {run_id!r} is already {status}; only a queued or running run can be cancelled")
+    session.commit()
+    return get_run(session, run_id)
+
+
+def delete_run(session: Session, run_id: str) -> None:
+    """Delete a run and (by ON DELETE CASCADE) its report rows, and commit; raises RunNotFound.
+
+    A worker still training it loses its lease on the next heartbeat and stops.
+    """
+    deleted = session.execute(delete(Run).where(Run.id == run_id).returning(Run.id)).first()
+    if deleted is None:
+        session.rollback()
+        raise RunNotFound(run_id)
+    session.commit()

@@ -1,0 +1,203 @@
+"""Sweeps: a grid over spec fields, one queued run per grid point, and the grid's progress and summary."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models.spec import Spec, SpecCaps
+from service.engine.report import Label
+from service.store.runs import build_run
+from service.store.tables import FINISHED, STATUSES, Run, RunStatus, Sweep, stamp
+
+# At most this many per-point errors are reported: a bad axis would otherwise repeat one message per point.
+_MAX_ERRORS = 20
+
+
+class SweepInvalid(ValueError):
+    """The sweep was refused; `errors` holds one {"loc", "msg"} per problem, naming the point and field."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+class SweepNotFound(LookupError):
+    """No sweep has this id."""
+
+    def __init__(self, sweep_id: str) -> None:
+        super().__init__(f"sweep {sweep_id!r} not found")
+        self.sweep_id = sweep_id
+
+
+class SweepRun(BaseModel):
+    """One grid point of a sweep and where its run stands."""
+
+    run_id: str
+    grid: dict[str, Any]
+    status: RunStatus
+    verdict: Label | None
+
+
+class SweepStatus(BaseModel):
+    """A sweep's progress: counts by status and every run."""
+
+    id: str
+    created_at: datetime
+    total: int
+    counts: dict[str, int]
+    done: bool
+    runs: list[SweepRun]
+
+
+class SweepConfig(BaseModel):
+    """One combination of the non-depth grid axes, across the depths swept."""
+
+    config: dict[str, Any]
+    depths: list[int]
+    verdicts: list[Label | None]
+    critical_depth: int | None
+    first_last_ratio: list[float | None]
+
+
+class SweepSummary(BaseModel):
+    """Per configuration: verdict by depth, the shallowest unhealthy depth and the gradient ratio."""
+
+    id: str
+    done: bool
+    configs: list[SweepConfig]
+
+
+def _point_label(point: dict[str, Any]) -> str:
+    return ", ".join(f"{field}={value!r}" for field, value in point.items())
+
+
+def _check_shape(base: dict[str, Any], grid: dict[str, list[Any]], max_size: int) -> list[dict[str, Any]]:
+    errors: list[dict[str, Any]] = []
+    known = Spec.model_fields
+    errors += [{"loc": ["base", field], "msg": "not a spec field"} for field in base if field not in known]
+    if not grid:
+        errors.append({"loc": ["grid"], "msg": "name at least one spec field to vary"})
+    for field, values in grid.items():
+        if field not in known:
+            errors.append({"loc": ["grid", field], "msg": "not a spec field"})
+        elif not isinstance(values, list) or not values:
+            errors.append({"loc": ["grid", field], "msg": "give a non-empty list of values"})
+        elif len({repr(v) for v in values}) != len(values):
+            errors.append({"loc": ["grid", field], "msg": "values repeat; each grid point must be distinct"})
+    if not errors:
+        size = math.prod(len(values) for values in grid.values())
+        if size > max_size:
+            errors.append({"loc": ["grid"], "msg": f"{size} grid points exceed this server's sweep cap of {max_size}"})
+    return errors
+
+
+def _grid_specs(
+    base: dict[str, Any], grid: dict[str, list[Any]], caps: SpecCaps
+) -> tuple[list[tuple[Spec, dict[str, Any]]], list[dict[str, Any]]]:
+    specs: list[tuple[Spec, dict[str, Any]]] = []
+    errors: list[dict[str, Any]] = []
+    fields = list(grid)
+    for index, values in enumerate(itertools.product(*grid.values())):
+        point = dict(zip(fields, values, strict=True))
+        where = f"grid point {index} ({_point_label(point)})"
+        try:
+            spec = Spec.model_validate({**base, **point})
+        except ValidationError as exc:
+            for error in exc.errors():
+                field = error["loc"][0] if error["loc"] else "spec"
+                errors.append({"loc": ["grid", index, field], "msg": f"{where}: {error['msg']}"})
+            continue
+        for field, message in caps.violations(spec):
+            errors.append({"loc": ["grid", index, field], "msg": f"{where}: {message}"})
+        # The grid values as the spec normalised them (e.g. 1 → 1.0 for lr), for filters and summaries.
+        specs.append((spec, {field: getattr(spec, field) for field in fields}))
+    return specs, errors
+
+
+def create_sweep(
+    session: Session, base: dict[str, Any], grid: dict[str, list[Any]], *, caps: SpecCaps, max_size: int
+) -> Sweep:
+    """Validate every grid point (spec rules and caps), then queue one run per point and commit.
+
+    Raises SweepInvalid, creating nothing, when any point is invalid or the grid exceeds `max_size`.
+    """
+    errors = _check_shape(base, grid, max_size)
+    if errors:
+        raise SweepInvalid(errors)
+    specs, errors = _grid_specs(base, grid, caps)
+    if errors:
+        raise SweepInvalid(errors[:_MAX_ERRORS])
+    sweep = Sweep(id=uuid.uuid4().hex, base=base, grid=grid, size=len(specs), **stamp("created"))
+    session.add(sweep)
+    session.flush()  # the runs' foreign key needs the sweep row first
+    session.add_all(build_run(spec, sweep_id=sweep.id, grid=point) for spec, point in specs)
+    session.commit()
+    return sweep
+
+
+def _sweep_runs(session: Session, sweep_id: str) -> tuple[Sweep, list[Run]]:
+    sweep = session.get(Sweep, sweep_id)
+    if sweep is None:
+        raise SweepNotFound(sweep_id)
+    runs = session.scalars(select(Run).where(Run.sweep_id == sweep_id).order_by(Run.created_epoch, Run.id))
+    return sweep, list(runs)
+
+
+def sweep_status(session: Session, sweep_id: str) -> SweepStatus:
+    """Counts by status and every run of the sweep; raises SweepNotFound."""
+    sweep, runs = _sweep_runs(session, sweep_id)
+    counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
+    for run in runs:
+        counts[run.status] += 1
+    return SweepStatus(
+        id=sweep.id,
+        created_at=sweep.created_at,
+        total=len(runs),
+        counts=counts,
+        done=all(run.status in FINISHED for run in runs),
+        runs=[SweepRun(run_id=run.id, grid=run.grid or {}, status=run.status, verdict=run.verdict) for run in runs],
+    )
+
+
+def _first_last_decades(run: Run) -> float | None:
+    # interior_ratio is the first over the last interior weight layer's gradient norm at initialisation.
+    ratio = (run.evidence or {}).get("interior_ratio")
+    return math.log10(ratio) if isinstance(ratio, int | float) and ratio > 0 else None
+
+
+def sweep_summary(session: Session, sweep_id: str) -> SweepSummary:
+    """Per combination of the non-depth grid axes: verdicts by depth and the critical depth.
+
+    critical_depth is the smallest depth whose verdict is not healthy; first_last_ratio is log10 of the
+    first over the last interior weight layer's gradient norm at initialisation (None until succeeded).
+    """
+    sweep, runs = _sweep_runs(session, sweep_id)
+    groups: dict[str, tuple[dict[str, Any], list[Run]]] = {}
+    for run in runs:
+        config = {field: value for field, value in (run.grid or {}).items() if field != "depth"}
+        groups.setdefault(repr(sorted(config.items())), (config, []))[1].append(run)
+    configs = []
+    for config, members in groups.values():
+        members.sort(key=lambda run: run.depth)
+        verdicts = [run.verdict if run.status == "succeeded" else None for run in members]
+        unhealthy = [
+            run.depth for run, verdict in zip(members, verdicts, strict=True) if verdict not in (None, "healthy")
+        ]
+        configs.append(
+            SweepConfig(
+                config=config,
+                depths=[run.depth for run in members],
+                verdicts=verdicts,
+                critical_depth=min(unhealthy, default=None),
+                first_last_ratio=[_first_last_decades(run) for run in members],
+            )
+        )
+    return SweepSummary(id=sweep.id, done=all(run.status in FINISHED for run in runs), configs=configs)

@@ -1,0 +1,108 @@
+"""Migrations: empty → head, head → base → head, and the ORM metadata matches the migrated schema."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
+
+from service.store import db
+from service.store.runs import create_run
+from service.store.tables import Base
+from tests.test_store import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _head() -> str:
+    script = ScriptDirectory.from_config(Config(str(REPO / "alembic.ini")))
+    head = script.get_current_head()
+    assert head is not None
+    return head
+
+
+def _tables(url: str) -> set[str]:
+    engine = db.make_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_empty_to_head(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nested' / 'dir' / 'g.db'}"  # the parent directories are created
+    assert db.current(url) is None
+    db.upgrade(url)
+    assert db.current(url) == _head()
+    assert _tables(url) == {"alembic_version", "sweeps", "runs", "run_layers", "run_steps", "run_records"}
+    db.upgrade(url)  # idempotent
+    assert db.current(url) == _head()
+
+
+def test_downgrade_to_base_and_upgrade_again(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    db.upgrade(url)
+    db.downgrade(url, "base")
+    assert db.current(url) is None
+    assert _tables(url) == {"alembic_version"}
+    db.upgrade(url)
+    assert db.current(url) == _head()
+    engine = db.make_engine(url)
+    try:
+        with db.make_sessionmaker(engine)() as session:
+            run, _ = create_run(session, TINY)
+            assert run.status == "queued"
+    finally:
+        engine.dispose()
+
+
+def test_orm_metadata_matches_the_migrated_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_connections_use_wal_foreign_keys_and_a_busy_timeout(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            pragma = connection.exec_driver_sql
+            assert pragma("PRAGMA journal_mode").scalar() == "wal"
+            assert pragma("PRAGMA foreign_keys").scalar() == 1
+            assert pragma("PRAGMA busy_timeout").scalar() == 30_000
+    finally:
+        engine.dispose()
+
+
+def test_alembic_command_line_uses_the_service_database_setting(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    env = {**os.environ, "GRADDIAG_DB_URL": url}
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert db.current(url) == _head()
+
+
+def test_programmatic_upgrade_works_from_another_directory(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    code = f"from service.store import db; db.upgrade({url!r}); print(db.current({url!r}))"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == _head()

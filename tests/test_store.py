@@ -1,0 +1,474 @@
+"""The store: report round trip, listing filters/sort/pages, gradient rows, cancel, delete, idempotency,
+sweeps. Every test migrates a fresh SQLite file."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+from collections.abc import Iterator
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session
+
+from models.spec import Spec, SpecCaps
+from service.engine.report import (
+    EvalResult,
+    Evidence,
+    Label,
+    LayerInfo,
+    LayerRecord,
+    Report,
+    StepMetrics,
+    Theory,
+    Timing,
+    Verdict,
+)
+from service.store import db
+from service.store.runs import (
+    RunFilters,
+    RunFinished,
+    RunNotFound,
+    cancel_run,
+    create_run,
+    delete_run,
+    get_run,
+    gradient_rows,
+    insert_report_rows,
+    layer_rows,
+    list_runs,
+    load_report,
+    report_columns,
+    report_rows,
+)
+from service.store.sweeps import SweepInvalid, SweepNotFound, create_sweep, sweep_status, sweep_summary
+from service.store.tables import Run, RunLayer, RunRecord, RunStep, stamp
+
+TINY = Spec(dataset="synthetic", depth=3, width=16, steps=5, batch_size=16, record_every=1)
+
+
+def migrated_url(tmp_path: Path) -> str:
+    """A fresh SQLite file migrated to head (shared by the queue and worker tests)."""
+    url = f"sqlite:///{tmp_path / 'store' / 'graddiag.db'}"
+    db.upgrade(url)
+    return url
+
+
+def sample_report(spec: Spec, *, label: Label = "healthy", interior_ratio: float | None = 0.5, seed: int = 0) -> Report:
+    """A report shaped like the engine's (layers, every step, records at recorded steps, some nulls)."""
+    rng = random.Random(seed)
+    layers = [
+        LayerInfo(index=i, name=name, kind="linear", params=rng.randint(10, 10_000))
+        for i, name in enumerate(["input", *(f"hidden{j}" for j in range(1, spec.depth)), "output"])
+    ]
+    steps = [
+        StepMetrics(
+            step=s,
+            loss=2.3 - 0.01 * s,
+            accuracy=rng.random(),
+            grad_norm_total_pre=rng.random() * 10,
+            grad_norm_total_post=None if s % 3 else rng.random(),
+        )
+        for s in range(spec.steps)
+    ]
+    recorded = [s for s in range(spec.steps) if s % spec.record_every == 0 or s == spec.steps - 1]
+    records = [
+        LayerRecord(
+            step=s,
+            layer=layer.index,
+            grad_norm=rng.random() * 10 ** rng.randint(-8, 2),
+            bias_grad_norm=rng.random(),
+            weight_norm=rng.random() * 5,
+            rel_grad=rng.random() * 1e-3,
+            update_ratio=None if s == 0 else rng.random() * 1e-2,
+            act_grad_norm=rng.random(),
+            zero_grad_frac=rng.random(),
+            saturation_frac=None,
+        )
+        for s in recorded
+        for layer in layers
+    ]
+    verdict = Verdict(
+        label=label,
+        at_init=label,
+        trained=None,
+        evidence=Evidence(decades_per_layer=-0.3, interior_ratio=interior_ratio, interior_layers=spec.depth - 1),
+        reasons=["because"],
+        advice=["do this"],
+        theory=Theory(applicable=False, reason="not a plain MLP"),
+    )
+    return Report(
+        spec=spec,
+        layers=layers,
+        steps=steps,
+        records=records,
+        verdict=verdict,
+        eval=EvalResult(
+            loss=2.2, accuracy=0.1, samples=100, train_loss=2.25, train_accuracy=0.12, generalization_gap=-0.05
+        ),
+        timing=Timing(device="cpu", data_s=0.1, train_s=0.2, eval_s=0.01, total_s=0.31, step_ms=40.0, steps_run=5),
+    )
+
+
+def succeed(session: Session, run_id: str, report: Report) -> None:
+    """Store `report` as the run's result, as the worker's complete() does (minus the lease checks)."""
+    session.execute(
+        update(Run).where(Run.id == run_id).values(status="succeeded", **report_columns(report), **stamp("finished"))
+    )
+    insert_report_rows(session, report_rows(run_id, report))
+    session.commit()
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = db.make_engine(migrated_url(tmp_path))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    with db.make_sessionmaker(engine)() as session:
+        yield session
+
+
+def _count(session: Session, table: Any, run_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(table).where(table.run_id == run_id)) or 0
+
+
+# --- runs and reports ---------------------------------------------------------------------------------
+
+
+def test_create_run_queues_with_indexed_columns_and_timestamps(session: Session) -> None:
+    spec = TINY.model_copy(update={"lr": 0.05, "clip_value": 2.0, "seed": 7})
+    run, created = create_run(session, spec)
+    assert created
+    stored = get_run(session, run.id)
+    assert stored.status == "queued" and stored.attempt == 0 and not stored.cancel_requested
+    assert Spec.model_validate(stored.spec) == spec
+    assert stored.spec_hash == spec.fingerprint()
+    assert (stored.depth, stored.width, stored.lr, stored.clip_value, stored.seed) == (3, 16, 0.05, 2.0, 7)
+    assert stored.created_at.tzinfo == UTC
+    assert stored.created_at.timestamp() == pytest.approx(stored.created_epoch, abs=1e-3)
+    assert stored.started_at is None and stored.finished_at is None
+
+
+def test_report_round_trip_is_exact(session: Session) -> None:
+    spec = TINY.model_copy(update={"depth": 6, "steps": 23, "record_every": 4})
+    report = sample_report(spec, label="vanishing")
+    run, _ = create_run(session, spec)
+    assert load_report(session, run.id) is None  # queued: no report yet
+    succeed(session, run.id, report)
+
+    loaded = load_report(session, run.id)
+    assert loaded is not None
+    assert loaded.model_dump() == report.model_dump()
+    assert get_run(session, run.id).verdict == "vanishing"
+    assert get_run(session, run.id).evidence == report.verdict.evidence.model_dump(mode="json")
+
+
+def test_non_finite_values_are_stored_as_null(session: Session) -> None:
+    report = sample_report(TINY)
+    broken = report.model_copy(
+        update={
+            "records": [
+                report.records[0].model_copy(update={"grad_norm": math.inf, "rel_grad": math.nan}),
+                *report.records[1:],
+            ],
+            "steps": [report.steps[0].model_copy(update={"loss": math.nan}), *report.steps[1:]],
+        }
+    )
+    run, _ = create_run(session, TINY)
+    succeed(session, run.id, broken)
+
+    loaded = load_report(session, run.id)
+    assert loaded is not None
+    assert loaded.records[0].grad_norm is None and loaded.records[0].rel_grad is None
+    assert loaded.steps[0].loss is None
+    # The report's JSON (what the API serves) writes non-finite floats as null too.
+    assert json.loads(loaded.model_dump_json()) == json.loads(broken.model_dump_json())
+
+
+def test_get_run_and_report_functions_raise_for_unknown_runs(session: Session) -> None:
+    for call in (get_run, load_report, layer_rows, gradient_rows, cancel_run, delete_run):
+        with pytest.raises(RunNotFound, match="nope"):
+            call(session, "nope")
+
+
+def test_layer_rows_and_gradient_row_filters(session: Session) -> None:
+    spec = TINY.model_copy(update={"depth": 4, "steps": 10, "record_every": 3})
+    report = sample_report(spec)
+    run, _ = create_run(session, spec)
+    succeed(session, run.id, report)
+
+    assert layer_rows(session, run.id) == report.layers
+    assert gradient_rows(session, run.id) == report.records
+    assert {r.step for r in report.records} == {0, 3, 6, 9}
+
+    one_layer = gradient_rows(session, run.id, layer=2)
+    assert one_layer == [r for r in report.records if r.layer == 2] and len(one_layer) == 4
+    window = gradient_rows(session, run.id, step_from=3, step_to=6)
+    assert window == [r for r in report.records if 3 <= r.step <= 6] and {r.step for r in window} == {3, 6}
+    assert gradient_rows(session, run.id, layer=1, step_from=7) == [
+        r for r in report.records if r.layer == 1 and r.step >= 7
+    ]
+    assert gradient_rows(session, run.id, layer=99) == []
+
+
+# --- listing ------------------------------------------------------------------------------------------
+
+VARIANTS: dict[str, Any] = {
+    "arch": "cnn",
+    "activation": "tanh",
+    "init": "orthogonal",
+    "norm": "batch",
+    "residual": True,
+    "depth": 7,
+    "width": 32,
+    "optimizer": "adam",
+    "lr": 0.1,
+    "clip_value": 1.0,
+    "dataset": "cifar10",
+    "seed": 5,
+}
+
+
+@pytest.fixture
+def variant_runs(session: Session) -> dict[str, str]:
+    """One run of TINY plus one run per indexed column that differs from TINY in that column only."""
+    ids = {"base": create_run(session, TINY)[0].id}
+    for field, value in VARIANTS.items():
+        ids[field] = create_run(session, TINY.model_copy(update={field: value}))[0].id
+    return ids
+
+
+@pytest.mark.parametrize("field", list(VARIANTS))
+def test_each_indexed_column_filters(session: Session, variant_runs: dict[str, str], field: str) -> None:
+    rows, total = list_runs(session, RunFilters(**{field: VARIANTS[field]}))
+    assert [r.id for r in rows] == [variant_runs[field]] and total == 1
+    base_value = getattr(TINY, field)
+    if base_value is not None:  # clip_value=None means "any clip value", not "no clipping"
+        rows, total = list_runs(session, RunFilters(**{field: base_value}))
+        assert variant_runs[field] not in {r.id for r in rows}
+        assert total == len(VARIANTS)  # every other run keeps the base value
+
+
+def test_depth_range_status_verdict_and_sweep_filters(session: Session) -> None:
+    runs = {d: create_run(session, TINY.model_copy(update={"depth": d}))[0] for d in (2, 4, 6, 8)}
+    succeed(session, runs[4].id, sample_report(TINY, label="vanishing"))
+    succeed(session, runs[6].id, sample_report(TINY, label="healthy"))
+    sweep = create_sweep(session, {"dataset": "synthetic", "depth": 3}, {"seed": [1, 2]}, caps=SpecCaps(), max_size=10)
+
+    def ids(**filters: Any) -> set[str]:
+        rows, total = list_runs(session, RunFilters(**filters))
+        assert total == len(rows)
+        return {r.id for r in rows}
+
+    assert ids(depth_min=4, depth_max=6) == {runs[4].id, runs[6].id}
+    assert ids(depth_min=7) == {runs[8].id}
+    assert ids(status="succeeded") == {runs[4].id, runs[6].id}
+    assert ids(verdict="vanishing") == {runs[4].id}
+    assert ids(verdict="healthy", depth_max=5) == set()
+    assert len(ids(status="queued")) == 4  # depth 2 and 8, and the sweep's two runs
+    swept = ids(sweep_id=sweep.id)
+    assert len(swept) == 2 and swept.isdisjoint({r.id for r in runs.values()})
+    assert ids(sweep_id="none-such") == set()
+
+
+def test_sorting(session: Session) -> None:
+    runs = [
+        create_run(session, TINY.model_copy(update={"depth": d, "lr": lr}))[0]
+        for d, lr in ((5, 0.1), (2, 0.3), (9, 0.2))
+    ]
+    succeed(session, runs[1].id, sample_report(TINY))
+
+    def order(sort: str) -> list[str]:
+        return [r.id for r in list_runs(session, RunFilters(sort=sort))[0]]
+
+    assert order("depth") == [runs[1].id, runs[0].id, runs[2].id]
+    assert order("-depth") == [runs[2].id, runs[0].id, runs[1].id]
+    assert order("lr") == [runs[0].id, runs[2].id, runs[1].id]
+    assert order("-created_at") == [r.id for r in reversed(runs)]  # the default
+    assert order("created_at") == [r.id for r in runs]
+    # Unfinished runs (no finished_at) come last either way.
+    assert order("finished_at")[0] == runs[1].id and order("-finished_at")[0] == runs[1].id
+    with pytest.raises(ValidationError, match="sort by one of"):
+        RunFilters(sort="spec_hash")
+    with pytest.raises(ValidationError):
+        RunFilters(limit=1001)
+
+
+def test_pagination_reports_the_total(session: Session) -> None:
+    created = [create_run(session, TINY.model_copy(update={"seed": s}))[0].id for s in range(7)]
+    pages = []
+    for offset in range(0, 9, 3):
+        rows, total = list_runs(session, RunFilters(sort="created_at", limit=3, offset=offset))
+        assert total == 7
+        pages.append([r.id for r in rows])
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [run_id for page in pages for run_id in page] == created
+    assert list_runs(session, RunFilters(offset=50)) == ([], 7)
+
+
+# --- cancel, delete, idempotency ------------------------------------------------------------------------
+
+
+def test_cancel_semantics(session: Session) -> None:
+    queued, _ = create_run(session, TINY)
+    cancelled = cancel_run(session, queued.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+
+    running, _ = create_run(session, TINY)
+    session.execute(update(Run).where(Run.id == running.id).values(status="running", attempt=1))
+    session.commit()
+    flagged = cancel_run(session, running.id)
+    assert flagged.status == "running" and flagged.cancel_requested  # the worker finishes the job
+
+    done, _ = create_run(session, TINY)
+    succeed(session, done.id, sample_report(TINY))
+    for finished_id in (done.id, queued.id):
+        with pytest.raises(RunFinished, match="already"):
+            cancel_run(session, finished_id)
+    assert get_run(session, done.id).status == "succeeded"
+
+
+def test_delete_cascades_to_report_rows(session: Session) -> None:
+    keep, _ = create_run(session, TINY)
+    gone, _ = create_run(session, TINY)
+    for run in (keep, gone):
+        succeed(session, run.id, sample_report(TINY))
+    assert _count(session, RunRecord, gone.id) == 4 * 5  # 4 layers x 5 recorded steps
+
+    delete_run(session, gone.id)
+    with pytest.raises(RunNotFound):
+        get_run(session, gone.id)
+    for table in (RunLayer, RunStep, RunRecord):
+        assert _count(session, table, gone.id) == 0
+        assert _count(session, table, keep.id) > 0
+    with pytest.raises(RunNotFound):
+        delete_run(session, gone.id)
+
+
+def test_idempotency_key_returns_the_earlier_run(session: Session) -> None:
+    first, created = create_run(session, TINY, idempotency_key="key-1")
+    again, created_again = create_run(session, TINY, idempotency_key="key-1")
+    other, created_other = create_run(session, TINY, idempotency_key="key-2")
+    create_run(session, TINY)
+    assert created and not created_again and created_other
+    assert again.id == first.id and other.id != first.id
+    assert list_runs(session, RunFilters())[1] == 3  # first, other and plain
+
+
+def test_idempotency_key_under_concurrent_requests(engine: Engine) -> None:
+    factory = db.make_sessionmaker(engine)
+    results: list[tuple[str, bool]] = []
+    barrier = threading.Barrier(6)
+
+    def submit() -> None:
+        with factory() as session:
+            barrier.wait()
+            run, created = create_run(session, TINY, idempotency_key="same")
+            results.append((run.id, created))
+
+    threads = [threading.Thread(target=submit) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({run_id for run_id, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    with factory() as session:
+        assert list_runs(session, RunFilters())[1] == 1
+
+
+# --- sweeps -----------------------------------------------------------------------------------------------
+
+
+def test_sweep_creates_one_run_per_grid_point(session: Session) -> None:
+    base = {"dataset": "synthetic", "width": 16, "steps": 5}
+    sweep = create_sweep(
+        session, base, {"activation": ["relu", "tanh"], "depth": [2, 4, 8]}, caps=SpecCaps(), max_size=6
+    )
+    status = sweep_status(session, sweep.id)
+    assert status.total == 6 and sweep.size == 6
+    assert status.counts == {"queued": 6, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
+    assert not status.done
+    points = sorted((r.grid["activation"], r.grid["depth"]) for r in status.runs)
+    assert points == [("relu", 2), ("relu", 4), ("relu", 8), ("tanh", 2), ("tanh", 4), ("tanh", 8)]
+    for item in status.runs:
+        spec = Spec.model_validate(get_run(session, item.run_id).spec)
+        assert (spec.activation, spec.depth, spec.width, spec.dataset) == (
+            item.grid["activation"],
+            item.grid["depth"],
+            16,
+            "synthetic",
+        )
+
+
+def test_sweep_summary_finds_the_critical_depth(session: Session) -> None:
+    sweep = create_sweep(
+        session,
+        {"dataset": "synthetic"},
+        {"activation": ["sigmoid", "relu"], "depth": [10, 2, 5]},
+        caps=SpecCaps(),
+        max_size=6,
+    )
+    by_point = {(r.grid["activation"], r.grid["depth"]): r.run_id for r in sweep_status(session, sweep.id).runs}
+    outcomes: dict[tuple[str, int], tuple[Label, float]] = {
+        ("sigmoid", 2): ("healthy", 2.0),
+        ("sigmoid", 5): ("vanishing", 1000.0),
+        ("sigmoid", 10): ("vanishing", 1e7),
+    }
+    for point, (label, ratio) in outcomes.items():
+        succeed(session, by_point[point], sample_report(TINY, label=label, interior_ratio=ratio))
+    succeed(session, by_point[("relu", 5)], sample_report(TINY, label="healthy", interior_ratio=None))
+    cancel_run(session, by_point[("relu", 10)])
+
+    summary = sweep_summary(session, sweep.id)
+    assert not summary.done  # relu at depth 2 is still queued
+    configs = {c.config["activation"]: c for c in summary.configs}
+    assert set(configs) == {"sigmoid", "relu"} and all(set(c.config) == {"activation"} for c in summary.configs)
+    sigmoid, relu = configs["sigmoid"], configs["relu"]
+    assert sigmoid.depths == [2, 5, 10] and sigmoid.verdicts == ["healthy", "vanishing", "vanishing"]
+    assert sigmoid.critical_depth == 5
+    assert sigmoid.first_last_ratio == pytest.approx([math.log10(2.0), 3.0, 7.0])
+    assert relu.depths == [2, 5, 10] and relu.verdicts == [None, "healthy", None]
+    assert relu.critical_depth is None and relu.first_last_ratio == [None, None, None]
+
+
+def test_sweep_validation_names_the_point_and_field(session: Session) -> None:
+    def errors(base: dict[str, Any], grid: dict[str, list[Any]], **kw: Any) -> list[dict[str, Any]]:
+        with pytest.raises(SweepInvalid) as caught:
+            create_sweep(session, base, grid, caps=kw.get("caps", SpecCaps()), max_size=kw.get("max_size", 100))
+        return caught.value.errors
+
+    assert errors({"colour": "red"}, {"depth": [2]}) == [{"loc": ["base", "colour"], "msg": "not a spec field"}]
+    assert errors({}, {"depthh": [2]})[0]["loc"] == ["grid", "depthh"]
+    assert errors({}, {"depth": []})[0]["loc"] == ["grid", "depth"]
+    assert errors({}, {"depth": [2, 2]})[0]["msg"].startswith("values repeat")
+    assert errors({}, {})[0]["loc"] == ["grid"]
+    too_big = errors({}, {"depth": list(range(1, 11)), "seed": list(range(11))}, max_size=100)
+    assert too_big == [{"loc": ["grid"], "msg": "110 grid points exceed this server's sweep cap of 100"}]
+
+    bad_point = errors({"dataset": "synthetic"}, {"activation": ["relu", "swish"], "depth": [2, 3]})
+    assert [e["loc"] for e in bad_point] == [["grid", 2, "activation"], ["grid", 3, "activation"]]
+    assert "activation='swish', depth=2" in bad_point[0]["msg"]
+
+    capped = errors({}, {"width": [16, 64]}, caps=SpecCaps(max_width=32))
+    assert [e["loc"] for e in capped] == [["grid", 1, "width"]] and "at most 32" in capped[0]["msg"]
+
+    combination = errors({"init": "normal"}, {"init_std": [0.1, None]})
+    assert combination[0]["loc"][:2] == ["grid", 1] and "init_std is required" in combination[0]["msg"]
+    assert list_runs(session, RunFilters())[1] == 0  # nothing was created by refused sweeps
+
+
+def test_unknown_sweep(session: Session) -> None:
+    for call in (sweep_status, sweep_summary):
+        with pytest.raises(SweepNotFound):
+            call(session, "nope")
