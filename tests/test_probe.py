@@ -247,3 +247,15 @@ def test_verdict_examples_on_real_cifar10(cifar10_data) -> None:
     learner = Spec(dataset="cifar10", depth=2, width=128, steps=60, batch_size=64, optimizer="adam", lr=1e-3)
     learned = run_probe(learner, data=cifar10_data, eval_samples=500)
     assert learned.eval.accuracy > 0.2
+
+
+def test_on_record_sees_the_gradients_that_were_measured() -> None:
+    seen: dict[int, list[float]] = {}
+
+    def capture(step: int, layers) -> None:
+        seen[step] = [layer.weight.grad.norm().item() for layer in layers]
+
+    report = run_probe(tiny(steps=5, record_every=2, clip_value=1e-3), eval_samples=8, on_record=capture)
+    assert sorted(seen) == [0, 2, 4]
+    for record in report.records:
+        assert record.grad_norm == pytest.approx(seen[record.step][record.layer], rel=1e-5)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.networks import Network, build_network
+from models.networks import Layer, Network, build_network
 from models.spec import Spec
 from service.engine.data import ImageSet, make_source
 from service.engine.recorder import STAT_COLUMNS, Recorder, locate_nonfinite
@@ -89,12 +89,15 @@ def run_probe(
     progress_interval: float = 1.0,
     should_stop: Callable[[], bool] | None = None,
     deadline: float | None = None,
+    on_record: Callable[[int, list[Layer]], None] | None = None,
 ) -> Report:
     """Train `spec` briefly, record per-layer gradient statistics and return the judged report.
 
     `data` is the decoded CIFAR-10 (train, test) pair, required for dataset='cifar10'. `on_progress`
     is called at most every `progress_interval` seconds; `should_stop` is polled every step and
-    raises ProbeCancelled; `deadline` (a time.monotonic() value) raises ProbeTimeout.
+    raises ProbeCancelled; `deadline` (a time.monotonic() value) raises ProbeTimeout. `on_record`
+    sees the layers at each recorded step, after backward and before clipping (e.g. to capture
+    gradient histograms).
     """
     started = time.perf_counter()
     device = resolve_device(spec.device)
@@ -144,6 +147,8 @@ def run_probe(
         objective.backward()
 
         grad_norms = recorder.param_grad_norms()
+        if record and on_record is not None:
+            on_record(step, model.layers)
         total_pre = torch.linalg.vector_norm(grad_norms)
         if spec.clip_value is not None:
             if spec.clip_mode == "norm":
