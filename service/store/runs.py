@@ -247,6 +247,35 @@ def layer_rows(session: Session, run_id: str) -> list[LayerInfo]:
     return _read_rows(session, LayerInfo, RunLayer, run_id, order_by=("index",))
 
 
+RECORD_FIELDS: Final[tuple[str, ...]] = tuple(LayerRecord.model_fields)
+
+
+def gradient_table(
+    session: Session,
+    run_id: str,
+    *,
+    layer: int | None = None,
+    step_from: int | None = None,
+    step_to: int | None = None,
+) -> list[tuple[Any, ...]]:
+    """The run's per-layer records as plain tuples in RECORD_FIELDS order, by (step, layer).
+
+    Optionally one layer and an inclusive step range. Exports use the tuples directly: validating a
+    model per row costs ~0.5 s for a 50-layer x 500-step run. Raises RunNotFound.
+    """
+    get_run(session, run_id)
+    columns = RunRecord.__table__.c
+    conditions: list[ColumnElement[bool]] = [columns.run_id == run_id]
+    if layer is not None:
+        conditions.append(columns.layer == layer)
+    if step_from is not None:
+        conditions.append(columns.step >= step_from)
+    if step_to is not None:
+        conditions.append(columns.step <= step_to)
+    query = select(*(columns[name] for name in RECORD_FIELDS)).where(*conditions).order_by(columns.step, columns.layer)
+    return [tuple(row) for row in session.execute(query)]
+
+
 def gradient_rows(
     session: Session,
     run_id: str,
@@ -255,19 +284,17 @@ def gradient_rows(
     step_from: int | None = None,
     step_to: int | None = None,
 ) -> list[LayerRecord]:
-    """The run's per-layer records by (step, layer); optionally one layer and an inclusive step range.
+    """gradient_table's rows as LayerRecord models; empty until the run succeeded."""
+    rows = gradient_table(session, run_id, layer=layer, step_from=step_from, step_to=step_to)
+    return [LayerRecord.model_validate(dict(zip(RECORD_FIELDS, row, strict=True))) for row in rows]
 
-    Empty until the run succeeded; raises RunNotFound.
-    """
-    get_run(session, run_id)
-    conditions = []
-    if layer is not None:
-        conditions.append(RunRecord.layer == layer)
-    if step_from is not None:
-        conditions.append(RunRecord.step >= step_from)
-    if step_to is not None:
-        conditions.append(RunRecord.step <= step_to)
-    return _read_rows(session, LayerRecord, RunRecord, run_id, *conditions, order_by=("step", "layer"))
+
+def recorded_step_range(session: Session, run_id: str) -> tuple[int, int] | None:
+    """(first, last) recorded step of the run; None when it has no records."""
+    first, last = session.execute(
+        select(func.min(RunRecord.step), func.max(RunRecord.step)).where(RunRecord.run_id == run_id)
+    ).one()
+    return None if first is None else (int(first), int(last))
 
 
 def load_report(session: Session, run_id: str) -> Report | None:

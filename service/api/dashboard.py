@@ -1,0 +1,95 @@
+"""The built-in dashboard: server-rendered HTML shells at `/`, `/runs/{id}`, `/sweeps/{id}` and `/compare`.
+
+Each page is a Jinja2 shell naming the JSON endpoints it reads; small vanilla ES modules under
+service/web/static draw it with plotly.js. Everything is served from the installed packages — our
+static files and plotly's bundled plotly.min.js — so the dashboard works with no internet access.
+Unknown ids get an HTML 404 page (the JSON API keeps answering problem+json).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import plotly
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from service.api.deps import SessionDep
+from service.store import runs as run_store
+from service.store import sweeps as sweep_store
+from service.store.runs import RunNotFound
+from service.store.sweeps import SweepNotFound
+
+WEB_DIR: Final = Path(__file__).resolve().parents[1] / "web"
+PLOTLY_JS: Final = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+
+templates = Jinja2Templates(directory=WEB_DIR / "templates")
+router = APIRouter(include_in_schema=False)
+
+
+def static_files() -> StaticFiles:
+    """The dashboard's own scripts and styles, for mounting at /static (name "static")."""
+    return StaticFiles(directory=WEB_DIR / "static")
+
+
+def _page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    # root_path: the prefix a reverse proxy mounts the service under; the scripts prefix API calls with it.
+    base = request.scope.get("root_path", "").rstrip("/")
+    return templates.TemplateResponse(
+        request, template, {"base": base, "plotly_version": plotly.__version__, **context}, status_code=status_code
+    )
+
+
+def _not_found(request: Request, what: str) -> HTMLResponse:
+    return _page(request, "not_found.html", status_code=404, what=what)
+
+
+@router.get("/static/vendor/plotly.min.js")
+def plotly_js() -> FileResponse:
+    """plotly.js as bundled in the installed `plotly` package (versioned URLs let browsers cache it)."""
+    return FileResponse(
+        PLOTLY_JS, media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"}
+    )
+
+
+@router.get("/", response_class=HTMLResponse)
+def runs_page(request: Request) -> HTMLResponse:
+    """The runs table: filters, sorting and live status, read from GET /v1/runs."""
+    return _page(request, "runs.html", title="Runs")
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse)
+def run_page(run_id: str, request: Request, session: SessionDep) -> HTMLResponse:
+    """One run: progress while it runs (server-sent events), its profiles, heatmap, curves and verdict."""
+    try:
+        run = run_store.get_run(session, run_id)
+    except RunNotFound:
+        return _not_found(request, f"run {run_id}")
+    return _page(request, "run.html", title=f"Run {run.id[:8]}", run=run)
+
+
+@router.get("/sweeps/{sweep_id}", response_class=HTMLResponse)
+def sweep_page(sweep_id: str, request: Request, session: SessionDep) -> HTMLResponse:
+    """One sweep: the verdict matrix, the first/last gradient ratio against depth, critical depths."""
+    try:
+        status = sweep_store.sweep_status(session, sweep_id)
+    except SweepNotFound:
+        return _not_found(request, f"sweep {sweep_id}")
+    return _page(request, "sweep.html", title=f"Sweep {status.id[:8]}", sweep=status)
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(
+    request: Request, session: SessionDep, run_id: Annotated[list[str] | None, Query()] = None
+) -> HTMLResponse:
+    """Two or more runs' per-layer profiles overlaid, read from GET /v1/compare."""
+    ids = run_id or []
+    for rid in ids:
+        try:
+            run_store.get_run(session, rid)
+        except RunNotFound:
+            return _not_found(request, f"run {rid}")
+    return _page(request, "compare.html", title="Compare", run_ids=ids)

@@ -1,0 +1,153 @@
+"""Request and response bodies of the REST API (pydantic at the edge; OpenAPI is built from these).
+
+The spec and the report are the engine's own models, so `GET /v1/runs/{id}` serves exactly what
+`graddiag probe --json` prints. Sweep bodies are the store's models for the same reason.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.spec import Spec
+from service.engine.report import Label, LayerKind, Report
+from service.store.tables import RunStatus
+
+
+class FieldError(BaseModel):
+    """One offending input: where it is (e.g. ``["body", "depth"]``) and what is wrong with it."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, the body of every error response."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    code: str = Field(description="Stable machine-readable problem slug, e.g. run_not_found.")
+    errors: list[FieldError] | None = Field(None, description="Per-field errors (validation only).")
+
+
+class RunProgress(BaseModel):
+    """The worker's latest heartbeat of a running probe."""
+
+    step: int | None = None
+    steps: int | None = None
+    loss: float | None = None
+    label_so_far: Label | None = None
+    updated_at: datetime | None = None
+
+
+class RunSummary(BaseModel):
+    """A run as listed: its spec, state and verdict, without the (large) report."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    status: RunStatus
+    verdict: Label | None = Field(None, description="The verdict label once the run succeeded.")
+    spec: Spec
+    sweep_id: str | None = None
+    grid: dict[str, Any] | None = Field(None, description="This run's grid point within its sweep.")
+    attempt: int = Field(description="Claims so far; above 1 when a worker died or lost its lease.")
+    cancel_requested: bool = False
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class RunDetail(RunSummary):
+    """One run in full: progress while running, the error if it failed, the report once succeeded."""
+
+    progress: RunProgress | None = None
+    error: str | None = None
+    worker: str | None = Field(
+        None, validation_alias="lease_owner", description="The worker holding the run while it runs."
+    )
+    report: Report | None = Field(None, description="Same keys as `graddiag probe --json`.")
+
+
+class RunList(BaseModel):
+    """A page of runs and the number of runs matching the filters."""
+
+    items: list[RunSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class SweepIn(BaseModel):
+    """A sweep request: every grid point is `base` updated with one value per grid axis."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: dict[str, Any] = Field(default_factory=dict, description="Spec fields shared by every point.")
+    grid: dict[str, list[Any]] = Field(
+        min_length=1,
+        description="Spec field → values, e.g. {'activation': ['sigmoid', 'relu'], 'depth': [2, 10]}.",
+        examples=[{"activation": ["sigmoid", "relu"], "depth": [2, 5, 10, 20, 30]}],
+    )
+
+
+class GradientPoint(BaseModel):
+    """The per-layer figures `compare` puts side by side at one step."""
+
+    grad_norm: float | None
+    act_grad_norm: float | None
+    rel_grad: float | None
+
+
+class LayerProfile(BaseModel):
+    """One layer of a compared run, at initialisation and at the last recorded step."""
+
+    index: int
+    name: str
+    kind: LayerKind
+    init: GradientPoint | None
+    last: GradientPoint | None
+
+
+class RunProfile(BaseModel):
+    """A finished run's per-layer gradient profile."""
+
+    run_id: str
+    spec: Spec
+    verdict: Label | None
+    init_step: int | None = Field(description="The first recorded step (0 = before any update).")
+    last_step: int | None = Field(description="The last recorded step.")
+    layers: list[LayerProfile]
+
+
+class Comparison(BaseModel):
+    """Profiles of several runs, in the order their ids were given."""
+
+    runs: list[RunProfile]
+
+
+class Health(BaseModel):
+    """Liveness: the process answers."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Check(BaseModel):
+    """One readiness check."""
+
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    """Readiness: the database answers and something will execute queued runs."""
+
+    status: Literal["ready", "not_ready"]
+    database: Check
+    workers: Check

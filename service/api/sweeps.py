@@ -1,0 +1,35 @@
+"""`/v1/sweeps`: one run per grid point, their progress, and the verdict along depth."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from service.api.deps import SessionDep, SettingsDep
+from service.api.errors import documented
+from service.api.schemas import SweepIn
+from service.store import sweeps as store
+from service.store.sweeps import SweepStatus, SweepSummary
+
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], responses=documented(404))
+
+
+@router.post("", status_code=202, response_model=SweepStatus, responses=documented(422), summary="Submit a sweep")
+def submit_sweep(
+    body: SweepIn, request: Request, response: Response, session: SessionDep, settings: SettingsDep
+) -> SweepStatus:
+    """Queue one run per grid point; every point is validated (and capped) before any run is created."""
+    sweep = store.create_sweep(session, body.base, body.grid, caps=settings.caps(), max_size=settings.max_sweep_size)
+    response.headers["Location"] = str(request.app.url_path_for("get_sweep", sweep_id=sweep.id))
+    return store.sweep_status(session, sweep.id)
+
+
+@router.get("/{sweep_id}", response_model=SweepStatus, summary="Sweep progress")
+def get_sweep(sweep_id: str, session: SessionDep) -> SweepStatus:
+    """Counts by status and every run's grid values, status and verdict."""
+    return store.sweep_status(session, sweep_id)
+
+
+@router.get("/{sweep_id}/summary", response_model=SweepSummary, summary="Verdict along depth")
+def get_sweep_summary(sweep_id: str, session: SessionDep) -> SweepSummary:
+    """For each combination of the non-depth axes: the verdict at every depth and the critical depth."""
+    return store.sweep_summary(session, sweep_id)

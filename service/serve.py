@@ -1,0 +1,252 @@
+"""`graddiag serve`: migrate the database, start local worker processes, run the API until a signal.
+
+Workers are separate processes (multiprocessing "spawn": a clean interpreter, no inherited torch or
+database state) supervised by :class:`WorkerPool`, which restarts one that dies. SIGINT/SIGTERM stop
+uvicorn first (no new runs accepted), then the workers: SIGTERM, a grace period for each to finish or
+release its run, then SIGKILL. A killed worker's run is not lost: its lease expires and the reaper
+requeues it for the next attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+import uvicorn
+
+from service.api.app import create_app
+from service.settings import Settings
+from service.store.db import upgrade
+
+log = logging.getLogger("graddiag.serve")
+
+# Longer than the worker's own 10 s grace for finishing its run before it hands the run back.
+STOP_GRACE_SECONDS = 20.0
+# A worker that dies sooner than this after its start counts as crashing; restarts then back off.
+CRASH_WINDOW_SECONDS = 30.0
+MAX_RESTART_DELAY_SECONDS = 60.0
+SUPERVISE_INTERVAL_SECONDS = 0.5
+# In-flight requests (long `?wait=` polls included) get this long once shutdown starts.
+HTTP_SHUTDOWN_GRACE_SECONDS = 5
+
+
+def default_worker_split(cores: int, cuda_devices: int) -> tuple[int, int]:
+    """(worker processes, torch threads per worker) for a machine.
+
+    One worker per CUDA device (the GPU does the work; the cores are shared among them). On CPU,
+    probes are small networks whose matrix products scale poorly beyond two threads, so half as many
+    workers as cores with two threads each uses the machine with no oversubscription:
+    workers × threads never exceeds the cores.
+    """
+    cores = max(1, cores)
+    if cuda_devices > 0:
+        return cuda_devices, max(1, cores // cuda_devices)
+    workers = max(1, cores // 2)
+    return workers, max(1, cores // workers)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup CPU affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cuda_devices() -> list[str]:
+    """The CUDA device ids workers may be pinned to, in CUDA_VISIBLE_DEVICES terms.
+
+    torch is imported here only to count devices; the API itself never runs torch.
+    """
+    import torch
+
+    count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [d.strip() for d in visible.split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def _worker_entry(settings: Settings, cuda_device: str | None) -> None:
+    # Runs in the spawned child: pin the device before torch initialises CUDA.
+    if cuda_device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_device
+    from service.worker.worker import worker_main
+
+    worker_main(settings)
+
+
+class WorkerPool:
+    """N supervised worker processes; a dead one is restarted (with back-off if it keeps crashing)."""
+
+    def __init__(self, settings: Settings, count: int, devices: list[str] | None = None) -> None:
+        self._settings = settings
+        self._devices = devices or []
+        self._procs: list[BaseProcess | None] = [None] * count
+        self._started: list[float] = [0.0] * count
+        self._crashes: list[int] = [0] * count
+        self._context = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+
+    def _device(self, slot: int) -> str | None:
+        return self._devices[slot % len(self._devices)] if self._devices else None
+
+    def _spawn(self, slot: int) -> None:
+        proc = self._context.Process(
+            target=_worker_entry,
+            args=(self._settings, self._device(slot)),
+            name=f"graddiag-worker-{slot}",
+        )
+        proc.start()
+        self._procs[slot] = proc
+        self._started[slot] = time.monotonic()
+        log.info("worker %d started (pid %s, device %s)", slot, proc.pid, self._device(slot) or "cpu")
+
+    def start(self) -> None:
+        """Start every worker and the supervisor."""
+        with self._lock:
+            for slot in range(len(self._procs)):
+                self._spawn(slot)
+        if self._procs:
+            self._supervisor.start()
+
+    def _restart_delay(self, slot: int) -> float:
+        return min(MAX_RESTART_DELAY_SECONDS, 2.0 ** self._crashes[slot] - 1)
+
+    def _supervise(self) -> None:
+        died_at: dict[int, float] = {}
+        while not self._stopping.wait(SUPERVISE_INTERVAL_SECONDS):
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                for slot, proc in enumerate(self._procs):
+                    if proc is None or proc.is_alive():
+                        continue
+                    now = time.monotonic()
+                    if slot not in died_at:
+                        lived = now - self._started[slot]
+                        self._crashes[slot] = self._crashes[slot] + 1 if lived < CRASH_WINDOW_SECONDS else 0
+                        died_at[slot] = now
+                        log.warning(
+                            "worker %d (pid %s) exited with %s after %.1f s; restarting in %.0f s",
+                            slot,
+                            proc.pid,
+                            proc.exitcode,
+                            lived,
+                            self._restart_delay(slot),
+                        )
+                    if now - died_at[slot] >= self._restart_delay(slot):
+                        proc.close()
+                        del died_at[slot]
+                        self._spawn(slot)
+
+    def alive(self) -> tuple[int, int]:
+        """(live worker processes, configured workers), for readiness."""
+        with self._lock:
+            return sum(1 for p in self._procs if p is not None and p.is_alive()), len(self._procs)
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """SIGTERM every worker, wait up to `grace` seconds in all, SIGKILL the rest."""
+        started = time.monotonic()
+        self._stopping.set()
+        if self._supervisor.is_alive():
+            self._supervisor.join()
+        procs = [p for p in self._procs if p is not None]
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("worker pid %s ignored SIGTERM for %.0f s; killing it", proc.pid, grace)
+                proc.kill()
+                proc.join()
+        self._procs = [None] * len(self._procs)
+        log.info("%d worker(s) stopped in %.1f s", len(procs), time.monotonic() - started)
+
+
+def plan_workers(settings: Settings) -> tuple[int, Settings, list[str]]:
+    """How many workers to start, the settings they run with (torch threads filled in), their devices."""
+    devices = cuda_devices() if settings.workers != 0 else []
+    cores = available_cores()
+    auto_workers, auto_threads = default_worker_split(cores, len(devices))
+    workers = auto_workers if settings.workers is None else settings.workers
+    threads = settings.torch_threads
+    if threads is None:
+        threads = auto_threads if settings.workers is None else max(1, cores // max(1, workers))
+    return workers, settings.model_copy(update={"torch_threads": threads}), devices
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def _worker_pool(settings: Settings) -> Iterator[WorkerPool]:
+    count, worker_settings, devices = plan_workers(settings)
+    log.info(
+        "starting %d worker process(es), %s torch thread(s) each, devices: %s",
+        count,
+        worker_settings.torch_threads,
+        ", ".join(devices) or "cpu",
+    )
+    pool = WorkerPool(worker_settings, count, devices)
+    try:
+        pool.start()
+        yield pool
+    finally:
+        pool.stop()
+
+
+def serve(settings: Settings) -> None:
+    """Migrate the database to head, start the workers and serve the API until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    upgrade(settings.db_url)
+    stop = threading.Event()
+    with _stop_on_signals(stop), _worker_pool(settings) as pool:
+        config = uvicorn.Config(
+            create_app(settings, worker_probe=pool.alive),
+            host=settings.host,
+            port=settings.port,
+            timeout_graceful_shutdown=HTTP_SHUTDOWN_GRACE_SECONDS,
+        )
+        server = uvicorn.Server(config)
+
+        # uvicorn installs its own signal handlers only once it runs; this covers a signal that
+        # arrives before (ours set `stop`) as well as one it captures (it re-raises it to ours).
+        def stop_server() -> None:
+            stop.wait()
+            server.should_exit = True
+
+        threading.Thread(target=stop_server, name="stop-server", daemon=True).start()
+        if not stop.is_set():
+            server.run()
+        stop.set()
+
+
+def worker_process(settings: Settings) -> None:
+    """A worker host without the API: migrate, run the supervised workers until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    upgrade(settings.db_url)
+    stop = threading.Event()
+    with _stop_on_signals(stop), _worker_pool(settings):
+        # A timed wait keeps the main thread responsive to signals.
+        while not stop.wait(1.0):
+            pass

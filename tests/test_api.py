@@ -1,0 +1,650 @@
+"""The REST API in-process: httpx over ASGITransport, a temp SQLite file and a real worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select, text
+
+from models.spec import Spec
+from service.api import create_app
+from service.api.health import WorkerProbe
+from service.engine.probe import run_probe
+from service.engine.report import LayerInfo, LayerRecord, Report
+from service.settings import Settings
+from service.store.db import make_engine, make_sessionmaker, upgrade
+from service.store.runs import create_run
+from service.store.tables import SPEC_COLUMNS, RunRecord
+from service.worker.queue import claim_next, complete
+from service.worker.worker import run_worker
+
+pytestmark = pytest.mark.anyio
+
+TINY: dict[str, Any] = {
+    "dataset": "synthetic",
+    "depth": 3,
+    "width": 16,
+    "steps": 5,
+    "batch_size": 16,
+    "record_every": 1,
+}
+# Long enough (thousands of tiny steps) to still be running when the test cancels it.
+LONG: dict[str, Any] = {**TINY, "depth": 2, "width": 4, "batch_size": 2, "steps": 5000}
+RECORD_FIELDS = list(LayerRecord.model_fields)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    url = f"sqlite:///{tmp_path / 'graddiag.db'}"
+    upgrade(url)
+    return Settings(
+        db_url=url,
+        cache_dir=tmp_path / "cache",
+        lease_seconds=2,
+        poll_seconds=0.02,
+        eval_samples=10,
+        max_depth=50,
+        max_sweep_size=8,
+    )
+
+
+@asynccontextmanager
+async def serve_app(
+    settings: Settings, probe: WorkerProbe | None = None, **transport: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running (ASGITransport does not run it), and a client bound to it."""
+    app = create_app(settings, worker_probe=probe)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app, **transport), base_url="http://graddiag.test") as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve_app(settings) as client:
+        yield client
+
+
+@pytest.fixture
+def worker(settings: Settings) -> Iterator[None]:
+    """A real worker loop in a thread of this process; stopped (and its run released) at teardown."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_worker, args=(settings,), kwargs={"stop": stop, "grace_seconds": 0}, daemon=True
+    )
+    thread.start()
+    yield
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == "about:blank"
+    assert body["status"] == status
+    assert body["code"] == code
+    assert body["title"] and body["detail"]
+    return body
+
+
+async def wait_finished(api: httpx.AsyncClient, run_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = (await api.get(f"/v1/runs/{run_id}")).json()
+        if run["status"] in ("succeeded", "failed", "cancelled"):
+            return run
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} did not finish in {timeout} s")
+
+
+# --- submitting and reading runs -------------------------------------------------------------------
+
+
+async def test_submit_queues_run_with_location(api: httpx.AsyncClient) -> None:
+    response = await api.post("/v1/runs", json=TINY)
+    assert response.status_code == 202
+    run = response.json()
+    assert run["status"] == "queued" and run["attempt"] == 0 and run["report"] is None
+    assert response.headers["location"] == f"/v1/runs/{run['id']}"
+    assert Spec.model_validate(run["spec"]) == Spec.model_validate(TINY)
+
+    fetched = await api.get(response.headers["location"])
+    assert fetched.status_code == 200
+    assert fetched.json()["id"] == run["id"] and fetched.json()["created_at"] == run["created_at"]
+
+
+async def test_wait_returns_the_verdict_and_report(api: httpx.AsyncClient, worker: None) -> None:
+    response = await api.post("/v1/runs", params={"wait": 60}, json=TINY)
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert run["status"] == "succeeded" and run["attempt"] == 1 and run["error"] is None
+    assert run["started_at"] <= run["finished_at"]
+    report = run["report"]
+    assert set(report) == {"spec", "layers", "steps", "records", "verdict", "eval", "timing"}
+    parsed = Report.model_validate(report)
+    assert parsed.spec == Spec.model_validate(TINY)
+    assert run["verdict"] == parsed.verdict.label
+    # depth 3 hidden layers + the output layer, recorded at every one of the 5 steps (0 = init).
+    assert len(parsed.layers) == 4
+    assert {r.step for r in parsed.records} == set(range(5))
+
+
+async def test_wait_gives_202_when_time_runs_out(api: httpx.AsyncClient) -> None:
+    start = time.monotonic()
+    response = await api.post("/v1/runs", params={"wait": 0.4}, json=TINY)
+    assert time.monotonic() - start >= 0.4
+    assert response.status_code == 202 and response.json()["status"] == "queued"
+
+
+async def test_wait_does_not_block_the_event_loop(api: httpx.AsyncClient) -> None:
+    waiting = asyncio.create_task(api.post("/v1/runs", params={"wait": 1.5}, json=TINY))
+    await asyncio.sleep(0.2)
+    start = time.monotonic()
+    health = await api.get("/healthz")
+    assert health.status_code == 200 and time.monotonic() - start < 0.5
+    assert not waiting.done()
+    assert (await waiting).status_code == 202
+
+
+async def test_wait_is_capped(api: httpx.AsyncClient) -> None:
+    body = assert_problem(await api.post("/v1/runs", params={"wait": 601}, json=TINY), 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["query", "wait"]
+
+
+async def test_idempotency_key_returns_the_same_run(api: httpx.AsyncClient) -> None:
+    headers = {"Idempotency-Key": "sweep-42-point-7"}
+    first = await api.post("/v1/runs", json=TINY, headers=headers)
+    again = await api.post("/v1/runs", json=TINY, headers=headers)
+    assert first.status_code == 202 and again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["location"] == first.headers["location"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert (await api.get("/v1/runs")).json()["total"] == 1
+
+    other = await api.post("/v1/runs", json={**TINY, "depth": 4}, headers=headers)
+    body = assert_problem(other, 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["header", "idempotency-key"]
+    assert first.json()["id"] in body["errors"][0]["msg"]
+
+
+@pytest.mark.parametrize(
+    ("change", "loc", "error_type"),
+    [
+        ({"depth": 1000}, ["body", "depth"], "less_than_equal"),
+        ({"activation": "swish"}, ["body", "activation"], "literal_error"),
+        ({"colour": "red"}, ["body", "colour"], "extra_forbidden"),
+        ({"lr": "fast"}, ["body", "lr"], "float_parsing"),
+        # Within the hard cap (100) but above this server's max_depth=50.
+        ({"depth": 60}, ["body", "depth"], "over_cap"),
+    ],
+)
+async def test_invalid_spec_is_422_naming_the_field(
+    api: httpx.AsyncClient, change: dict[str, Any], loc: list[str], error_type: str
+) -> None:
+    body = assert_problem(await api.post("/v1/runs", json={**TINY, **change}), 422, "validation_error")
+    assert body["instance"] == "/v1/runs"
+    assert [(e["loc"], e["type"]) for e in body["errors"]] == [(loc, error_type)]
+    assert body["detail"].startswith(f"{loc[-1]}: ")
+    assert (await api.get("/v1/runs")).json()["total"] == 0
+
+
+async def test_every_invalid_field_is_named(api: httpx.AsyncClient) -> None:
+    body = assert_problem(
+        await api.post("/v1/runs", json={"depth": 0, "width": 1, "optimizer": "rmsprop"}),
+        422,
+        "validation_error",
+    )
+    assert sorted(e["loc"][1] for e in body["errors"]) == ["depth", "optimizer", "width"]
+
+
+async def test_malformed_json_is_422(api: httpx.AsyncClient) -> None:
+    response = await api.post("/v1/runs", content=b'{"depth": ', headers={"content-type": "application/json"})
+    body = assert_problem(response, 422, "validation_error")
+    assert body["errors"][0]["type"] == "json_invalid"
+
+
+# --- not found, unknown routes, internal errors -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/runs/0123abcd"),
+        ("GET", "/v1/runs/0123abcd/layers"),
+        ("GET", "/v1/runs/0123abcd/gradients"),
+        ("POST", "/v1/runs/0123abcd/cancel"),
+        ("DELETE", "/v1/runs/0123abcd"),
+    ],
+)
+async def test_unknown_run_is_404(api: httpx.AsyncClient, method: str, path: str) -> None:
+    body = assert_problem(await api.request(method, path), 404, "run_not_found")
+    assert "0123abcd" in body["detail"] and body["instance"] == path
+
+
+@pytest.mark.parametrize("path", ["/v1/sweeps/feed", "/v1/sweeps/feed/summary"])
+async def test_unknown_sweep_is_404(api: httpx.AsyncClient, path: str) -> None:
+    assert_problem(await api.get(path), 404, "sweep_not_found")
+
+
+async def test_unknown_route_and_method_are_problems(api: httpx.AsyncClient) -> None:
+    assert_problem(await api.get("/v1/nothing"), 404, "not_found")
+    response = await api.put("/v1/runs")
+    assert_problem(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["allow"]
+
+
+async def test_internal_error_is_a_problem_that_leaks_nothing(settings: Settings) -> None:
+    engine = make_engine(settings.db_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE run_records"))
+    engine.dispose()
+    async with serve_app(settings, raise_app_exceptions=False) as api:
+        run = (await api.post("/v1/runs", json=TINY)).json()
+        response = await api.get(f"/v1/runs/{run['id']}/gradients")
+        assert_problem(response, 500, "internal_error")
+        leaked = response.text.lower()
+        assert "run_records" not in leaked and "sqlite" not in leaked and "traceback" not in leaked
+
+
+# --- listing ----------------------------------------------------------------------------------------
+
+
+def _seed_runs(settings: Settings, specs: list[dict[str, Any]]) -> list[str]:
+    engine = make_engine(settings.db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return [create_run(session, Spec.model_validate(spec))[0].id for spec in specs]
+    finally:
+        engine.dispose()
+
+
+# Two values per indexed spec column; the first run takes the first, the second run the second.
+COLUMN_VALUES: dict[str, tuple[Any, Any]] = {
+    "arch": ("mlp", "cnn"),
+    "activation": ("relu", "tanh"),
+    "init": ("default", "orthogonal"),
+    "norm": ("none", "batch"),
+    "residual": (False, True),
+    "depth": (3, 7),
+    "width": (16, 32),
+    "optimizer": ("sgd", "adam"),
+    "lr": (0.01, 0.5),
+    "clip_value": (1.0, 5.0),
+    "dataset": ("synthetic", "cifar10"),
+    "seed": (0, 9),
+}
+
+
+def test_filters_cover_every_indexed_spec_column() -> None:
+    assert set(COLUMN_VALUES) == set(SPEC_COLUMNS)
+
+
+@pytest.mark.parametrize("column", sorted(COLUMN_VALUES))
+async def test_filter_on_spec_column(api: httpx.AsyncClient, settings: Settings, column: str) -> None:
+    first, second = COLUMN_VALUES[column]
+    ids = _seed_runs(settings, [{**TINY, column: first}, {**TINY, column: second}])
+    value = str(second).lower() if isinstance(second, bool) else second
+    page = (await api.get("/v1/runs", params={column: value})).json()
+    assert [r["id"] for r in page["items"]] == [ids[1]] and page["total"] == 1
+    assert page["items"][0]["spec"][column] == second
+
+
+async def test_list_filters_sorting_and_pages(api: httpx.AsyncClient, settings: Settings) -> None:
+    specs = [{**TINY, "activation": a, "depth": d} for a in ("sigmoid", "relu") for d in (2, 4, 6, 8)]
+    ids = _seed_runs(settings, specs)
+    cancelled = ids[0]
+    assert (await api.post(f"/v1/runs/{cancelled}/cancel")).status_code == 200
+
+    everything = (await api.get("/v1/runs")).json()
+    assert everything["total"] == 8 and everything["limit"] == 50 and everything["offset"] == 0
+    assert [r["id"] for r in everything["items"]] == ids[::-1]  # newest first by default
+
+    deep_sigmoid = (await api.get("/v1/runs", params={"activation": "sigmoid", "depth_min": 4, "depth_max": 6})).json()
+    assert deep_sigmoid["total"] == 2
+    assert sorted(r["spec"]["depth"] for r in deep_sigmoid["items"]) == [4, 6]
+
+    queued = (await api.get("/v1/runs", params={"status": "queued"})).json()
+    assert queued["total"] == 7 and cancelled not in {r["id"] for r in queued["items"]}
+
+    by_depth = (await api.get("/v1/runs", params={"sort": "depth", "activation": "relu"})).json()
+    assert [r["spec"]["depth"] for r in by_depth["items"]] == [2, 4, 6, 8]
+    by_depth_desc = (await api.get("/v1/runs", params={"sort": "-depth", "activation": "relu"})).json()
+    assert [r["spec"]["depth"] for r in by_depth_desc["items"]] == [8, 6, 4, 2]
+
+    pages = [
+        (await api.get("/v1/runs", params={"limit": 3, "offset": offset, "sort": "created_at"})).json()
+        for offset in (0, 3, 6)
+    ]
+    assert [len(p["items"]) for p in pages] == [3, 3, 2]
+    assert all(p["total"] == 8 and p["limit"] == 3 for p in pages)
+    assert [r["id"] for p in pages for r in p["items"]] == ids
+
+
+@pytest.mark.parametrize(
+    ("params", "loc"),
+    [
+        ({"sort": "colour"}, ["query", "sort"]),
+        ({"limit": 0}, ["query", "limit"]),
+        ({"limit": 1001}, ["query", "limit"]),
+        ({"status": "paused"}, ["query", "status"]),
+        ({"depht": 3}, ["query", "depht"]),
+    ],
+)
+async def test_bad_list_parameters_are_422(api: httpx.AsyncClient, params: dict[str, Any], loc: list[str]) -> None:
+    body = assert_problem(await api.get("/v1/runs", params=params), 422, "validation_error")
+    assert [e["loc"] for e in body["errors"]] == [loc]
+
+
+# --- finished runs: layers, gradients, verdict filter, compare --------------------------------------
+
+
+async def test_layers_gradients_and_csv_match_the_report(api: httpx.AsyncClient, worker: None) -> None:
+    run = (await api.post("/v1/runs", params={"wait": 60}, json=TINY)).json()
+    report = run["report"]
+    run_id = run["id"]
+
+    layers = (await api.get(f"/v1/runs/{run_id}/layers")).json()
+    assert layers == report["layers"]
+
+    rows = (await api.get(f"/v1/runs/{run_id}/gradients")).json()
+    assert rows == report["records"] and len(rows) == 4 * 5
+
+    response = await api.get(f"/v1/runs/{run_id}/gradients", params={"format": "csv"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/csv")
+    assert run_id in response.headers["content-disposition"]
+    reader = csv.DictReader(io.StringIO(response.text))
+    assert reader.fieldnames == RECORD_FIELDS
+    parsed = [
+        {k: (None if v == "" else int(v) if k in ("step", "layer") else float(v)) for k, v in row.items()}
+        for row in reader
+    ]
+    assert parsed == rows
+
+    layer_1 = (await api.get(f"/v1/runs/{run_id}/gradients", params={"layer": 1})).json()
+    assert layer_1 == [r for r in rows if r["layer"] == 1]
+    window = (await api.get(f"/v1/runs/{run_id}/gradients", params={"step_from": 2, "step_to": 3, "layer": 0})).json()
+    assert [(r["step"], r["layer"]) for r in window] == [(2, 0), (3, 0)]
+
+    by_verdict = (await api.get("/v1/runs", params={"verdict": run["verdict"]})).json()
+    assert [r["id"] for r in by_verdict["items"]] == [run_id]
+    others = [v for v in ("vanishing", "exploding", "healthy") if v != run["verdict"]]
+    for verdict in others:
+        assert (await api.get("/v1/runs", params={"verdict": verdict})).json()["total"] == 0
+
+
+async def test_unfinished_run_has_no_records(api: httpx.AsyncClient) -> None:
+    run_id = (await api.post("/v1/runs", json=TINY)).json()["id"]
+    assert (await api.get(f"/v1/runs/{run_id}/layers")).json() == []
+    assert (await api.get(f"/v1/runs/{run_id}/gradients")).json() == []
+    csv_text = (await api.get(f"/v1/runs/{run_id}/gradients", params={"format": "csv"})).text
+    assert csv_text.strip() == ",".join(RECORD_FIELDS)
+
+
+def _store_big_run(settings: Settings, layers: int, steps: int) -> str:
+    """A succeeded run whose report has layers × steps records, stored through the worker's own
+    `complete`. The figures are random: this measures export speed, not the engine."""
+    spec = Spec.model_validate({**TINY, "depth": layers - 1, "steps": steps})
+    rng = random.Random(0)
+    stats = [f for f in RECORD_FIELDS if f not in ("step", "layer")]
+    engine = make_engine(settings.db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            run_id = create_run(session, spec)[0].id
+        claim = claim_next(engine, "bench", lease_seconds=60)
+        assert claim is not None and claim.run_id == run_id
+        shape = run_probe(Spec.model_validate(TINY), eval_samples=10)
+        report = shape.model_copy(
+            update={
+                "spec": spec,
+                "layers": [LayerInfo(index=i, name=f"net.{i}", kind="linear", params=8) for i in range(layers)],
+                "records": [
+                    LayerRecord(step=s, layer=i, **{f: rng.lognormvariate(0, 3) for f in stats})
+                    for s in range(steps)
+                    for i in range(layers)
+                ],
+            }
+        )
+        assert complete(engine, claim, report)
+    finally:
+        engine.dispose()
+    return run_id
+
+
+async def test_csv_of_50_layers_by_500_steps(api: httpx.AsyncClient, settings: Settings) -> None:
+    # Its speed is measured by `make bench` (bench/service.py), not asserted here.
+    run_id = _store_big_run(settings, layers=50, steps=500)
+    response = await api.get(f"/v1/runs/{run_id}/gradients", params={"format": "csv"})
+    assert response.status_code == 200
+    lines = response.text.splitlines()
+    assert len(lines) == 1 + 50 * 500
+    rows = (await api.get(f"/v1/runs/{run_id}/gradients", params={"layer": 49, "step_from": 499})).json()
+    last = dict(zip(RECORD_FIELDS, next(csv.reader([lines[-1]])), strict=True))
+    assert {k: float(v) for k, v in last.items()} == {k: float(v) for k, v in rows[0].items()}
+
+
+async def test_compare_profiles_side_by_side(api: httpx.AsyncClient, worker: None) -> None:
+    sigmoid = (await api.post("/v1/runs", params={"wait": 60}, json={**TINY, "activation": "sigmoid"})).json()
+    relu = (await api.post("/v1/runs", params={"wait": 60}, json=TINY)).json()
+    response = await api.get("/v1/compare", params=[("run_id", sigmoid["id"]), ("run_id", relu["id"])])
+    assert response.status_code == 200, response.text
+    profiles = response.json()["runs"]
+    assert [p["run_id"] for p in profiles] == [sigmoid["id"], relu["id"]]
+    for profile, run in zip(profiles, (sigmoid, relu), strict=True):
+        report = run["report"]
+        assert profile["verdict"] == run["verdict"]
+        assert (profile["init_step"], profile["last_step"]) == (0, 4)
+        assert [(layer["name"], layer["kind"]) for layer in profile["layers"]] == [
+            (layer["name"], layer["kind"]) for layer in report["layers"]
+        ]
+        for layer in profile["layers"]:
+            for key, step in (("init", 0), ("last", 4)):
+                record = next(r for r in report["records"] if r["step"] == step and r["layer"] == layer["index"])
+                assert layer[key] == {k: record[k] for k in ("grad_norm", "act_grad_norm", "rel_grad")}
+
+
+async def test_compare_refuses_unfinished_and_unknown_runs(api: httpx.AsyncClient) -> None:
+    queued = (await api.post("/v1/runs", json=TINY)).json()["id"]
+    body = assert_problem(await api.get("/v1/compare", params={"run_id": queued}), 409, "run_not_succeeded")
+    assert body["errors"][0]["loc"] == ["query", "run_id", 0] and queued in body["detail"]
+    assert_problem(await api.get("/v1/compare", params={"run_id": "missing"}), 404, "run_not_found")
+    assert_problem(await api.get("/v1/compare"), 422, "validation_error")
+
+
+# --- cancel and delete ------------------------------------------------------------------------------
+
+
+async def test_cancel_queued_then_409(api: httpx.AsyncClient) -> None:
+    run_id = (await api.post("/v1/runs", json=TINY)).json()["id"]
+    response = await api.post(f"/v1/runs/{run_id}/cancel")
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled" and response.json()["finished_at"]
+    again = assert_problem(await api.post(f"/v1/runs/{run_id}/cancel"), 409, "run_finished")
+    assert "cancelled" in again["detail"]
+
+
+async def test_cancel_running_run(api: httpx.AsyncClient, worker: None) -> None:
+    run_id = (await api.post("/v1/runs", json=LONG)).json()["id"]
+    deadline = time.monotonic() + 30
+    while (run := (await api.get(f"/v1/runs/{run_id}")).json())["status"] != "running":
+        assert time.monotonic() < deadline and run["status"] == "queued", run
+        await asyncio.sleep(0.02)
+    response = await api.post(f"/v1/runs/{run_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "running" and response.json()["cancel_requested"] is True
+    requested = time.monotonic()
+    final = await wait_finished(api, run_id, timeout=10)
+    assert final["status"] == "cancelled" and time.monotonic() - requested < 5
+    assert (await api.get(f"/v1/runs/{run_id}/gradients")).json() == []
+    assert_problem(await api.post(f"/v1/runs/{run_id}/cancel"), 409, "run_finished")
+
+
+async def test_finished_run_cannot_be_cancelled(api: httpx.AsyncClient, worker: None) -> None:
+    run = (await api.post("/v1/runs", params={"wait": 60}, json=TINY)).json()
+    assert run["status"] == "succeeded"
+    assert_problem(await api.post(f"/v1/runs/{run['id']}/cancel"), 409, "run_finished")
+
+
+async def test_delete_removes_run_and_records(api: httpx.AsyncClient, settings: Settings, worker: None) -> None:
+    run_id = (await api.post("/v1/runs", params={"wait": 60}, json=TINY)).json()["id"]
+    engine = make_engine(settings.db_url)
+
+    def records() -> int:
+        with engine.connect() as connection:
+            count = select(func.count()).select_from(RunRecord).where(RunRecord.run_id == run_id)
+            return int(connection.scalar(count) or 0)
+
+    try:
+        assert records() == 20
+        response = await api.delete(f"/v1/runs/{run_id}")
+        assert response.status_code == 204 and response.content == b""
+        assert records() == 0
+    finally:
+        engine.dispose()
+    assert_problem(await api.get(f"/v1/runs/{run_id}"), 404, "run_not_found")
+    assert_problem(await api.delete(f"/v1/runs/{run_id}"), 404, "run_not_found")
+
+
+# --- sweeps -----------------------------------------------------------------------------------------
+
+
+async def test_sweep_status_and_summary(api: httpx.AsyncClient, worker: None) -> None:
+    body = {
+        "base": {**TINY, "steps": 3},
+        "grid": {"activation": ["sigmoid", "relu"], "depth": [2, 4]},
+    }
+    response = await api.post("/v1/sweeps", json=body)
+    assert response.status_code == 202, response.text
+    sweep = response.json()
+    assert response.headers["location"] == f"/v1/sweeps/{sweep['id']}"
+    assert sweep["total"] == 4 and not sweep["done"]
+    assert sorted((r["grid"]["activation"], r["grid"]["depth"]) for r in sweep["runs"]) == [
+        ("relu", 2),
+        ("relu", 4),
+        ("sigmoid", 2),
+        ("sigmoid", 4),
+    ]
+    in_sweep = (await api.get("/v1/runs", params={"sweep_id": sweep["id"]})).json()
+    assert in_sweep["total"] == 4
+
+    deadline = time.monotonic() + 60
+    while not (status := (await api.get(f"/v1/sweeps/{sweep['id']}")).json())["done"]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert status["counts"]["succeeded"] == 4
+    assert all(r["verdict"] in ("vanishing", "exploding", "healthy") for r in status["runs"])
+
+    summary = (await api.get(f"/v1/sweeps/{sweep['id']}/summary")).json()
+    assert summary["done"] and len(summary["configs"]) == 2
+    verdicts = {(r["grid"]["activation"], r["grid"]["depth"]): r["verdict"] for r in status["runs"]}
+    for config in summary["configs"]:
+        activation = config["config"]["activation"]
+        assert config["depths"] == [2, 4]
+        assert config["verdicts"] == [verdicts[(activation, d)] for d in (2, 4)]
+        unhealthy = [d for d, v in zip(config["depths"], config["verdicts"], strict=True) if v != "healthy"]
+        assert config["critical_depth"] == (unhealthy[0] if unhealthy else None)
+
+
+@pytest.mark.parametrize(
+    ("body", "loc_prefix"),
+    [
+        ({"base": TINY, "grid": {"depth": [2, 60]}}, ["grid", 1, "depth"]),  # over this server's cap
+        ({"base": TINY, "grid": {"activation": ["relu", "swish"]}}, ["grid", 1, "activation"]),
+        ({"base": TINY, "grid": {"colour": ["red"]}}, ["grid", "colour"]),
+        ({"base": TINY, "grid": {"depth": [2, 3, 4], "seed": [0, 1, 2]}}, ["grid"]),  # 9 > 8 points
+    ],
+)
+async def test_invalid_sweep_is_422_naming_the_point(
+    api: httpx.AsyncClient, body: dict[str, Any], loc_prefix: list[Any]
+) -> None:
+    problem = assert_problem(await api.post("/v1/sweeps", json=body), 422, "sweep_invalid")
+    assert problem["errors"][0]["loc"] == loc_prefix
+    assert (await api.get("/v1/runs")).json()["total"] == 0
+
+
+async def test_sweep_body_is_validated(api: httpx.AsyncClient) -> None:
+    body = assert_problem(await api.post("/v1/sweeps", json={"grid": {}}), 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["body", "grid"]
+    body = assert_problem(
+        await api.post("/v1/sweeps", json={"grid": {"depth": [2]}, "extra": 1}), 422, "validation_error"
+    )
+    assert body["errors"][0]["loc"] == ["body", "extra"]
+
+
+# --- health, readiness, OpenAPI ---------------------------------------------------------------------
+
+
+async def test_health_and_readiness(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+    ready = await api.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready" and ready.json()["database"]["ok"]
+    assert "not monitored" in ready.json()["workers"]["detail"]
+
+
+@pytest.mark.parametrize(("alive", "status"), [((2, 2), 200), ((1, 2), 200), ((0, 2), 503), ((0, 0), 200)])
+async def test_readiness_follows_local_workers(settings: Settings, alive: tuple[int, int], status: int) -> None:
+    async with serve_app(settings, probe=lambda: alive) as api:
+        response = await api.get("/readyz")
+        assert response.status_code == status
+        assert response.json()["workers"]["ok"] is (status == 200)
+
+
+async def test_not_ready_without_schema(tmp_path: Path) -> None:
+    settings = Settings(db_url=f"sqlite:///{tmp_path / 'empty.db'}", cache_dir=tmp_path)
+    async with serve_app(settings) as api:
+        response = await api.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["status"] == "not_ready" and not response.json()["database"]["ok"]
+        assert (await api.get("/healthz")).status_code == 200
+
+
+async def test_openapi_documents_the_api(api: httpx.AsyncClient) -> None:
+    schema = (await api.get("/openapi.json")).json()
+    paths = schema["paths"]
+    for path in (
+        "/v1/runs",
+        "/v1/runs/{run_id}",
+        "/v1/runs/{run_id}/layers",
+        "/v1/runs/{run_id}/gradients",
+        "/v1/runs/{run_id}/cancel",
+        "/v1/sweeps",
+        "/v1/sweeps/{sweep_id}",
+        "/v1/sweeps/{sweep_id}/summary",
+        "/v1/compare",
+        "/healthz",
+        "/readyz",
+    ):
+        assert path in paths, path
+    assert "Report" in schema["components"]["schemas"]
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, method in (("/v1/runs", "post"), ("/v1/runs/{run_id}/cancel", "post"), ("/v1/compare", "get")):
+        responses = paths[path][method]["responses"]
+        assert all(responses[s]["content"] == problem for s in responses if s[0] in "45"), path
+    assert paths["/v1/runs/{run_id}/cancel"]["post"]["responses"]["409"]["content"] == problem
+    ready_503 = paths["/readyz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]
+    assert ready_503 == {"$ref": "#/components/schemas/Readiness"}
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert (await api.get("/docs")).status_code == 200

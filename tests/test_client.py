@@ -1,0 +1,211 @@
+"""The Python clients: Client over real HTTP (uvicorn in a thread), AsyncClient in-process (ASGI)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from models.spec import Spec
+from service.api import create_app
+from service.client import AsyncClient, Client, GraddiagError, RunFailed
+from service.engine.report import LayerRecord, Report
+from service.settings import Settings
+
+# Shared fixtures (imported so pytest finds them here too).
+from tests.test_api import LONG, TINY, anyio_backend, settings, worker  # noqa: F401
+
+RECORD_FIELDS = list(LayerRecord.model_fields)
+
+
+@pytest.fixture
+def base_url(settings: Settings) -> Iterator[str]:  # noqa: F811
+    """The app served by a real uvicorn on a free port of this host, in a background thread."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@pytest.fixture
+def client(base_url: str) -> Iterator[Client]:
+    with Client(base_url, timeout=10) as gd:
+        yield gd
+
+
+@pytest.fixture
+async def aclient(settings: Settings) -> AsyncIterator[AsyncClient]:  # noqa: F811
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient("http://graddiag.test", transport=httpx.ASGITransport(app)) as gd,
+    ):
+        yield gd
+
+
+# --- sync client over HTTP --------------------------------------------------------------------------
+
+
+def test_run_returns_the_succeeded_run_with_its_report(client: Client, worker: None) -> None:  # noqa: F811
+    run = client.run(Spec.model_validate(TINY), timeout=60)
+    assert run["status"] == "succeeded"
+    report = Report.model_validate(run["report"])
+    assert report.verdict.label == run["verdict"] and report.spec == Spec.model_validate(TINY)
+    assert client.get(run["id"])["report"] == run["report"]
+
+    assert client.layers(run["id"]) == run["report"]["layers"]
+    rows = client.gradients(run["id"])
+    assert rows == run["report"]["records"]
+    assert client.gradients(run["id"], layer=2, step_from=1, step_to=2) == [
+        r for r in rows if r["layer"] == 2 and 1 <= r["step"] <= 2
+    ]
+    table = list(csv.DictReader(io.StringIO(client.gradients(run["id"], fmt="csv"))))
+    assert len(table) == len(rows) and list(table[0]) == RECORD_FIELDS
+    assert float(table[-1]["grad_norm"]) == rows[-1]["grad_norm"]
+
+
+def test_submit_wait_and_filters(client: Client, worker: None) -> None:  # noqa: F811
+    queued = client.submit({**TINY, "activation": "tanh"})
+    assert queued["status"] in ("queued", "running")
+    finished = client.wait(queued["id"], timeout=60, poll=0.05)
+    assert finished["status"] == "succeeded" and finished["id"] == queued["id"]
+    client.run({**TINY, "activation": "relu", "depth": 2}, timeout=60)
+
+    tanh = client.runs(activation="tanh")
+    assert tanh["total"] == 1 and tanh["items"][0]["id"] == queued["id"]
+    shallow = client.runs(depth_max=2, status="succeeded", sort="depth", limit=1, offset=0)
+    assert shallow["total"] == 1 and shallow["items"][0]["spec"]["depth"] == 2
+    assert client.runs(residual=True)["total"] == 0
+    assert client.runs(verdict=finished["verdict"], activation="tanh")["total"] == 1
+
+
+def test_errors_carry_the_problem(client: Client) -> None:
+    with pytest.raises(GraddiagError) as missing:
+        client.get("0123abcd")
+    assert missing.value.status == 404 and missing.value.code == "run_not_found"
+    assert missing.value.problem["instance"] == "/v1/runs/0123abcd"
+
+    with pytest.raises(GraddiagError) as invalid:
+        client.submit({**TINY, "depth": 1000, "activation": "swish"})
+    assert invalid.value.status == 422
+    assert sorted(e["loc"][-1] for e in invalid.value.errors) == ["activation", "depth"]
+    assert "depth" in str(invalid.value)
+
+    with pytest.raises(GraddiagError) as bad_filter:
+        client.runs(sort="colour")
+    assert bad_filter.value.errors[0]["loc"] == ["query", "sort"]
+
+
+def test_cancel_delete_and_run_failed(client: Client) -> None:
+    spec = Spec.model_validate(LONG)
+    queued = client.submit(spec, idempotency_key="nightly-1")
+    assert client.cancel(queued["id"])["status"] == "cancelled"
+    with pytest.raises(GraddiagError) as finished:
+        client.cancel(queued["id"])
+    assert finished.value.status == 409 and finished.value.code == "run_finished"
+
+    # The same key replays the cancelled run, which run() reports as a failure to get a verdict.
+    with pytest.raises(RunFailed) as failed:
+        client.run(spec, timeout=5, idempotency_key="nightly-1")
+    assert failed.value.run["id"] == queued["id"] and failed.value.run["status"] == "cancelled"
+
+    assert client.delete(queued["id"]) is None
+    with pytest.raises(GraddiagError) as gone:
+        client.get(queued["id"])
+    assert gone.value.status == 404
+
+
+def test_wait_times_out(client: Client) -> None:
+    run_id = client.submit(TINY)["id"]
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=run_id):
+        client.wait(run_id, timeout=0.3, poll=0.05)
+    assert 0.3 <= time.monotonic() - start < 2
+    with pytest.raises(TimeoutError):
+        client.run(TINY, timeout=0.3)
+
+
+def test_sweep_compare_and_ready(client: Client, worker: None) -> None:  # noqa: F811
+    sweep = client.sweep({**TINY, "steps": 3}, {"activation": ["sigmoid", "relu"], "depth": [2, 3]})
+    assert sweep["total"] == 4
+    done = client.wait_sweep(sweep["id"], timeout=60, poll=0.1)
+    assert done["done"] and done["counts"]["succeeded"] == 4
+    assert client.sweep_status(sweep["id"])["runs"] == done["runs"]
+    summary = client.sweep_summary(sweep["id"])
+    assert sorted(c["config"]["activation"] for c in summary["configs"]) == ["relu", "sigmoid"]
+
+    ids = [r["run_id"] for r in done["runs"][:2]]
+    profiles = client.compare(*ids)["runs"]
+    assert [p["run_id"] for p in profiles] == ids and all(p["layers"] for p in profiles)
+    assert client.ready()["status"] == "ready"
+
+
+# --- async client in-process ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_async_client_end_to_end(aclient: AsyncClient, worker: None) -> None:  # noqa: F811
+    run = await aclient.run(TINY, timeout=60, idempotency_key="k1")
+    assert run["status"] == "succeeded"
+    assert (await aclient.submit(TINY, idempotency_key="k1"))["id"] == run["id"]
+    assert (await aclient.runs(status="succeeded"))["total"] == 1
+    assert await aclient.layers(run["id"]) == run["report"]["layers"]
+    assert await aclient.gradients(run["id"]) == run["report"]["records"]
+    text = await aclient.gradients(run["id"], fmt="csv")
+    assert text.splitlines()[0] == ",".join(RECORD_FIELDS)
+    assert len((await aclient.compare(run["id"]))["runs"][0]["layers"]) == 4
+
+    sweep = await aclient.sweep({**TINY, "steps": 2}, {"depth": [2, 3]})
+    assert (await aclient.wait_sweep(sweep["id"], timeout=60, poll=0.05))["done"]
+    summary = await aclient.sweep_summary(sweep["id"])
+    assert summary["configs"][0]["depths"] == [2, 3]
+    assert (await aclient.ready())["status"] == "ready"
+
+    with pytest.raises(GraddiagError) as finished:
+        await aclient.cancel(run["id"])
+    assert finished.value.status == 409
+    await aclient.delete(run["id"])
+    with pytest.raises(GraddiagError) as gone:
+        await aclient.get(run["id"])
+    assert gone.value.code == "run_not_found"
+
+
+@pytest.mark.anyio
+async def test_async_client_failures(aclient: AsyncClient) -> None:
+    queued = await aclient.submit(LONG, idempotency_key="k2")
+    with pytest.raises(TimeoutError):
+        await aclient.wait(queued["id"], timeout=0.2, poll=0.05)
+    assert (await aclient.cancel(queued["id"]))["status"] == "cancelled"
+    with pytest.raises(RunFailed):
+        await aclient.run(LONG, idempotency_key="k2", timeout=5)
+    with pytest.raises(GraddiagError) as invalid:
+        await aclient.submit({"depth": 1000})
+    assert invalid.value.errors[0]["loc"] == ["body", "depth"]
+
+
+def test_non_json_error_bodies_still_raise() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502, text="<html>bad gateway</html>")
+
+    with (
+        Client("http://proxy.test", transport=httpx.MockTransport(handler)) as gd,
+        pytest.raises(GraddiagError) as error,
+    ):
+        gd.get("x")
+    assert error.value.status == 502 and "bad gateway" in error.value.detail

@@ -1,0 +1,347 @@
+"""The whole service as users run it: `serve` in a subprocess with real worker processes, over HTTP.
+
+Covers migrations at start, verdicts, a depth sweep, cancellation, a worker killed mid-run, a restart
+with queued runs, concurrent clients and clean shutdown. Leases are 2 s so a dead worker's run is
+requeued within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from alembic.script import ScriptDirectory
+
+from service import serve as serve_module
+from service.client import Client, GraddiagError
+from service.serve import default_worker_split, plan_workers
+from service.settings import Settings
+from service.store.db import MIGRATIONS_DIR, current
+
+REPO = Path(__file__).resolve().parents[1]
+# Later: `graddiag serve`; this entry point needs nothing but the package.
+SERVE = "from service.serve import serve; from service.settings import Settings; serve(Settings())"
+WORKER_HOST = (
+    "from service.serve import worker_process; from service.settings import Settings; worker_process(Settings())"
+)
+
+BASE: dict[str, Any] = {"dataset": "synthetic", "width": 32, "batch_size": 32, "steps": 5, "record_every": 1}
+KAIMING: dict[str, Any] = {"init": "kaiming_normal", "bias_init": "zeros"}
+# A few seconds of training on one thread: long enough to act on while it runs.
+MEDIUM: dict[str, Any] = {**BASE, "depth": 6, "width": 64, "batch_size": 64, "steps": 1000, "record_every": 100}
+LONG: dict[str, Any] = {**MEDIUM, "steps": 5000}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (from /proc; the command field may hold spaces, so split after ')')."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Server:
+    """One `serve` process on a free port; its log goes to a file shown when an assertion fails.
+
+    With `code=WORKER_HOST` it is a worker host without the API (no port is served).
+    """
+
+    def __init__(self, db_url: str, log: Path, workers: int, cache: Path, code: str = SERVE) -> None:
+        self.db_url = db_url
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {
+            **os.environ,
+            "GRADDIAG_DB_URL": db_url,
+            "GRADDIAG_PORT": str(self.port),
+            "GRADDIAG_WORKERS": str(workers),
+            "GRADDIAG_LEASE_SECONDS": "2",
+            "GRADDIAG_POLL_SECONDS": "0.1",
+            "GRADDIAG_EVAL_SAMPLES": "50",
+            "GRADDIAG_CACHE_DIR": str(cache),
+        }
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited:\n{self.tail()}"
+            try:
+                response = httpx.get(f"{self.url}/readyz", timeout=2)
+                if response.status_code == 200:
+                    body: dict[str, Any] = response.json()
+                    return body
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"not ready after {timeout} s:\n{self.tail()}")
+
+    def worker_pids(self) -> list[int]:
+        return [p for p in _children(self.proc.pid) if "spawn_main" in _cmdline(p)]
+
+    def stop(self, timeout: float = 40) -> None:
+        workers = self.worker_pids()
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout) == 0, self.tail()
+        assert not [p for p in workers if Path(f"/proc/{p}").exists() and _cmdline(p)], "workers left"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    url = f"sqlite:///{tmp / 'fresh' / 'graddiag.db'}"  # neither the file nor its directory exists yet
+    srv = Server(url, tmp / "server.log", workers=2, cache=tmp / "cache")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[Client]:
+    with Client(server.url, timeout=30) as gd:
+        yield gd
+
+
+def _wait_status(client: Client, run_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (run := client.get(run_id))["status"] != status:
+        assert time.monotonic() < deadline, f"run {run_id} still {run['status']}, wanted {status}"
+        time.sleep(0.05)
+    return run
+
+
+@pytest.mark.slow
+def test_migrated_at_start_and_ready(server: Server) -> None:
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    assert current(server.db_url) == head
+    ready = server.wait_ready()
+    assert ready["database"]["ok"] and ready["workers"]["detail"] == "2/2 local worker processes alive"
+    assert len(server.worker_pids()) == 2
+
+
+@pytest.mark.slow
+def test_verdicts(client: Client) -> None:
+    specs = {
+        "vanishing": {**BASE, "activation": "sigmoid", "depth": 20},
+        "healthy": {**BASE, **KAIMING, "activation": "relu", "depth": 20},
+        "exploding": {**BASE, **KAIMING, "activation": "relu", "depth": 5, "lr": 100.0},
+    }
+    with ThreadPoolExecutor(3) as pool:
+        runs = dict(zip(specs, pool.map(lambda s: client.run(s, timeout=90), specs.values()), strict=True))
+    for expected, run in runs.items():
+        assert run["verdict"] == expected, run["report"]["verdict"]["reasons"]
+        assert run["report"]["verdict"]["label"] == expected and run["report"]["verdict"]["reasons"]
+
+
+@pytest.mark.slow
+def test_sweep_finds_sigmoid_critical_depth_below_relu(client: Client) -> None:
+    sweep = client.sweep({**BASE, **KAIMING}, {"activation": ["sigmoid", "relu"], "depth": [2, 5, 10, 20]})
+    assert sweep["total"] == 8
+    assert client.wait_sweep(sweep["id"], timeout=90, poll=0.2)["counts"]["succeeded"] == 8
+    summary = {c["config"]["activation"]: c for c in client.sweep_summary(sweep["id"])["configs"]}
+    sigmoid, relu = summary["sigmoid"], summary["relu"]
+    assert sigmoid["depths"] == relu["depths"] == [2, 5, 10, 20]
+    assert sigmoid["critical_depth"] is not None
+    assert relu["critical_depth"] is None or relu["critical_depth"] > sigmoid["critical_depth"]
+    assert sigmoid["verdicts"][-1] == "vanishing"
+
+
+@pytest.mark.slow
+def test_cancel_queued_and_running(client: Client, server: Server) -> None:
+    first, second, third = (client.submit({**LONG, "seed": seed}) for seed in (1, 2, 3))
+    # Two workers: the first two run, the third waits in the queue.
+    running = [_wait_status(client, r["id"], "running") for r in (first, second)]
+    assert client.get(third["id"])["status"] == "queued"
+    assert client.cancel(third["id"])["status"] == "cancelled"
+    for run in running:
+        requested = client.cancel(run["id"])
+        assert requested["status"] == "running" and requested["cancel_requested"]
+    for run in running:
+        _wait_status(client, run["id"], "cancelled", timeout=10)
+    with pytest.raises(GraddiagError) as finished:
+        client.cancel(first["id"])
+    assert finished.value.status == 409
+
+
+@pytest.mark.slow
+def test_killed_worker_run_succeeds_on_attempt_two(client: Client, server: Server) -> None:
+    run_id = client.submit(MEDIUM)["id"]
+    deadline = time.monotonic() + 30
+    while not ((run := client.get(run_id))["progress"] or {}).get("step"):
+        assert time.monotonic() < deadline and run["status"] in ("queued", "running"), run
+        time.sleep(0.05)
+    pid = int(run["worker"].rsplit("-", 2)[1])
+    assert pid in server.worker_pids(), (pid, server.worker_pids())
+    os.kill(pid, signal.SIGKILL)
+
+    final = client.wait(run_id, timeout=60, poll=0.2)
+    assert final["status"] == "succeeded" and final["attempt"] == 2, final
+    rows = client.gradients(run_id)
+    keys = [(r["step"], r["layer"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert rows == final["report"]["records"]
+    steps = sorted({step for step, _ in keys})
+    assert steps == [*range(0, 1000, 100), 999]
+    assert len(rows) == len(steps) * len(final["report"]["layers"])
+    # The supervisor replaced the killed worker.
+    deadline = time.monotonic() + 20
+    while len(server.worker_pids()) < 2 or pid in server.worker_pids():
+        assert time.monotonic() < deadline, server.tail()
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_concurrent_clients(server: Server) -> None:
+    def one(seed: int) -> dict[str, Any]:
+        with Client(server.url, timeout=30) as gd:
+            return gd.run({**BASE, "depth": 3, "seed": seed}, timeout=90)
+
+    with ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(one, range(100, 108)))
+    assert len({r["id"] for r in runs}) == 8 and all(r["status"] == "succeeded" for r in runs)
+
+    barrier = threading.Barrier(8)
+
+    def same_key(_: int) -> str:
+        with Client(server.url, timeout=30) as gd:
+            barrier.wait()
+            return str(gd.submit({**BASE, "depth": 3, "seed": 999}, idempotency_key="one-run")["id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(same_key, range(8)))
+    assert len(ids) == 1
+    with Client(server.url) as gd:
+        assert gd.runs(seed=999)["total"] == 1
+
+
+@pytest.mark.slow
+def test_restart_keeps_queued_runs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'graddiag.db'}"
+    api_only = Server(url, tmp_path / "a.log", workers=0, cache=tmp_path / "cache")
+    try:
+        api_only.wait_ready()
+        with Client(api_only.url) as gd:
+            ids = [gd.submit({**BASE, "depth": 3, "seed": seed})["id"] for seed in range(5)]
+            assert gd.runs(status="queued")["total"] == 5
+    finally:
+        api_only.stop()
+
+    restarted = Server(url, tmp_path / "b.log", workers=2, cache=tmp_path / "cache")
+    try:
+        restarted.wait_ready()
+        with Client(restarted.url) as gd:
+            for run_id in ids:
+                assert gd.wait(run_id, timeout=60, poll=0.1)["status"] == "succeeded"
+            assert gd.runs()["total"] == 5
+    finally:
+        restarted.stop()
+
+
+@pytest.mark.slow
+def test_api_only_server_with_a_separate_worker_host(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'graddiag.db'}"
+    api = Server(url, tmp_path / "api.log", workers=0, cache=tmp_path / "cache")
+    host = None
+    try:
+        ready = api.wait_ready()
+        assert ready["workers"]["detail"].startswith("no local workers")
+        with Client(api.url) as gd:
+            run_id = gd.submit({**BASE, "depth": 3})["id"]
+            host = Server(url, tmp_path / "host.log", workers=2, cache=tmp_path / "cache", code=WORKER_HOST)
+            run = gd.wait(run_id, timeout=60, poll=0.1)
+            assert run["status"] == "succeeded", host.tail()
+        assert len(host.worker_pids()) == 2
+    finally:
+        if host is not None:
+            host.stop()
+        api.stop()
+
+
+# --- how serve() sizes its worker pool (no server needed) -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cores", "gpus", "split"),
+    [
+        (1, 0, (1, 1)),
+        (2, 0, (1, 2)),
+        (3, 0, (1, 3)),
+        (16, 0, (8, 2)),
+        (16, 1, (1, 16)),
+        (16, 4, (4, 4)),
+        (2, 8, (8, 1)),  # one worker per GPU even when cores are scarce: the GPU does the work
+    ],
+)
+def test_default_worker_split(cores: int, gpus: int, split: tuple[int, int]) -> None:
+    assert default_worker_split(cores, gpus) == split
+
+
+def test_cpu_split_never_oversubscribes() -> None:
+    for cores in range(1, 129):
+        workers, threads = default_worker_split(cores, 0)
+        assert workers >= 1 and threads >= 1 and workers * threads <= cores
+
+
+@pytest.mark.parametrize(
+    ("workers", "threads", "gpus", "planned"),
+    [
+        (None, None, [], (4, 2)),  # automatic: cores // 2 workers, two threads each
+        (3, None, [], (3, 2)),  # given workers share the cores
+        (2, 1, [], (2, 1)),  # both given
+        (None, None, ["0", "1"], (2, 4)),  # one per GPU
+        (0, None, [], (0, 8)),  # API only
+    ],
+)
+def test_plan_workers(
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int | None,
+    threads: int | None,
+    gpus: list[str],
+    planned: tuple[int, int],
+) -> None:
+    monkeypatch.setattr(serve_module, "available_cores", lambda: 8)
+    monkeypatch.setattr(serve_module, "cuda_devices", lambda: gpus)
+    count, settings, devices = plan_workers(Settings(workers=workers, torch_threads=threads))
+    assert (count, settings.torch_threads) == planned
+    assert devices == (gpus if workers != 0 else [])
