@@ -165,10 +165,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """A standalone worker process against --db."""
-    from service.worker.worker import worker_main
+    """Standalone supervised workers (--workers of them) against --db, beside an API elsewhere."""
+    from service.serve import worker_process
 
-    worker_main(_settings_from(args))
+    worker_process(_settings_from(args))
     return 0
 
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, text in (
         ("serve", cmd_serve, "run the API and local workers"),
-        ("worker", cmd_worker, "run one standalone worker"),
+        ("worker", cmd_worker, "run standalone workers (no API) against --db"),
     ):
         command = sub.add_parser(name, help=text)
         _add_model_flags(command, Settings)
