@@ -1,0 +1,349 @@
+"""Service benchmarks: warm-worker pickup latency, sweep throughput per worker split, run listing over
+10,000 stored runs, and the CSV export of a 50-layer x 500-step run.
+
+Everything runs against real processes on 127.0.0.1: `graddiag worker` subprocesses claiming from a
+temporary SQLite file, and `graddiag serve --workers 0` answering HTTP. Targets (from the product
+issue): pickup <= 0.5 s; the default split >= 90 % of the best split's throughput; GET /v1/runs with
+filters p95 <= 50 ms; CSV export <= 0.3 s.
+
+    python -m bench.service [--sweep-runs 20] [--list-requests 200] [--only pickup,split,list,csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine, insert, select
+
+from models.spec import Spec
+from service.engine.probe import run_probe
+from service.engine.report import LayerInfo, LayerRecord
+from service.serve import available_cores, default_worker_split
+from service.store import db
+from service.store.runs import build_run, create_run
+from service.store.tables import Run
+from service.worker.queue import claim_next, complete
+
+RESULTS = Path(__file__).parent / "results"
+TINY = Spec(dataset="synthetic", depth=3, width=16, steps=5, batch_size=16, record_every=1)
+# The sweep point whose throughput the worker split is judged on: a real-sized brief probe.
+SWEEP_SPEC = Spec(dataset="synthetic", depth=10, width=256, steps=60, batch_size=128, record_every=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def _process(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _statuses(engine: Engine, ids: list[str]) -> dict[str, str]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(Run.id, Run.status).where(Run.id.in_(ids))).all()
+    return {row.id: row.status for row in rows}
+
+
+def _submit(engine: Engine, spec: Spec) -> str:
+    with db.make_sessionmaker(engine)() as session:
+        return create_run(session, spec)[0].id
+
+
+def bench_pickup(tmp: Path, samples: int) -> dict[str, Any]:
+    """Seconds from submit (created) to training start (started) on an idle, warm worker."""
+    url = f"sqlite:///{tmp / 'pickup.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    latencies = []
+    with _process(["worker", "--workers", "1", "--db", url], {}):
+        warm = _submit(engine, TINY)
+        _wait(lambda: _statuses(engine, [warm])[warm] == "succeeded", 120, "the warm-up run")
+        rng = random.Random(0)
+        for i in range(samples):
+            time.sleep(rng.uniform(0.3, 0.8))  # the worker is idle and polling when the run arrives
+            run_id = _submit(engine, TINY.model_copy(update={"seed": i + 1}))
+            _wait(lambda rid=run_id: _statuses(engine, [rid])[rid] == "succeeded", 60, "a run")
+            with engine.connect() as conn:
+                row = conn.execute(select(Run.created_epoch, Run.started_epoch).where(Run.id == run_id)).one()
+            latencies.append(row.started_epoch - row.created_epoch)
+    engine.dispose()
+    return {
+        "samples": samples,
+        "median_s": round(statistics.median(latencies), 4),
+        "max_s": round(max(latencies), 4),
+        "target_s": 0.5,
+    }
+
+
+def bench_split(tmp: Path, runs: int) -> dict[str, Any]:
+    """Throughput of a `runs`-point sweep for every way of splitting the cores into workers x threads."""
+    cores = available_cores()
+    splits = sorted({(w, max(1, cores // w)) for w in range(1, cores + 1)})
+    default = default_worker_split(cores, 0)
+    results = []
+    for workers, threads in splits:
+        url = f"sqlite:///{tmp / f'split-{workers}x{threads}.db'}"
+        db.upgrade(url)
+        engine = db.make_engine(url)
+        with _process(["worker", "--workers", str(workers), "--torch-threads", str(threads), "--db", url], {}):
+            # Warm every worker first, so the sweep measures training, not process start-up.
+            warm = [_submit(engine, TINY.model_copy(update={"seed": 1000 + i})) for i in range(workers)]
+            _wait(lambda ids=warm, e=engine: set(_statuses(e, ids).values()) == {"succeeded"}, 180, "warm-up")
+            ids = [_submit(engine, SWEEP_SPEC.model_copy(update={"seed": i})) for i in range(runs)]
+            started = time.perf_counter()
+            _wait(lambda ids=ids, e=engine: set(_statuses(e, ids).values()) == {"succeeded"}, 1800, "the sweep")
+            elapsed = time.perf_counter() - started
+        engine.dispose()
+        results.append(
+            {
+                "workers": workers,
+                "threads": threads,
+                "seconds": round(elapsed, 2),
+                "runs_per_minute": round(60 * runs / elapsed, 2),
+                "default": (workers, threads) == default,
+            }
+        )
+    best = max(r["runs_per_minute"] for r in results)
+    default_rate = next(r["runs_per_minute"] for r in results if r["default"])
+    return {
+        "cores": cores,
+        "runs": runs,
+        "spec": SWEEP_SPEC.model_dump(mode="json"),
+        "splits": results,
+        "default_split": list(default),
+        "default_vs_best": round(default_rate / best, 3),
+        "target": 0.9,
+    }
+
+
+def _stored_run(engine: Engine, layers: int, steps: int) -> str:
+    """A succeeded run holding a report of `layers` x `steps` records (values drawn at random)."""
+    with db.make_sessionmaker(engine)() as session:
+        run_id = create_run(session, TINY.model_copy(update={"steps": steps, "record_every": 1}))[0].id
+    claim = claim_next(engine, "bench", lease_seconds=600)
+    assert claim is not None and claim.run_id == run_id
+    shape = run_probe(TINY, eval_samples=10)
+    rng = random.Random(0)
+    stats = [f for f in LayerRecord.model_fields if f not in ("step", "layer")]
+    report = shape.model_copy(
+        update={
+            "spec": claim.spec,
+            "layers": [LayerInfo(index=i, name=f"hidden{i}.linear", kind="linear", params=1) for i in range(layers)],
+            "records": [
+                LayerRecord(step=s, layer=i, **{f: rng.lognormvariate(0, 3) for f in stats})
+                for s in range(steps)
+                for i in range(layers)
+            ],
+        }
+    )
+    assert complete(engine, claim, report)
+    return run_id
+
+
+def _stored_runs(engine: Engine, count: int) -> None:
+    """`count` finished runs with varied specs and verdicts, inserted in one batch."""
+    rng = random.Random(1)
+    rows = []
+    for i in range(count):
+        spec = Spec(
+            activation=rng.choice(["sigmoid", "tanh", "relu", "gelu"]),
+            init=rng.choice(["default", "xavier_normal", "kaiming_normal"]),
+            norm=rng.choice(["none", "batch", "layer"]),
+            depth=rng.choice([2, 5, 10, 20, 30, 50]),
+            width=rng.choice([64, 128, 256]),
+            seed=i,
+        )
+        run = build_run(spec)
+        values = {c.key: getattr(run, c.key) for c in Run.__table__.columns if getattr(run, c.key) is not None}
+        values.update(status="succeeded", verdict=rng.choice(["healthy", "vanishing", "exploding"]))
+        rows.append(values)
+    with engine.begin() as conn:
+        conn.execute(insert(Run), rows)
+
+
+@contextmanager
+def _api(url: str) -> Iterator[str]:
+    port = _free_port()
+    with _process(["serve", "--workers", "0", "--port", str(port), "--db", url], {}):
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(up, 60, "the API")
+        yield base
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bench_list_and_csv(tmp: Path, requests: int) -> dict[str, Any]:
+    """GET /v1/runs with filters over 10,000 runs, and the CSV export of a 50 x 500 run, over HTTP."""
+    url = f"sqlite:///{tmp / 'api.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    _stored_runs(engine, 10_000)
+    big = _stored_run(engine, layers=50, steps=500)
+    engine.dispose()
+    queries = [
+        {"activation": "sigmoid"},
+        {"activation": "relu", "depth_min": 10, "depth_max": 30},
+        {"verdict": "vanishing", "sort": "-depth"},
+        {"norm": "none", "init": "default", "limit": 100},
+        {"status": "succeeded", "offset": 5000, "limit": 50},
+        {"width": 256, "verdict": "healthy", "sort": "lr"},
+    ]
+    with _api(url) as base, httpx.Client(base_url=base, timeout=30) as client:
+        for query in queries:  # warm-up: one of each
+            client.get("/v1/runs", params=query).raise_for_status()
+        latencies = []
+        for i in range(requests):
+            started = time.perf_counter()
+            response = client.get("/v1/runs", params=queries[i % len(queries)])
+            latencies.append(time.perf_counter() - started)
+            response.raise_for_status()
+        total = response.json()["total"]
+        csv_times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            response = client.get(f"/v1/runs/{big}/gradients", params={"format": "csv"})
+            csv_times.append(time.perf_counter() - started)
+            response.raise_for_status()
+        csv_lines = response.text.count("\n")
+    return {
+        "list": {
+            "stored_runs": 10_000,
+            "requests": requests,
+            "p50_ms": round(1000 * _percentile(latencies, 0.5), 2),
+            "p95_ms": round(1000 * _percentile(latencies, 0.95), 2),
+            "p99_ms": round(1000 * _percentile(latencies, 0.99), 2),
+            "last_total": total,
+            "target_p95_ms": 50,
+        },
+        "csv": {
+            "layers": 50,
+            "steps": 500,
+            "lines": csv_lines,
+            "bytes": len(response.content),
+            "median_s": round(statistics.median(csv_times), 4),
+            "max_s": round(max(csv_times), 4),
+            "target_s": 0.3,
+        },
+    }
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    lines = [f"Machine: {result['machine']}, {result['date']}", ""]
+    if "pickup" in result:
+        p = result["pickup"]
+        lines.append(
+            f"- Warm-worker pickup (submit → training started), {p['samples']} runs: "
+            f"median {p['median_s']} s, max {p['max_s']} s (target ≤ {p['target_s']} s)"
+        )
+    if "list" in result:
+        li = result["list"]
+        lines.append(
+            f"- `GET /v1/runs` with filters over {li['stored_runs']:,} runs, {li['requests']} requests: "
+            f"p50 {li['p50_ms']} ms, p95 {li['p95_ms']} ms, p99 {li['p99_ms']} ms (target p95 ≤ 50 ms)"
+        )
+    if "csv" in result:
+        c = result["csv"]
+        lines.append(
+            f"- CSV export of a {c['layers']}-layer × {c['steps']}-step run ({c['lines']:,} lines, "
+            f"{c['bytes'] / 1e6:.1f} MB): median {c['median_s']} s, max {c['max_s']} s (target ≤ 0.3 s)"
+        )
+    if "split" in result:
+        s = result["split"]
+        lines += [
+            "",
+            f"Sweep throughput, {s['runs']} runs of a depth-10, width-256, 60-step probe, {s['cores']} cores:",
+            "",
+            "| workers × threads | seconds | runs/min | default |",
+            "|---|---|---|---|",
+        ]
+        for r in s["splits"]:
+            lines.append(
+                f"| {r['workers']} × {r['threads']} | {r['seconds']} | {r['runs_per_minute']} | "
+                f"{'yes' if r['default'] else ''} |"
+            )
+        lines.append(f"\nDefault split reaches {s['default_vs_best']:.0%} of the best (target ≥ 90 %).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the service benchmarks and write bench/results/service.{json,md}."""
+    parser = argparse.ArgumentParser(prog="bench.service", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="pickup,list,csv,split", help="comma-separated subset")
+    parser.add_argument("--sweep-runs", type=int, default=20)
+    parser.add_argument("--pickup-samples", type=int, default=20)
+    parser.add_argument("--list-requests", type=int, default=300)
+    args, _ = parser.parse_known_args(argv)
+    wanted = set(args.only.split(","))
+    result: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {available_cores()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_average_at_start": os.getloadavg(),
+    }
+    with tempfile.TemporaryDirectory(prefix="graddiag-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if "pickup" in wanted:
+            result["pickup"] = bench_pickup(tmp, args.pickup_samples)
+        if wanted & {"list", "csv"}:
+            result.update(bench_list_and_csv(tmp, args.list_requests))
+        if "split" in wanted:
+            result["split"] = bench_split(tmp, args.sweep_runs)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "service.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / "service.md").write_text(_markdown(result))
+    print(_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
