@@ -8,23 +8,37 @@ Unknown ids get an HTML 404 page (the JSON API keeps answering problem+json).
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, get_args
 
-import plotly
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from models.spec import Activation, Init, Norm
 from service.api.deps import SessionDep
+from service.engine.report import Label
 from service.store import runs as run_store
 from service.store import sweeps as sweep_store
 from service.store.runs import RunNotFound
 from service.store.sweeps import SweepNotFound
+from service.store.tables import STATUSES
 
 WEB_DIR: Final = Path(__file__).resolve().parents[1] / "web"
-PLOTLY_JS: Final = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+# plotly.js as the `plotly` distribution bundles it, located without importing the Python package.
+_PLOTLY: Final = metadata.distribution("plotly")
+PLOTLY_JS: Final = Path(str(_PLOTLY.locate_file("plotly/package_data/plotly.min.js")))
+
+# The runs table's filter choices, from the same Literals the API validates against.
+FILTER_CHOICES: Final = {
+    "activation": get_args(Activation),
+    "init": get_args(Init),
+    "norm": get_args(Norm),
+    "verdict": get_args(Label),
+    "status": STATUSES,
+}
 
 templates = Jinja2Templates(directory=WEB_DIR / "templates")
 router = APIRouter(include_in_schema=False)
@@ -39,7 +53,7 @@ def _page(request: Request, template: str, status_code: int = 200, **context: An
     # root_path: the prefix a reverse proxy mounts the service under; the scripts prefix API calls with it.
     base = request.scope.get("root_path", "").rstrip("/")
     return templates.TemplateResponse(
-        request, template, {"base": base, "plotly_version": plotly.__version__, **context}, status_code=status_code
+        request, template, {"base": base, "plotly_version": _PLOTLY.version, **context}, status_code=status_code
     )
 
 
@@ -50,15 +64,13 @@ def _not_found(request: Request, what: str) -> HTMLResponse:
 @router.get("/static/vendor/plotly.min.js")
 def plotly_js() -> FileResponse:
     """plotly.js as bundled in the installed `plotly` package (versioned URLs let browsers cache it)."""
-    return FileResponse(
-        PLOTLY_JS, media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"}
-    )
+    return FileResponse(PLOTLY_JS, media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"})
 
 
 @router.get("/", response_class=HTMLResponse)
 def runs_page(request: Request) -> HTMLResponse:
     """The runs table: filters, sorting and live status, read from GET /v1/runs."""
-    return _page(request, "runs.html", title="Runs")
+    return _page(request, "runs.html", title="Runs", choices=FILTER_CHOICES)
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)

@@ -19,9 +19,9 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -45,7 +45,9 @@ RETRY_MS: Final = 3000
 
 router = APIRouter(tags=["events"], responses=documented(404))
 
-_STREAM = {200: {"content": {"text/event-stream": {}}, "description": "A stream of server-sent events."}}
+_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "A stream of server-sent events."}
+}
 
 
 class RunState(BaseModel):

@@ -1,0 +1,120 @@
+// Shared helpers of the dashboard's pages: API calls, DOM building, formatting and chart defaults.
+
+const main = document.getElementById("main");
+
+/** The path prefix the service is mounted under ("" at the root). */
+export const BASE = main.dataset.base || "";
+
+/** Verdict and status colours, shared by badges (CSS) and charts. */
+export const COLORS = {
+  healthy: "#2e7d32",
+  vanishing: "#1565c0",
+  exploding: "#c62828",
+  none: "#9e9e9e",
+};
+
+/** A qualitative palette for overlaid runs or configurations (colour-blind friendly, Okabe–Ito). */
+export const PALETTE = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#f0e442"];
+
+export const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
+
+/** An API problem (RFC 9457 body) as an Error whose message is the problem's detail. */
+export class ApiError extends Error {
+  constructor(status, problem) {
+    super(problem.detail || `HTTP ${status}`);
+    this.status = status;
+    this.problem = problem;
+  }
+}
+
+/** GET a JSON endpoint of this service; throws ApiError with the problem's detail on failure. */
+export async function getJSON(path) {
+  const response = await fetch(BASE + path, { headers: { Accept: "application/json" } });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new ApiError(response.status, body);
+  return body;
+}
+
+/** Build an element: el("a", {href: "/x", class: "y"}, "text", child). */
+export function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+/** A number in 3 significant digits; "—" for missing or non-finite values. */
+export function fmt(value) {
+  if (value === null || value === undefined || !Number.isFinite(value)) return "—";
+  if (value !== 0 && (Math.abs(value) >= 1e4 || Math.abs(value) < 1e-3)) return value.toExponential(2);
+  return String(Number(value.toPrecision(3)));
+}
+
+export const shortId = (id) => id.slice(0, 8);
+
+/** "sigmoid · depth 6 · xavier_normal" — what tells runs apart at a glance. */
+export function specLabel(spec) {
+  const parts = [spec.activation, `depth ${spec.depth}`, `width ${spec.width}`, spec.init];
+  if (spec.norm !== "none") parts.push(`${spec.norm} norm`);
+  if (spec.residual) parts.push("residual");
+  return parts.join(" · ");
+}
+
+/** A verdict (or status, while there is no verdict) badge. */
+export function verdictBadge(verdict) {
+  return el("span", { class: `badge verdict-${verdict || "none"}` }, verdict || "—");
+}
+
+export function statusBadge(status) {
+  return el("span", { class: `badge status-${status}` }, status);
+}
+
+/** The run's page. */
+export const runHref = (id) => `${BASE}/runs/${encodeURIComponent(id)}`;
+
+/** The per-layer records of one step, keyed by layer index. */
+export function recordsAt(records, step) {
+  const byLayer = new Map();
+  for (const r of records) if (r.step === step) byLayer.set(r.layer, r);
+  return byLayer;
+}
+
+/** Positive values only: a log axis cannot show zero or missing values (plotly leaves a gap for null). */
+export const positive = (v) => (v !== null && v !== undefined && v > 0 ? v : null);
+
+const FONT = { family: "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", size: 12 };
+
+/** Draw (or redraw) a chart with the dashboard's defaults. */
+export function plot(id, traces, layout = {}) {
+  const node = document.getElementById(id);
+  node.querySelector(":scope > p.empty")?.remove();
+  const base = {
+    font: FONT,
+    margin: { l: 60, r: 16, t: 36, b: 48 },
+    paper_bgcolor: "rgba(0,0,0,0)",
+    plot_bgcolor: "#fff",
+    legend: { orientation: "h", y: -0.22 },
+    hovermode: "closest",
+  };
+  return Plotly.react(node, traces, { ...base, ...layout }, { responsive: true, displaylogo: false });
+}
+
+/** Replace a chart with a short message (no data yet, or none to show). */
+export function placeholder(id, text) {
+  const node = document.getElementById(id);
+  if (node.data) Plotly.purge(node);
+  node.replaceChildren(el("p", { class: "empty" }, text));
+}
+
+/** Show an error in the page (and keep it in the console for whoever debugs it). */
+export function showError(target, error) {
+  console.warn(error);
+  target.hidden = false;
+  target.textContent = error.message;
+}

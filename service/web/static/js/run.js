@@ -1,0 +1,250 @@
+// One run: live progress over server-sent events, then its profiles, heatmap, curves and verdict.
+import { BASE, COLORS, FINISHED, el, fmt, getJSON, placeholder, plot, positive, recordsAt } from "./common.js";
+
+const main = document.getElementById("main");
+const runId = main.dataset.runId;
+const statusBadge = document.getElementById("status");
+const verdictBadge = document.getElementById("verdict-badge");
+const progressBar = document.getElementById("progress");
+const progressText = document.getElementById("progress-text");
+const verdictSection = document.getElementById("verdict");
+
+const CHARTS = ["chart-profile", "chart-heatmap", "chart-act", "chart-rel", "chart-loss", "chart-accuracy"];
+const LOG_Y = { type: "log", exponentformat: "power" };
+// Training loss as the progress events report it, drawn while the run trains.
+const liveLoss = { x: [], y: [] };
+
+function showStatus(status) {
+  statusBadge.textContent = status;
+  statusBadge.className = `badge status-${status}`;
+}
+
+/** A `progress` event (or the run itself): status, attempt and the worker's latest heartbeat. */
+function showProgress(state) {
+  showStatus(state.status);
+  const p = state.progress;
+  const parts = [];
+  if (state.status === "queued") parts.push("queued, waiting for a worker");
+  if (state.status === "running") {
+    if (p && p.steps) {
+      progressBar.max = p.steps;
+      progressBar.value = p.step;
+      parts.push(`step ${p.step} of ${p.steps}`, `loss ${fmt(p.loss)}`, `verdict so far: ${p.label_so_far || "—"}`);
+    } else {
+      progressBar.removeAttribute("value"); // indeterminate until the first heartbeat
+      parts.push("starting");
+    }
+  }
+  if (state.attempt > 1) parts.push(`attempt ${state.attempt}`);
+  if (state.cancel_requested && !FINISHED.has(state.status)) parts.push("cancelling");
+  progressText.textContent = parts.join(" · ") || state.status;
+  if (state.status === "running" && p && p.loss !== null && p.loss !== undefined && liveLoss.x.at(-1) !== p.step) {
+    liveLoss.x.push(p.step);
+    liveLoss.y.push(p.loss);
+    plot("chart-loss", [{ x: liveLoss.x, y: liveLoss.y, mode: "lines+markers", name: "training loss" }], {
+      title: { text: "Loss (live)" },
+      xaxis: { title: { text: "step" } },
+      showlegend: false,
+    });
+  }
+}
+
+function follow() {
+  // Until the verdict only the live loss chart has data: the others are hidden, not shown empty.
+  main.classList.add("following", "no-report");
+  placeholder("chart-loss", "The training loss appears here as the run reports progress.");
+  const source = new EventSource(`${BASE}/v1/runs/${encodeURIComponent(runId)}/events`);
+  source.addEventListener("progress", (event) => showProgress(JSON.parse(event.data)));
+  source.addEventListener("verdict", () => {
+    source.close(); // the stream has ended; without this EventSource would reconnect
+    finish();
+  });
+  source.addEventListener("gone", () => {
+    source.close();
+    showStatus("deleted");
+    progressText.textContent = "This run was deleted.";
+  });
+}
+
+function list(title, items) {
+  if (!items.length) return null;
+  return el("div", {}, el("h3", {}, title), el("ul", {}, ...items.map((item) => el("li", {}, item))));
+}
+
+function evidenceList(evidence) {
+  const rows = Object.entries(evidence).filter(([, value]) => value !== null && value !== undefined);
+  return el(
+    "dl",
+    { class: "evidence" },
+    ...rows.map(([key, value]) => el("div", {}, el("dt", {}, key), el("dd", {}, fmt(value)))),
+  );
+}
+
+function renderVerdict(run) {
+  const report = run.report;
+  if (!report) {
+    verdictSection.replaceChildren(
+      ...(run.status === "failed"
+        ? [el("h2", {}, "Failed"), el("pre", {}, run.error || "The run failed.")]
+        : [el("h2", {}, "Cancelled"), el("p", {}, "The run was cancelled before it finished, so it has no verdict.")]),
+    );
+    return;
+  }
+  const v = report.verdict;
+  const { eval: held, timing } = report;
+  // The theory's sentence is usually one of the reasons already; say it once.
+  const theory = v.theory.applicable ? v.theory.reason : `Not applicable: ${v.theory.reason}`;
+  const theoryNote = v.reasons.includes(theory) ? null : el("p", {}, el("strong", {}, "Mean-field theory: "), theory);
+  verdictSection.replaceChildren(
+    el("h2", {}, "Verdict ", el("span", { class: `badge verdict-${v.label}` }, v.label)),
+    el("p", {}, `At initialisation: ${v.at_init} · during training: ${v.trained || "—"}`),
+    el(
+      "div",
+      { class: "verdict-columns" },
+      el("div", {}, list("Why", v.reasons), list("Advice", v.advice), theoryNote),
+      el("div", {}, el("h3", {}, "Evidence"), evidenceList(v.evidence)),
+    ),
+    el(
+      "p",
+      { class: "muted" },
+      `Held-out: loss ${fmt(held.loss)}, accuracy ${fmt(held.accuracy)} on ${held.samples} samples; ` +
+        `training: loss ${fmt(held.train_loss)}, accuracy ${fmt(held.train_accuracy)}. ` +
+        `${timing.steps_run} steps on ${timing.device}, ${fmt(timing.step_ms)} ms/step, ${fmt(timing.total_s)} s in all.`,
+    ),
+  );
+}
+
+/** The mean-field line: through the last interior layer's value at init, slope = predicted decades/layer. */
+function theoryTrace(layers, atInit, theory) {
+  const slope = theory.predicted_decades_per_layer;
+  if (!theory.applicable || slope === null || !Number.isFinite(slope)) return null;
+  // Interior layers as the verdict counts them: weight layers without the first and the last.
+  const interior = layers.filter((l) => l.kind !== "norm").slice(1, -1);
+  const anchor = positive(atInit.get(interior.at(-1)?.index)?.grad_norm);
+  if (interior.length < 2 || anchor === null) return null;
+  const n = interior.length;
+  return {
+    name: `mean-field prediction (${fmt(slope)} decades/layer)`,
+    x: interior.map((l) => l.index),
+    y: interior.map((_, i) => anchor * 10 ** (slope * (n - 1 - i))),
+    mode: "lines",
+    line: { dash: "dash", color: "#555" },
+  };
+}
+
+function profileTraces(layers, atInit, atEnd, field, first, last) {
+  const x = layers.map((l) => l.index);
+  const text = layers.map((l) => `${l.name} (${l.kind})`);
+  const values = (at) => layers.map((l) => positive(at.get(l.index)?.[field]));
+  return [
+    { name: `initialisation (step ${first})`, x, y: values(atInit), text, mode: "lines+markers", line: { color: "#0072b2" } },
+    { name: `end (step ${last})`, x, y: values(atEnd), text, mode: "lines+markers", line: { color: "#d55e00" } },
+  ];
+}
+
+function drawCharts(report) {
+  const { layers, records, steps } = report;
+  if (!records.length) {
+    for (const id of CHARTS) placeholder(id, "This run has no gradient records.");
+    return;
+  }
+  const recorded = [...new Set(records.map((r) => r.step))].sort((a, b) => a - b);
+  const first = recorded[0];
+  const last = recorded.at(-1);
+  const atInit = recordsAt(records, first);
+  const atEnd = recordsAt(records, last);
+  const layerAxis = {
+    title: { text: "layer (input → output)" },
+    tickvals: layers.map((l) => l.index),
+    ticktext: layers.map((l) => String(l.index)),
+  };
+  const theory = theoryTrace(layers, atInit, report.verdict.theory);
+  plot("chart-profile", [...profileTraces(layers, atInit, atEnd, "grad_norm", first, last), ...(theory ? [theory] : [])], {
+    title: { text: "Gradient norm per layer" },
+    xaxis: layerAxis,
+    yaxis: { ...LOG_Y, title: { text: "‖∂L/∂W‖" } },
+  });
+
+  const byKey = new Map(records.map((r) => [`${r.layer}:${r.step}`, r.grad_norm]));
+  const z = layers.map((l) =>
+    recorded.map((s) => {
+      const v = positive(byKey.get(`${l.index}:${s}`));
+      return v === null ? null : Math.log10(v);
+    }),
+  );
+  plot(
+    "chart-heatmap",
+    [
+      {
+        type: "heatmap",
+        x: recorded,
+        y: layers.map((l) => l.index),
+        z,
+        text: layers.map((l) => recorded.map(() => l.name)),
+        colorscale: "Viridis",
+        colorbar: { title: { text: "log10" }, thickness: 12 },
+        hovertemplate: "step %{x}<br>layer %{y} (%{text})<br>log10 ‖∂L/∂W‖ = %{z:.2f}<extra></extra>",
+      },
+    ],
+    {
+      title: { text: "log10 gradient norm: layer × step" },
+      xaxis: { title: { text: "step" } },
+      yaxis: { ...layerAxis, title: { text: "layer" } },
+      margin: { l: 60, r: 16, t: 36, b: 48 },
+    },
+  );
+  plot("chart-act", profileTraces(layers, atInit, atEnd, "act_grad_norm", first, last), {
+    title: { text: "Activation gradient per layer" },
+    xaxis: layerAxis,
+    yaxis: { ...LOG_Y, title: { text: "‖∂L/∂h‖" } },
+  });
+  plot("chart-rel", profileTraces(layers, atInit, atEnd, "rel_grad", first, last), {
+    title: { text: "Relative gradient per layer" },
+    xaxis: layerAxis,
+    yaxis: { ...LOG_Y, title: { text: "‖∂L/∂W‖ / ‖W‖" } },
+  });
+
+  const x = steps.map((s) => s.step);
+  const held = report.eval;
+  const heldLine = (value, name) =>
+    value === null || value === undefined || !x.length
+      ? []
+      : [{ x: [x[0], x.at(-1)], y: [value, value], mode: "lines", name, line: { dash: "dot", color: "#555" } }];
+  plot(
+    "chart-loss",
+    [{ x, y: steps.map((s) => s.loss), mode: "lines", name: "training loss", line: { color: "#0072b2" } }, ...heldLine(held.loss, `held-out (${held.samples})`)],
+    { title: { text: "Loss" }, xaxis: { title: { text: "step" } } },
+  );
+  plot(
+    "chart-accuracy",
+    [
+      { x, y: steps.map((s) => s.accuracy), mode: "lines", name: "training accuracy", line: { color: COLORS.healthy } },
+      ...heldLine(held.accuracy, `held-out (${held.samples})`),
+    ],
+    { title: { text: "Accuracy" }, xaxis: { title: { text: "step" } }, yaxis: { rangemode: "tozero" } },
+  );
+}
+
+async function finish() {
+  const run = await getJSON(`/v1/runs/${encodeURIComponent(runId)}`);
+  main.classList.remove("following");
+  main.classList.toggle("no-report", !run.report);
+  showStatus(run.status);
+  if (run.status === "succeeded") {
+    progressBar.max = 1;
+    progressBar.value = 1;
+  }
+  progressText.textContent =
+    run.status === "succeeded" ? `finished in ${fmt(run.report.timing.total_s)} s` : run.status;
+  if (run.verdict) {
+    verdictBadge.hidden = false;
+    verdictBadge.textContent = run.verdict;
+    verdictBadge.className = `badge verdict-${run.verdict}`;
+  }
+  renderVerdict(run);
+  if (run.report) drawCharts(run.report);
+  else if (!liveLoss.x.length) placeholder("chart-loss", `No loss curve: the run ${run.status === "failed" ? "failed" : "was cancelled"}.`);
+}
+
+if (FINISHED.has(statusBadge.textContent.trim())) finish();
+else follow();

@@ -1,0 +1,140 @@
+// One sweep: the verdict matrix (configuration × depth), the first/last gradient ratio against depth and
+// each configuration's critical depth; kept current by the sweep's server-sent events.
+import { BASE, FINISHED, PALETTE, el, getJSON, placeholder, plot, runHref } from "./common.js";
+
+const main = document.getElementById("main");
+const sweepId = encodeURIComponent(main.dataset.sweepId);
+const matrix = document.getElementById("matrix");
+const progressBar = document.getElementById("progress");
+const countsText = document.getElementById("counts");
+const state = document.getElementById("sweep-state");
+
+/** "activation=sigmoid, init=xavier_normal"; the config without depth identifies a row. */
+const configLabel = (config) =>
+  Object.entries(config)
+    .map(([key, value]) => `${key}=${value}`)
+    .join(", ") || "all runs";
+const configKey = (grid) =>
+  JSON.stringify(
+    Object.entries(grid)
+      .filter(([key]) => key !== "depth")
+      .sort(([a], [b]) => a.localeCompare(b)),
+  );
+
+function showCounts(status) {
+  const done = Object.entries(status.counts)
+    .filter(([name, count]) => FINISHED.has(name) && count)
+    .reduce((sum, [, count]) => sum + count, 0);
+  progressBar.max = status.total;
+  progressBar.value = done;
+  countsText.textContent = Object.entries(status.counts)
+    .filter(([, count]) => count)
+    .map(([name, count]) => `${count} ${name}`)
+    .join(" · ");
+  state.textContent = status.done ? "done" : "running";
+  state.className = `badge status-${status.done ? "succeeded" : "running"}`;
+}
+
+function renderMatrix(summary, runs) {
+  const depths = [...new Set(summary.configs.flatMap((c) => c.depths))].sort((a, b) => a - b);
+  // (config, depth) → the sweep's run, to link cells and show the status of unfinished runs.
+  const runAt = new Map();
+  for (const run of runs) runAt.set(`${configKey(run.grid)}|${run.grid.depth ?? "*"}`, run);
+  const head = el(
+    "thead",
+    {},
+    el(
+      "tr",
+      {},
+      el("th", { scope: "col" }, "Configuration"),
+      ...depths.map((d) => el("th", { scope: "col", class: "num" }, `depth ${d}`)),
+      el("th", { scope: "col", class: "num" }, "Critical depth"),
+      el("th", { scope: "col" }, el("span", { class: "sr-only" }, "Compare")),
+    ),
+  );
+  const body = el(
+    "tbody",
+    {},
+    ...summary.configs.map((config) => {
+      const key = configKey(config.config);
+      const cells = depths.map((depth) => {
+        const i = config.depths.indexOf(depth);
+        if (i < 0) return el("td", { class: "empty-cell" }, "");
+        const run = runAt.get(`${key}|${depth}`) || runAt.get(`${key}|*`);
+        const verdict = config.verdicts[i];
+        const text = verdict || run?.status || "—";
+        const content = run ? el("a", { href: runHref(run.run_id) }, text) : text;
+        return el("td", { class: `cell verdict-${verdict || "none"}`, dataset: { depth: String(depth), verdict: verdict || "" } }, content);
+      });
+      const finished = runs.filter((r) => configKey(r.grid) === key && r.status === "succeeded");
+      const compare = finished.length
+        ? el("a", { href: `${BASE}/compare?${new URLSearchParams(finished.map((r) => ["run_id", r.run_id]))}` }, "compare")
+        : "";
+      return el(
+        "tr",
+        { dataset: { config: configLabel(config.config) } },
+        el("th", { scope: "row" }, configLabel(config.config)),
+        ...cells,
+        el("td", { class: "num critical" }, config.critical_depth === null ? "—" : String(config.critical_depth)),
+        el("td", {}, compare),
+      );
+    }),
+  );
+  matrix.replaceChildren(head, body);
+}
+
+function renderRatio(summary) {
+  const traces = summary.configs
+    .map((config, i) => ({
+      name: configLabel(config.config),
+      x: config.depths,
+      y: config.first_last_ratio,
+      mode: "lines+markers",
+      line: { color: PALETTE[i % PALETTE.length] },
+      connectgaps: false,
+    }))
+    .filter((trace) => trace.y.some((v) => v !== null));
+  if (!traces.length) {
+    placeholder("chart-ratio", "Drawn as runs finish.");
+    return;
+  }
+  plot("chart-ratio", traces, {
+    title: { text: "First / last interior layer gradient norm at initialisation" },
+    xaxis: { title: { text: "depth" } },
+    yaxis: { title: { text: "log10(first / last)" }, zeroline: true },
+    shapes: [-2, 2].map((y) => ({
+      type: "line",
+      xref: "paper",
+      x0: 0,
+      x1: 1,
+      y0: y,
+      y1: y,
+      line: { dash: "dot", color: "#999", width: 1 },
+    })),
+  });
+}
+
+let pending = null;
+async function refresh() {
+  const [status, summary] = await Promise.all([getJSON(`/v1/sweeps/${sweepId}`), getJSON(`/v1/sweeps/${sweepId}/summary`)]);
+  showCounts(status);
+  renderMatrix(summary, status.runs);
+  renderRatio(summary);
+  return status;
+}
+/** Coalesce a burst of events (several runs finishing together) into one refresh. */
+function refreshSoon() {
+  clearTimeout(pending);
+  pending = setTimeout(refresh, 300);
+}
+
+const first = await refresh();
+if (!first.done) {
+  const source = new EventSource(`${BASE}/v1/sweeps/${sweepId}/events`);
+  source.addEventListener("progress", (event) => showCounts(JSON.parse(event.data)));
+  source.addEventListener("run", refreshSoon);
+  source.addEventListener("done", () => {
+    source.close();
+    refreshSoon();
+  });
+}

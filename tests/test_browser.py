@@ -1,0 +1,348 @@
+"""The dashboard in a real browser: Debian's headless Chromium, driven by Playwright, against a live
+`graddiag serve` with one worker and a real sweep (sigmoid/relu × depth 2/6/12 on synthetic data).
+
+Playwright only drives the system browser (`executable_path`); it never downloads one. Under CI a
+missing Chromium or Playwright fails these tests (`bash .ci/chromium.sh` installs both); elsewhere
+they are skipped. Each page test saves a 1280×800 screenshot under docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.client import Client
+from tests.test_service_e2e import Server
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+VIEWPORT = {"width": 1280, "height": 800}
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+# `graddiag serve` as a user starts it; port, database and worker count come from the environment.
+CLI_SERVE = "import sys; from service.cli import main; sys.exit(main(['serve']))"
+
+BASE: dict[str, Any] = {
+    "dataset": "synthetic",
+    "width": 16,
+    "batch_size": 16,
+    "steps": 20,
+    "record_every": 2,
+    "init": "kaiming_normal",
+    "bias_init": "zeros",
+}
+GRID = {"activation": ["sigmoid", "relu"], "depth": [2, 6, 12]}
+# Thousands of tiny steps: still running while the page watches it, cancelled when seen.
+LONG: dict[str, Any] = {**BASE, "depth": 4, "steps": 5000, "record_every": 500, "seed": 7}
+WAIT_MS = 30_000
+
+
+def _require_browser() -> None:
+    problems = []
+    if not CHROMIUM.exists():
+        problems.append(f"{CHROMIUM} is missing (Debian packages chromium and chromium-driver)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problems.append("the Python package playwright is missing")
+    if problems:
+        message = "; ".join(problems) + ": run `bash .ci/chromium.sh`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    _require_browser()
+    tmp = tmp_path_factory.mktemp("browser")
+    srv = Server(f"sqlite:///{tmp / 'graddiag.db'}", tmp / "server.log", workers=1, cache=tmp / "cache", code=CLI_SERVE)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[Client]:
+    with Client(server.url, timeout=30) as gd:
+        yield gd
+
+
+@pytest.fixture(scope="module")
+def sweep(client: Client) -> dict[str, Any]:
+    """The finished sweep: its status, its summary and every run in full, by (activation, depth)."""
+    created = client.sweep(BASE, GRID)
+    status = client.wait_sweep(created["id"], timeout=180, poll=0.2)
+    assert status["counts"]["succeeded"] == 6, status
+    runs = {(r["grid"]["activation"], r["grid"]["depth"]): client.get(r["run_id"]) for r in status["runs"]}
+    return {"status": status, "summary": client.sweep_summary(created["id"]), "runs": runs}
+
+
+@pytest.fixture(scope="module")
+def browser(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh --user-data-dir
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=FLAGS,
+            viewport=VIEWPORT,
+            base_url=server.url,
+        )
+        context.set_default_timeout(WAIT_MS)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+class Tab:
+    """A page that records console errors and uncaught exceptions."""
+
+    def __init__(self, context: Any) -> None:
+        self.page = context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", lambda msg: msg.type == "error" and self.errors.append(f"console: {msg.text}"))
+        self.page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
+
+    def open(self, path: str) -> Any:
+        response = self.page.goto(path)
+        assert response is not None and response.status == 200, path
+        self.page.wait_for_load_state("networkidle")
+        return self.page
+
+    def screenshot(self, name: str) -> None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.wait_for_timeout(300)  # let plotly finish its transitions
+        self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+@pytest.fixture
+def tab(browser: Any, sweep: dict[str, Any]) -> Iterator[Tab]:
+    opened = Tab(browser)
+    yield opened
+    opened.page.close()
+
+
+def chart(page: Any, element_id: str) -> list[dict[str, Any]]:
+    """The traces plotly holds for a chart div (x, y, z, name of each)."""
+    page.wait_for_function(f"document.getElementById('{element_id}').data !== undefined")
+    traces: list[dict[str, Any]] = page.evaluate(
+        f"document.getElementById('{element_id}').data.map(t => ({{name: t.name, x: t.x, y: t.y, z: t.z}}))"
+    )
+    return traces
+
+
+def at_step(report: dict[str, Any], step: int, field: str) -> list[float | None]:
+    by_layer = {r["layer"]: r[field] for r in report["records"] if r["step"] == step}
+    return [by_layer.get(layer["index"]) for layer in report["layers"]]
+
+
+def same(drawn: list[float | None], expected: list[float | None]) -> bool:
+    """Chart values against the API's: equal where positive (log axes leave gaps elsewhere)."""
+    if len(drawn) != len(expected):
+        return False
+    return all(
+        (d is None) if (e is None or e <= 0) else (d is not None and math.isclose(d, e, rel_tol=1e-9))
+        for d, e in zip(drawn, expected, strict=True)
+    )
+
+
+# The depth column as the table shows it, e.g. "2,2,6,6,12,12".
+DEPTHS = "[...document.querySelectorAll('#runs td.col-depth')].map(td => td.textContent).join()"
+
+
+def row_texts(page: Any, column: str) -> list[str]:
+    return [text.strip() for text in page.locator(f"#runs tbody td.{column}").all_inner_texts()]
+
+
+# --- the runs table -------------------------------------------------------------------------------------
+
+
+def test_runs_table_filters_and_sorts(tab: Tab, sweep: dict[str, Any]) -> None:
+    page = tab.open("/")
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 6")
+    verdicts = {str(run["id"]): run["verdict"] for run in sweep["runs"].values()}
+    for row in page.locator("#runs tbody tr").all():
+        assert row.locator("td.col-verdict").inner_text().strip() == verdicts[row.get_attribute("data-id")]
+    tab.screenshot("runs")
+
+    page.select_option("select[name=activation]", "sigmoid")
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 3")
+    assert row_texts(page, "col-activation") == ["sigmoid"] * 3
+    assert "activation=sigmoid" in page.url
+    page.fill("input[name=depth_min]", "6")
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 2")
+    assert sorted(int(d) for d in row_texts(page, "col-depth")) == [6, 12]
+    page.click("button[type=reset]")
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 6")
+
+    header = page.locator("th[data-sort=depth]")
+    header.locator("button").click()
+    page.wait_for_function("document.querySelector('th[data-sort=depth]').getAttribute('aria-sort') === 'ascending'")
+    page.wait_for_function(f"{DEPTHS} === '2,2,6,6,12,12'")
+    header.locator("button").click()
+    page.wait_for_function(f"{DEPTHS} === '12,12,6,6,2,2'")
+    assert header.get_attribute("aria-sort") == "descending"
+    assert page.locator("th[data-sort=created_at]").get_attribute("aria-sort") == "none"
+    assert not tab.errors
+
+
+def test_runs_table_works_from_the_keyboard(tab: Tab) -> None:
+    page = tab.open("/?sort=depth")
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 6")
+    ids = [row.get_attribute("data-id") for row in page.locator("#runs tbody tr").all()]
+    focused = "document.activeElement.closest('tr') ? document.activeElement.dataset.id : null"
+    for _ in range(40):  # Tab through the filters and headers into the table
+        page.keyboard.press("Tab")
+        if page.evaluate(focused):
+            break
+    assert page.evaluate(focused) == ids[0]
+    page.keyboard.press("ArrowDown")
+    assert page.evaluate(focused) == ids[1]
+    page.keyboard.press("End")
+    assert page.evaluate(focused) == ids[-1]
+    page.keyboard.press("Home")
+    page.keyboard.press("Space")
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Space")
+    assert page.locator("#runs tbody input:checked").count() == 2
+    assert page.locator("#compare-selected").is_enabled()
+    # Shift+Tab leaves the table from the focused row: one tab stop for the whole table.
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate(focused) is None
+    page.keyboard.press("Tab")
+    assert page.evaluate(focused) == ids[1]
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/runs/{ids[1]}")
+    assert not tab.errors
+
+
+# --- one run, a sweep, a comparison -----------------------------------------------------------------
+
+
+def test_run_page_draws_the_run(tab: Tab, sweep: dict[str, Any]) -> None:
+    run = sweep["runs"][("sigmoid", 12)]
+    report = run["report"]
+    page = tab.open(f"/runs/{run['id']}")
+    page.wait_for_selector("#verdict h2")
+    layers = len(report["layers"])
+    recorded = sorted({r["step"] for r in report["records"]})
+
+    profile = chart(page, "chart-profile")
+    assert [len(t["y"]) for t in profile[:2]] == [layers, layers]
+    assert same(profile[0]["y"], at_step(report, recorded[0], "grad_norm"))
+    assert same(profile[1]["y"], at_step(report, recorded[-1], "grad_norm"))
+    theory = report["verdict"]["theory"]
+    assert theory["applicable"], theory
+    line = profile[2]
+    interior = [layer["index"] for layer in report["layers"] if layer["kind"] != "norm"][1:-1]
+    assert line["x"] == interior
+    # Anchored at the last interior layer; the slope (decades per layer toward the input) is the prediction's.
+    assert math.isclose(line["y"][-1], at_step(report, 0, "grad_norm")[interior[-1]], rel_tol=1e-9)
+    slope = math.log10(line["y"][0] / line["y"][-1]) / (len(interior) - 1)
+    assert math.isclose(slope, theory["predicted_decades_per_layer"], rel_tol=1e-6)
+
+    heatmap = chart(page, "chart-heatmap")[0]
+    assert heatmap["x"] == recorded and len(heatmap["z"]) == layers
+    first_layer = [r["grad_norm"] for r in report["records"] if r["layer"] == 0]
+    assert heatmap["z"][0] == pytest.approx([math.log10(v) for v in first_layer])
+    for element_id, field in (("chart-act", "act_grad_norm"), ("chart-rel", "rel_grad")):
+        traces = chart(page, element_id)
+        assert same(traces[0]["y"], at_step(report, 0, field)), element_id
+    loss = chart(page, "chart-loss")[0]
+    assert loss["y"] == pytest.approx([s["loss"] for s in report["steps"]])
+    assert len(chart(page, "chart-accuracy")[0]["y"]) == len(report["steps"])
+
+    assert page.inner_text("#verdict-badge") == run["verdict"] == "vanishing"
+    assert page.locator("#verdict li").count() == len(report["verdict"]["reasons"]) + len(report["verdict"]["advice"])
+    assert page.inner_text("#status") == "succeeded"
+    tab.screenshot("run")
+    assert not tab.errors
+
+
+def test_sweep_page_shows_the_verdict_matrix_and_ratios(tab: Tab, sweep: dict[str, Any]) -> None:
+    page = tab.open(f"/sweeps/{sweep['status']['id']}")
+    page.wait_for_selector("#matrix tbody tr")
+    configs = {c["config"]["activation"]: c for c in sweep["summary"]["configs"]}
+    for activation, config in configs.items():
+        row = page.locator(f"#matrix tbody tr[data-config='activation={activation}']")
+        cells = row.locator("td.cell")
+        assert [cells.nth(i).get_attribute("data-verdict") for i in range(cells.count())] == config["verdicts"]
+        critical = config["critical_depth"]
+        assert row.locator("td.critical").inner_text() == ("—" if critical is None else str(critical))
+    # The picture at a glance: sigmoid turns unhealthy with depth, relu does not (yet).
+    assert configs["sigmoid"]["critical_depth"] is not None
+    assert configs["relu"]["critical_depth"] is None or configs["relu"]["critical_depth"] > 6
+
+    traces = {t["name"]: t for t in chart(page, "chart-ratio")}
+    for activation, config in configs.items():
+        trace = traces[f"activation={activation}"]
+        assert trace["x"] == config["depths"] and trace["y"] == pytest.approx(config["first_last_ratio"])
+    assert "6 succeeded" in page.inner_text("#counts")
+    tab.screenshot("sweep")
+    assert not tab.errors
+
+
+def test_compare_page_overlays_profiles(tab: Tab, sweep: dict[str, Any], client: Client) -> None:
+    ids = [sweep["runs"][("sigmoid", 12)]["id"], sweep["runs"][("relu", 12)]["id"]]
+    page = tab.open(f"/compare?run_id={ids[0]}&run_id={ids[1]}")
+    page.wait_for_selector("#compared tbody tr")
+    expected = client.compare(*ids)["runs"]
+    traces = chart(page, "chart-profile")
+    assert len(traces) == 4  # init and end of each run
+    for i, run in enumerate(expected):
+        for j, moment in enumerate(("init", "last")):
+            drawn = traces[2 * i + j]["y"]
+            assert same(drawn, [(layer[moment] or {}).get("grad_norm") for layer in run["layers"]])
+    assert [row.get_attribute("data-id") for row in page.locator("#compared tbody tr").all()] == ids
+    tab.screenshot("compare")
+    assert not tab.errors
+
+
+def test_run_page_and_runs_table_update_live(tab: Tab, browser: Any, client: Client) -> None:
+    run_id = client.submit(LONG)["id"]
+    table = Tab(browser)
+    table.open("/")
+    table.page.evaluate("window.notReloaded = true")
+    row_status = f"document.querySelector('#runs tr[data-id=\"{run_id}\"] td.col-status').textContent"
+    page = tab.open(f"/runs/{run_id}")
+    page.evaluate("window.notReloaded = true")
+    page.wait_for_function("document.getElementById('status').textContent === 'running'")
+    step = "(/step (\\d+) of/.exec(document.getElementById('progress-text').textContent) || [])[1]"
+    page.wait_for_function(f"{step} !== undefined")
+    first = int(page.evaluate(step))
+    page.wait_for_function(f"{step} !== undefined && Number({step}) > {first}")
+    # The loss chart grows with the progress events.
+    page.wait_for_function("(document.getElementById('chart-loss').data || [{x: []}])[0].x.length >= 2")
+    table.page.wait_for_function(f"{row_status} === 'running'")
+    client.cancel(run_id)
+    page.wait_for_function("document.getElementById('status').textContent === 'cancelled'")
+    page.wait_for_selector("#verdict h2")
+    assert page.inner_text("#verdict h2") == "Cancelled"
+    assert page.evaluate("window.notReloaded") is True
+    assert not tab.errors
+    # The runs table, open all along, followed the run without a reload too.
+    table.page.wait_for_function(f"{row_status} === 'cancelled'")
+    assert table.page.evaluate("window.notReloaded") is True and not table.errors
+    table.page.close()
