@@ -1,0 +1,272 @@
+"""The client commands (submit, sweep, status, watch, export) against a real uvicorn server and worker."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.cli import main
+from service.client import Client
+from service.remote import parse_grid, parse_value
+
+# Shared fixtures (imported so pytest finds them here too).
+from tests.test_api import TINY, settings, worker  # noqa: F401
+from tests.test_client import base_url, client  # noqa: F401
+
+TINY_FLAGS = [f"--{field.replace('_', '-')}={value}" for field, value in TINY.items()]
+FAST = ["--poll", "0.05"]
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_submit_prints_the_run_id(base_url: str, client: Client, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    code, out, _ = run_cli(capsys, "submit", "--url", base_url, *TINY_FLAGS, "--activation", "tanh")
+    assert code == 0
+    run_id = out.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", run_id)
+    run = client.get(run_id)
+    assert run["status"] == "queued" and run["spec"]["activation"] == "tanh" and run["spec"]["depth"] == 3
+
+
+def test_submit_wait_prints_the_verdict_table(
+    base_url: str,  # noqa: F811
+    client: Client,  # noqa: F811
+    worker: None,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run_cli(capsys, "submit", "--url", base_url, *TINY_FLAGS, "--wait", *FAST)
+    assert code == 0, err
+    (run,) = client.runs()["items"]
+    assert run["status"] == "succeeded"
+    assert f"verdict: {run['verdict'].upper()}" in out
+    assert "input.linear" in out and "output.linear" in out and "theory:" in out
+    assert f"run {run['id']} submitted" in err and f"run {run['id'][:8]} succeeded" in err
+
+
+def test_watch_follows_a_run_to_its_verdict(
+    base_url: str,  # noqa: F811
+    client: Client,  # noqa: F811
+    worker: None,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run_id = client.submit({**TINY, "steps": 40})["id"]
+    code, out, err = run_cli(capsys, "watch", run_id, "--url", base_url, *FAST)
+    assert code == 0, err
+    run = client.get(run_id)
+    assert f"verdict: {run['verdict'].upper()}" in out
+    assert err.strip().splitlines()[-1] == f"run {run_id[:8]} succeeded"
+
+    code, out, _ = run_cli(capsys, "watch", run_id, "--url", base_url, "--json")
+    assert code == 0 and json.loads(out)["report"] == run["report"]
+
+
+def test_watch_reports_a_cancelled_run(base_url: str, client: Client, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    run_id = client.submit(TINY)["id"]
+    client.cancel(run_id)
+    code, out, err = run_cli(capsys, "watch", run_id, "--url", base_url)
+    assert code == 1 and out == ""
+    assert f"run {run_id} cancelled" in err
+
+
+def test_status_of_a_run(base_url: str, client: Client, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    run_id = client.submit(TINY)["id"]
+    code, out, _ = run_cli(capsys, "status", run_id, "--url", base_url)
+    assert code == 0
+    assert out.splitlines()[0] == f"run {run_id}: queued"
+    assert "depth=3 width=16" in out
+    code, out, _ = run_cli(capsys, "status", run_id, "--url", base_url, "--json")
+    assert code == 0 and json.loads(out)["id"] == run_id
+
+
+def table_rows(out: str) -> list[list[str]]:
+    """The matrix lines (before the blank line), split on runs of 2+ spaces."""
+    return [re.split(r" {2,}", line.strip()) for line in out.split("\n\n")[0].splitlines()]
+
+
+def test_sweep_wait_prints_the_verdict_matrix(
+    base_url: str,  # noqa: F811
+    client: Client,  # noqa: F811
+    worker: None,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({**TINY, "steps": 50}))
+    argv = ["sweep", "--url", base_url, "--base-spec", str(base), "--set", "steps=3", "--set", "lr=0.05"]
+    argv += ["--grid", "activation=sigmoid,relu", "--grid", "depth=2,3", "--wait", *FAST]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+
+    (sweep_id,) = re.findall(r"sweep ([0-9a-f]{32}): 4 runs \(4 succeeded\)", out)
+    summary = client.sweep_summary(sweep_id)
+    status = client.sweep_status(sweep_id)
+    assert {run["run_id"] for run in status["runs"]} == {run["id"] for run in client.runs()["items"]}
+    specs = [client.get(run["run_id"])["spec"] for run in status["runs"]]
+    assert all(spec["steps"] == 3 and spec["lr"] == 0.05 and spec["width"] == 16 for spec in specs)
+
+    header, *rows = table_rows(out)
+    assert header == ["depth →", "2", "3", "critical depth"]
+    expected = [
+        [f"activation={c['config']['activation']}", *c["verdicts"], str(c["critical_depth"] or "—")]
+        for c in summary["configs"]
+    ]
+    assert rows == expected and len(rows) == 2
+    assert "4/4 finished" in err
+
+    code, again, _ = run_cli(capsys, "status", "--sweep", sweep_id, "--url", base_url)
+    assert code == 0 and table_rows(again) == table_rows(out)
+
+
+def test_sweep_without_wait_prints_its_id_and_status_shows_pending_cells(
+    base_url: str,  # noqa: F811
+    client: Client,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["sweep", "--url", base_url, *(f"--set={f}={v}" for f, v in TINY.items()), "--grid", "depth=2,4"]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    sweep_id = out.strip()
+    assert client.sweep_status(sweep_id)["total"] == 2
+    code, out, _ = run_cli(capsys, "status", "--sweep", sweep_id, "--url", base_url)
+    assert code == 0
+    assert table_rows(out) == [["depth →", "2", "4", "critical depth"], ["(base spec)", "queued", "queued", "—"]]
+
+
+def test_sweep_refusals_name_the_field(base_url: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    # The server checks every grid point: its 422 comes back field by field, exit 2.
+    code, out, err = run_cli(capsys, "sweep", "--url", base_url, "--grid", "depth=2,1000")
+    assert code == 2 and out == ""
+    assert "422" in err and "grid.1.depth: grid point 1 (depth=1000)" in err
+    code, _, err = run_cli(capsys, "sweep", "--url", base_url, "--set", "depth")
+    assert code == 2 and "--set takes FIELD=VALUE" in err
+    code, _, err = run_cli(capsys, "sweep", "--url", base_url, "--set", "depth=0", "--grid", "seed=1,2")
+    assert code == 2 and "depth: Input should be greater than or equal to 1" in err
+
+
+def test_export_csv_and_json(
+    base_url: str,  # noqa: F811
+    client: Client,  # noqa: F811
+    worker: None,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    run_id = client.run(TINY, timeout=60)["id"]
+    target = tmp_path / "gradients.csv"
+    code, out, err = run_cli(capsys, "export", run_id, "--url", base_url, "-o", str(target))
+    assert code == 0 and out == ""
+    rows = client.gradients(run_id)
+    assert f"wrote {len(rows)} records" in err
+    assert target.read_bytes() == client.gradients(run_id, fmt="csv").encode()
+    table = list(csv.DictReader(io.StringIO(target.read_text())))
+    assert [float(r["grad_norm"]) for r in table] == [r["grad_norm"] for r in rows]
+
+    code, out, _ = run_cli(capsys, "export", run_id, "--url", base_url, "--format", "json", "--layer", "1")
+    assert code == 0 and json.loads(out) == [r for r in rows if r["layer"] == 1]
+
+
+def test_errors_are_readable_with_an_exit_code(
+    base_url: str,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    code, out, err = run_cli(capsys, "status", "feed", "--url", base_url)
+    assert code == 1 and out == ""
+    assert err.strip() == "error: 404 Not Found: run 'feed' not found"
+    code, _, err = run_cli(capsys, "export", "feed", "--url", base_url)
+    assert code == 1 and "run 'feed' not found" in err
+
+    # The server caps depth at 50 (tests.test_api.settings): a 422 that names the field.
+    code, _, err = run_cli(capsys, "submit", "--url", base_url, *TINY_FLAGS, "--depth", "60")
+    assert code == 2 and "depth: depth=60 exceeds this server's cap; allowed: at most 50" in err
+    # Out of the spec's own range: refused before anything is sent.
+    code, _, err = run_cli(capsys, "submit", "--url", closed_port_url(), "--depth", "1000")
+    assert code == 2 and "depth: Input should be less than or equal to 100" in err
+
+    nobody = closed_port_url()
+    code, _, err = run_cli(capsys, "status", "feed", "--url", nobody)
+    assert code == 3 and f"cannot reach the graddiag server at {nobody}" in err and "Traceback" not in err
+
+    monkeypatch.setenv("GRADDIAG_URL", nobody)
+    code, _, err = run_cli(capsys, "watch", "feed")
+    assert code == 3 and nobody in err
+    monkeypatch.setenv("GRADDIAG_URL", base_url)
+    code, _, err = run_cli(capsys, "status", "feed")
+    assert code == 1 and "not found" in err
+
+
+def test_the_console_entry_point(base_url: str) -> None:  # noqa: F811
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "status", "feed", "--url", base_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "run 'feed' not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_value_parsing() -> None:
+    assert [parse_value(v) for v in ("2", "0.5", "1e-3", "true", "null", "relu", "")] == [
+        2,
+        0.5,
+        0.001,
+        True,
+        None,
+        "relu",
+        "",
+    ]
+    assert parse_grid(["activation=sigmoid,relu", "depth=2, 5,10", "init-gain=1,2.5"]) == {
+        "activation": ["sigmoid", "relu"],
+        "depth": [2, 5, 10],
+        "init_gain": [1, 2.5],
+    }
+
+
+@pytest.fixture
+def api_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Requested before `base_url`, so the server's settings read it: writes and reads need the token."""
+    monkeypatch.setenv("GRADDIAG_API_TOKEN", "s3cret")
+    monkeypatch.setenv("GRADDIAG_READ_TOKEN", "s3cret")
+    return "s3cret"
+
+
+def test_a_token_guarded_server(
+    api_token: str,
+    base_url: str,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    code, _, err = run_cli(capsys, "submit", "--url", base_url, *TINY_FLAGS)
+    assert code == 1 and "401" in err
+    code, out, _ = run_cli(capsys, "submit", "--url", base_url, "--token", api_token, *TINY_FLAGS)
+    assert code == 0
+    run_id = out.strip()
+
+    logs = str(tmp_path / "logs")
+    code, _, err = run_cli(capsys, "tensorboard-export", run_id, logs, "--url", base_url)
+    assert code == 1 and "401" in err
+    monkeypatch.setenv("GRADDIAG_TOKEN", api_token)
+    code, _, err = run_cli(capsys, "tensorboard-export", run_id, logs, "--url", base_url)
+    assert code == 1 and "queued" in err  # past the token check: the run has no verdict yet
+    code, out, _ = run_cli(capsys, "status", run_id, "--url", base_url)
+    assert code == 0 and out.startswith(f"run {run_id}: queued")
