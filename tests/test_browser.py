@@ -3,13 +3,16 @@
 
 Playwright only drives the system browser (`executable_path`); it never downloads one. Under CI a
 missing Chromium or Playwright fails these tests (`bash .ci/chromium.sh` installs both); elsewhere
-they are skipped. Each page test saves a 1280×800 screenshot under docs/screenshots/.
+they are skipped. Each page test saves a 1280×800 screenshot; with GRADDIAG_SCREENSHOTS=1 they
+replace the README's images under docs/screenshots/, otherwise they go to a temporary directory so a
+test run leaves the work tree clean.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,11 @@ FLAGS = [
     "--disable-sync",
 ]
 VIEWPORT = {"width": 1280, "height": 800}
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+SCREENSHOTS = (
+    Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+    if os.environ.get("GRADDIAG_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "graddiag-screenshots"
+)
 # `graddiag serve` as a user starts it; port, database and worker count come from the environment.
 CLI_SERVE = "import sys; from service.cli import main; sys.exit(main(['serve']))"
 
