@@ -70,6 +70,7 @@ class Spec(BaseModel):
         10, ge=1, le=MAX_STEPS, description="Record per-layer statistics every N steps (and at the last)."
     )
     device: Device = Field("auto", description="auto picks CUDA when present, else the CPU.")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files for this run.")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Self:

@@ -172,6 +172,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    """A dispatcher: runs from --db executed on the Ray cluster at --ray."""
+    from service.dispatch.dispatcher import dispatch_main
+
+    settings = _settings_from(args)
+    dispatch_main(settings, settings.ray_address)
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     """Alembic migrations: upgrade, downgrade, current."""
     from service.store import db
@@ -201,10 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (
         ("serve", cmd_serve, "run the API and local workers"),
         ("worker", cmd_worker, "run standalone workers (no API) against --db"),
+        ("dispatch", cmd_dispatch, "execute queued runs on a Ray cluster (extra graddiag[dist])"),
     ):
         command = sub.add_parser(name, help=text)
         _add_model_flags(command, Settings)
         command.add_argument("--db", dest="db_url", metavar="URL", help="alias of --db-url")
+        if name == "dispatch":
+            command.add_argument("--ray", dest="ray_address", metavar="ADDRESS", help="alias of --ray-address")
         command.set_defaults(handler=handler)
 
     db = sub.add_parser("db", help="database migrations")
@@ -212,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("revision", nargs="?", help="target revision (upgrade: head, downgrade: -1)")
     db.add_argument("--db", dest="db_url", metavar="URL", help="SQLAlchemy URL (default: $GRADDIAG_DB_URL)")
     db.set_defaults(handler=cmd_db)
+
+    from service import remote  # here, not at the top: remote imports this module's helpers
+
+    remote.add_commands(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ from types import FrameType
 import uvicorn
 
 from service.api.app import create_app
+from service.api.security import InsecureBind, check_bind, redact_server_logs
 from service.settings import Settings
 from service.store.db import upgrade
 
@@ -216,8 +217,16 @@ def _worker_pool(settings: Settings) -> Iterator[WorkerPool]:
 
 
 def serve(settings: Settings) -> None:
-    """Migrate the database to head, start the workers and serve the API until SIGINT/SIGTERM."""
+    """Migrate the database to head, start the workers and serve the API until SIGINT/SIGTERM.
+
+    Exits (SystemExit) before anything starts when asked to listen beyond loopback with no API token.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_bind(settings)
+    except InsecureBind as exc:
+        raise SystemExit(f"graddiag serve: {exc}") from exc
+    redact_server_logs()
     upgrade(settings.db_url)
     stop = threading.Event()
     with _stop_on_signals(stop), _worker_pool(settings) as pool:

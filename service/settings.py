@@ -6,12 +6,18 @@ plain values down.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from models.spec import MAX_BATCH_SIZE, MAX_DEPTH, MAX_STEPS, MAX_WIDTH, SpecCaps
+
+# Run ids are uuid4 hex; anything else never names a directory (no "..", no separators).
+_RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 def _default_cache_dir() -> Path:
@@ -40,6 +46,49 @@ class Settings(BaseSettings):
     max_steps: int = Field(MAX_STEPS, ge=1, le=MAX_STEPS)
     max_batch_size: int = Field(MAX_BATCH_SIZE, ge=2, le=MAX_BATCH_SIZE)
     max_sweep_size: int = Field(200, ge=1, le=5000, description="Grid points one sweep may create.")
+    max_page_size: int = Field(1000, ge=1, le=1000, description="Most runs one page of a listing may hold.")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, le=64 * 2**20, description="Largest request body accepted; larger ones get a 413."
+    )
+    max_run_memory_mb: float = Field(
+        4096.0, gt=0, description="Refuse specs whose estimated training memory (weights, activations) is larger."
+    )
+    api_busy_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="How long an API request waits for a locked SQLite database before a 503."
+    )
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token required for every write (and accepted for reads); None: writes are open."
+    )
+    read_token: SecretStr | None = Field(
+        None, description="Bearer token required for reads and the dashboard; None: reads are open."
+    )
+    allow_public_without_token: bool = Field(
+        False, description="Let `serve` bind a non-loopback host with no api_token (anyone reaching it may write)."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (comma-separated); none: CORS off.",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster of `graddiag dispatch` (head:6379 or ray://head:10001); None: $RAY_ADDRESS."
+    )
+    dispatch_max_in_flight: int = Field(
+        16, ge=1, le=10000, description="Runs one dispatcher holds at once: training or waiting for Ray resources."
+    )
+    tensorboard_all: bool = Field(False, description="Write TensorBoard events for every run, not only opted-in ones.")
+    tensorboard_dir: Path | None = Field(
+        None,
+        description="Root of the workers' TensorBoard events (<dir>/<run id>); default: <db name>-tensorboard "
+        "beside the SQLite file, ./graddiag-tensorboard for other databases.",
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        # The environment and the CLI give one string; "a,b" means two origins.
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
     def caps(self) -> SpecCaps:
         """The spec caps this deployment enforces."""
@@ -49,3 +98,28 @@ class Settings(BaseSettings):
             max_steps=self.max_steps,
             max_batch_size=self.max_batch_size,
         )
+
+    def tensorboard_root(self) -> Path:
+        """Where workers write runs' event files: `tensorboard_dir`, else derived from the database.
+
+        Beside the SQLite file by default, so an API and workers sharing the database file (one host, or
+        one volume in containers) also share the events without configuring anything else.
+        """
+        if self.tensorboard_dir is not None:
+            return self.tensorboard_dir
+        path = self.sqlite_file()
+        return path.with_name(f"{path.stem}-tensorboard") if path is not None else Path("graddiag-tensorboard")
+
+    def sqlite_file(self) -> Path | None:
+        """The SQLite database file `db_url` names; None for other databases and in-memory SQLite."""
+        url = make_url(self.db_url)
+        database = url.database or ""
+        if url.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+            return None
+        return Path(database).expanduser()
+
+    def tensorboard_run_dir(self, run_id: str) -> Path:
+        """The event directory of one run; ValueError for an id that is not one plain path component."""
+        if not _RUN_ID.fullmatch(run_id):
+            raise ValueError(f"not a run id: {run_id!r}")
+        return self.tensorboard_root() / run_id

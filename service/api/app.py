@@ -7,9 +7,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import compare, health, runs, sweeps
+from service.api import compare, dashboard, events, health, runs, security, sweeps, tensorboard
 from service.api.errors import document_problems, install_error_handlers
 from service.api.health import WorkerProbe
+from service.api.limits import BodyLimit
+from service.api.metrics import install_metrics
+from service.api.security import install_access_control
 from service.settings import Settings
 from service.store.db import make_engine, make_sessionmaker
 
@@ -27,7 +30,8 @@ def create_app(settings: Settings, *, worker_probe: WorkerProbe | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.db_url)
+        # A short busy timeout: a request answers 503 while another process holds the lock, not hang 30 s.
+        engine = make_engine(settings.db_url, busy_timeout=settings.api_busy_timeout_seconds)
         app.state.sessionmaker = make_sessionmaker(engine)
         try:
             yield
@@ -44,6 +48,10 @@ def create_app(settings: Settings, *, worker_probe: WorkerProbe | None = None) -
     app.state.worker_probe = worker_probe
     install_error_handlers(app)
     document_problems(app)
-    for module in (runs, sweeps, compare, health):
+    for module in (runs, sweeps, compare, health, tensorboard, events, dashboard, security):
         app.include_router(module.router)
+    app.mount("/static", dashboard.static_files(), name="static")
+    install_metrics(app, lease_seconds=settings.lease_seconds, worker_probe=worker_probe)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install_access_control(app, settings)  # last, so it runs first: before any route, mount or body read
     return app

@@ -17,13 +17,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.schemas import FieldError, Problem
+from service.store.db import is_transient
 from service.store.runs import RunFinished, RunNotFound
 from service.store.sweeps import SweepInvalid, SweepNotFound
 
 PROBLEM_JSON = "application/problem+json"
+# What a 503 asks the client to wait: a lock held by another process or a full disk rarely clears sooner.
+RETRY_AFTER_SECONDS = 5
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +129,21 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, exc.status_code, code, detail, headers=exc.headers)
 
 
+async def _database(request: Request, exc: Exception) -> JSONResponse:
+    if not is_transient(exc):
+        raise exc  # a bug, not a condition: the 500 handler logs it
+    # The message may name tables or paths: the log gets it, the client only the kind of condition.
+    logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, getattr(exc, "orig", exc))
+    return problem_response(
+        request,
+        503,
+        "database_unavailable",
+        "The database is busy or out of space; retry after Retry-After seconds (a submit with the same "
+        "Idempotency-Key never creates a second run).",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the server log only: the body must not leak paths, SQL or values.
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -176,4 +195,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RunFinished, _run_finished)
     app.add_exception_handler(ApiProblem, _api_problem)
     app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(SQLAlchemyError, _database)
     app.add_exception_handler(Exception, _internal)

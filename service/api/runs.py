@@ -14,15 +14,19 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from models.spec import Spec
+from models.spec import MAX_DEPTH, MAX_STEPS, Spec
 from service.api.deps import SessionDep, SessionFactoryDep, SettingsDep
 from service.api.errors import documented
+from service.api.limits import check_page_size, check_spec
 from service.api.schemas import RunDetail, RunList, RunSummary
 from service.engine.report import LayerInfo, LayerRecord
 from service.store import runs as store
 from service.store.tables import FINISHED, Run
 
 MAX_WAIT_SECONDS = 600.0
+# A network has at most 2 * MAX_DEPTH + 2 parameterised layers (a weight and a norm per block, input,
+# output): bounds `?layer=`, whose larger values would overflow a SQL integer.
+MAX_LAYER_INDEX = 2 * MAX_DEPTH + 2
 # How often a `?wait=` request re-reads the run: one indexed primary-key read per tick.
 WAIT_POLL_SECONDS = 0.2
 
@@ -101,11 +105,7 @@ async def submit_run(
     ] = 0.0,
 ) -> RunDetail:
     """Queue a probe of `spec`. 202 while it is unfinished, 200 once finished (see `wait`)."""
-    violations = settings.caps().violations(spec)
-    if violations:
-        raise RequestValidationError(
-            [{"loc": ("body", field), "msg": msg, "type": "over_cap"} for field, msg in violations]
-        )
+    check_spec(spec, settings)
     run, created = await run_in_threadpool(_create, factory, spec, idempotency_key)
     if not created and run.spec_hash != spec.fingerprint():
         # IETF idempotency-key draft: reusing a key for a different payload is a client error.
@@ -127,8 +127,9 @@ async def submit_run(
 
 
 @router.get("", response_model=RunList, summary="List and filter runs")
-def list_runs(session: SessionDep, filters: Annotated[store.RunFilters, Query()]) -> RunList:
+def list_runs(session: SessionDep, settings: SettingsDep, filters: Annotated[store.RunFilters, Query()]) -> RunList:
     """Runs matching every given filter, sorted (`sort=-created_at` by default) and paginated."""
+    check_page_size(filters.limit, settings)
     rows, total = store.list_runs(session, filters)
     return RunList(
         items=[RunSummary.model_validate(r, from_attributes=True) for r in rows],
@@ -177,9 +178,9 @@ def records_json(rows: list[tuple[Any, ...]]) -> str:
 def get_gradients(
     run_id: str,
     session: SessionDep,
-    layer: Annotated[int | None, Query(ge=0, description="Only this layer index.")] = None,
-    step_from: Annotated[int | None, Query(ge=0, description="First step, inclusive.")] = None,
-    step_to: Annotated[int | None, Query(ge=0, description="Last step, inclusive.")] = None,
+    layer: Annotated[int | None, Query(ge=0, le=MAX_LAYER_INDEX, description="Only this layer index.")] = None,
+    step_from: Annotated[int | None, Query(ge=0, le=MAX_STEPS, description="First step, inclusive.")] = None,
+    step_to: Annotated[int | None, Query(ge=0, le=MAX_STEPS, description="Last step, inclusive.")] = None,
     format: Annotated[Literal["json", "csv"], Query(description="json (array of rows) or csv.")] = "json",
 ) -> Response:
     """The tidy rows of the report's `records`, one per (step, layer), ordered by step then layer.

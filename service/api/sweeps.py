@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from service.api.deps import SessionDep, SettingsDep
 from service.api.errors import documented
+from service.api.limits import server_caps
 from service.api.schemas import SweepIn
 from service.store import sweeps as store
 from service.store.sweeps import SweepStatus, SweepSummary
@@ -18,7 +19,8 @@ def submit_sweep(
     body: SweepIn, request: Request, response: Response, session: SessionDep, settings: SettingsDep
 ) -> SweepStatus:
     """Queue one run per grid point; every point is validated (and capped) before any run is created."""
-    sweep = store.create_sweep(session, body.base, body.grid, caps=settings.caps(), max_size=settings.max_sweep_size)
+    caps, max_size = server_caps(settings), settings.max_sweep_size
+    sweep = store.create_sweep(session, body.base, body.grid, caps=caps, max_size=max_size)
     response.headers["Location"] = str(request.app.url_path_for("get_sweep", sweep_id=sweep.id))
     return store.sweep_status(session, sweep.id)
 

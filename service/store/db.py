@@ -9,6 +9,7 @@ report that as "database is locked" without waiting). Other databases get a plai
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Final
 
@@ -16,6 +17,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,12 +27,38 @@ SQLITE_BUSY_TIMEOUT_S: Final = 30.0
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parents[2] / "migrations"
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+# SQLite errors that pass with time (another process holds the lock; the disk is full or failing), as
+# opposed to bugs such as "no such table". Every PostgreSQL OperationalError is of that kind (connection
+# lost, disk full, lock timeout): its bugs are ProgrammingErrors.
+_TRANSIENT_SQLITE_ERRORS: Final = (
+    "database is locked",
+    "database table is locked",
+    "database or disk is full",
+    "disk i/o error",
+    "unable to open database file",
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a database error may go away if retried later (locked, disk full, connection lost)."""
+    if isinstance(error, sa_exc.TimeoutError):  # the connection pool stayed exhausted
+        return True
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if not isinstance(error, sa_exc.OperationalError):
+        return False
+    if not type(error.orig).__module__.startswith("sqlite3"):
+        return True
+    message = str(error.orig).lower()
+    return any(text in message for text in _TRANSIENT_SQLITE_ERRORS)
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any, busy_timeout: float = SQLITE_BUSY_TIMEOUT_S) -> None:
     # Autocommit at the driver level: pysqlite's own implicit BEGIN would defeat BEGIN IMMEDIATE below.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, much faster commits
         cursor.execute("PRAGMA foreign_keys = ON")
@@ -42,16 +70,20 @@ def _sqlite_on_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; for SQLite files, creates the parent directory and sets up WAL and locking."""
+def make_engine(url: str, *, busy_timeout: float = SQLITE_BUSY_TIMEOUT_S) -> Engine:
+    """An engine for `url`; for SQLite files, creates the parent directory and sets up WAL and locking.
+
+    `busy_timeout`: seconds a SQLite statement waits for another connection's lock before "database is
+    locked" (the API uses a shorter one than workers, so a request answers 503 rather than hanging).
+    """
     sa_url = make_url(url)
     if sa_url.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     database = sa_url.database
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
-    event.listen(engine, "connect", _sqlite_on_connect)
+    engine = create_engine(url, connect_args={"timeout": busy_timeout})
+    event.listen(engine, "connect", functools.partial(_sqlite_on_connect, busy_timeout=busy_timeout))
     event.listen(engine, "begin", _sqlite_on_begin)
     return engine
 

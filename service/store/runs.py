@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, update
@@ -30,6 +30,9 @@ from service.engine.report import (
 from service.store.tables import SPEC_COLUMNS, Base, Run, RunLayer, RunRecord, RunStatus, RunStep, stamp
 
 RowModel = TypeVar("RowModel", LayerInfo, StepMetrics, LayerRecord)
+# Integers a filter compares with a column: bounded to 64 bits, which SQL integers are (beyond, the
+# driver raises OverflowError instead of matching nothing).
+SqlInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 SORTABLE: Final[frozenset[str]] = frozenset(
     {"created_at", "finished_at", "depth", "width", "lr", "status", "verdict", "activation"}
@@ -60,21 +63,21 @@ class RunFilters(BaseModel):
     init: Init | None = None
     norm: Norm | None = None
     residual: bool | None = None
-    depth: int | None = None
-    width: int | None = None
+    depth: SqlInt | None = None
+    width: SqlInt | None = None
     optimizer: Optimizer | None = None
     lr: float | None = None
     clip_value: float | None = None
     dataset: Dataset | None = None
-    seed: int | None = None
+    seed: SqlInt | None = None
     status: RunStatus | None = None
     verdict: Label | None = None
     sweep_id: str | None = None
-    depth_min: int | None = None
-    depth_max: int | None = None
+    depth_min: SqlInt | None = None
+    depth_max: SqlInt | None = None
     sort: str = Field("-created_at", description=f"Column, '-' for descending: {', '.join(sorted(SORTABLE))}.")
     limit: int = Field(50, ge=1, le=1000)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=2**63 - 1)
 
     @field_validator("sort")
     @classmethod

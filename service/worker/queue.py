@@ -4,22 +4,28 @@ A claim sets status running, bumps `attempt` and writes a lease (owner, expiry).
 the worker is conditional on (lease_owner, attempt, status running) still matching: a worker that lost
 its lease (it stalled, the reaper requeued the run and another worker claimed it) writes nothing, so a
 run retried elsewhere ends with exactly one set of records. Each function is one short transaction;
-none is held open while training.
+none is held open while training. A transaction that fails (database locked, disk full) writes nothing,
+so :func:`retry_transient` may simply run the function again.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import ColumnElement, Connection, Engine, Update, and_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from models.spec import Spec
 from service.engine.report import Report
+from service.store.db import is_transient
 from service.store.runs import insert_report_rows, report_columns, report_rows
 from service.store.tables import Run, stamp
 
@@ -27,6 +33,51 @@ log = logging.getLogger(__name__)
 
 # Error text is for people (the API shows it); the traceback goes to the worker's log.
 MAX_ERROR_CHARS = 2000
+# Back-off after a failed database call: doubling from the first delay up to the cap, with jitter so
+# workers that failed together do not retry together.
+RETRY_FIRST_DELAY_S: Final = 0.2
+RETRY_MAX_DELAY_S: Final = 10.0
+
+T = TypeVar("T")
+
+
+class Backoff:
+    """Exponential back-off delays with jitter (each in [d/2, d] for d = first x 2^failures, capped)."""
+
+    def __init__(self, first: float = RETRY_FIRST_DELAY_S, cap: float = RETRY_MAX_DELAY_S) -> None:
+        self._first = first
+        self._cap = cap
+        self._failures = 0
+
+    def next(self) -> float:
+        """The delay before the next try; each call doubles the one after."""
+        delay = min(self._cap, self._first * 2.0 ** min(self._failures, 30))
+        self._failures += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        """A call succeeded: the next failure starts again from the first delay."""
+        self._failures = 0
+
+
+def retry_transient(action: Callable[[], T], *, what: str, stop: threading.Event) -> T | None:
+    """`action()`, retried with back-off while it fails with a transient database error.
+
+    Transient: locked past the busy timeout, disk full or failing, connection lost (store.db.is_transient);
+    any other error is raised at once. Returns None without having succeeded once `stop` is set (a
+    stopping worker leaves its run to the lease: it expires and the run is retried).
+    """
+    backoff = Backoff()
+    while True:
+        try:
+            return action()
+        except SQLAlchemyError as exc:
+            if not is_transient(exc):
+                raise
+            delay = backoff.next()
+            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, getattr(exc, "orig", exc), delay)
+        if stop.wait(delay):
+            return None
 
 
 @dataclass(frozen=True)

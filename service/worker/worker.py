@@ -9,6 +9,7 @@ database transaction is held open while training.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -16,17 +17,20 @@ import threading
 import time
 import uuid
 from types import FrameType, TracebackType
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import torch
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from models.spec import Spec
 from service.engine.data import DatasetCache
 from service.engine.probe import ProbeCancelled, ProbeTimeout, Progress, run_probe
+from service.engine.report import Report
 from service.settings import Settings
-from service.store.db import make_engine
+from service.store.db import is_transient, make_engine
 from service.worker.queue import (
+    Backoff,
     Claim,
     claim_next,
     complete,
@@ -36,7 +40,11 @@ from service.worker.queue import (
     progress_record,
     reap_expired,
     release,
+    retry_transient,
 )
+
+if TYPE_CHECKING:
+    from service.export.tensorboard import HistogramCollector
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,10 @@ HEARTBEAT_MAX_INTERVAL_S: Final = 1.0
 DEFAULT_GRACE_SECONDS: Final = 10.0
 # Expired leases are looked for at most this often (and at most once per lease).
 REAP_MAX_INTERVAL_S: Final = 5.0
+
+# Gradient histograms stay in memory until the run ends: this many float32 values in all (64 MiB), spread
+# over every recorded step and layer, bounds them however deep, wide and long the run is.
+HISTOGRAM_BUDGET_VALUES: Final = 16 * 2**20
 
 StopReason = Literal["cancelled", "lost", "shutdown"]
 
@@ -115,11 +127,41 @@ class _RunMonitor:
         self._thread.join()
 
 
-def _error_text(exc: Exception, settings: Settings) -> str:
+def error_text(exc: Exception, run_timeout_seconds: float) -> str:
+    """The `error` a failed run is recorded with (also by the Ray dispatcher's tasks)."""
     if isinstance(exc, ProbeTimeout):
-        return f"ProbeTimeout: {exc} (run_timeout_seconds={settings.run_timeout_seconds:g})"
+        return f"ProbeTimeout: {exc} (run_timeout_seconds={run_timeout_seconds:g})"
     message = str(exc)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _histogram_collector(claim: Claim, settings: Settings) -> HistogramCollector | None:
+    """A gradient-histogram collector when this run writes TensorBoard events (spec or settings), else None."""
+    if not (claim.spec.tensorboard or settings.tensorboard_all):
+        return None
+    try:
+        from service.export.tensorboard import HistogramCollector
+    except ImportError as exc:
+        log.warning("run %s: no TensorBoard events: %s", claim.run_id, exc)
+        return None
+    return HistogramCollector(max_values=_histogram_values(claim.spec))
+
+
+def _histogram_values(spec: Spec) -> int:
+    """Values kept per layer and recorded step, so all of them fit HISTOGRAM_BUDGET_VALUES."""
+    recorded_steps = math.ceil(spec.steps / spec.record_every) + 1
+    layers = 2 * spec.depth + 2  # a linear or conv layer per block, a norm layer each, input and output
+    return max(1, HISTOGRAM_BUDGET_VALUES // (recorded_steps * layers))
+
+
+def _write_tensorboard(settings: Settings, run_id: str, report: Report, collector: HistogramCollector) -> None:
+    """Write the run's events with histograms; a failure is logged, never fails the run."""
+    from service.export.tensorboard import write_events
+
+    try:
+        write_events(report, settings.tensorboard_run_dir(run_id), histograms=collector.histograms)
+    except Exception:
+        log.warning("run %s: could not write TensorBoard events", run_id, exc_info=True)
 
 
 def _execute(
@@ -130,11 +172,16 @@ def _execute(
     shutdown: threading.Event,
     grace_seconds: float,
 ) -> None:
-    """Train one claimed run and record how it ended; raises nothing but database errors."""
+    """Train one claimed run and record how it ended; raises nothing but database errors.
+
+    The run's ending is written with retries while the database is locked or full (each write is one
+    all-or-nothing transaction), so a passing fault costs a wait, not the trained result.
+    """
     run_id = claim.run_id
     log.info("run %s: attempt %d started", run_id, claim.attempt)
     started = time.monotonic()
     monitor = _RunMonitor(engine, claim, settings.lease_seconds, shutdown, grace_seconds)
+    collector = _histogram_collector(claim, settings)
     try:
         with monitor:
             data = cache.get() if claim.spec.dataset == "cifar10" else None
@@ -146,25 +193,33 @@ def _execute(
                 progress_interval=HEARTBEAT_MAX_INTERVAL_S,
                 should_stop=monitor.should_stop,
                 deadline=started + settings.run_timeout_seconds,
+                on_record=collector,
             )
     except ProbeCancelled:
         if monitor.stop_reason == "cancelled":
-            mark_cancelled(engine, claim)
+            retry_transient(lambda: mark_cancelled(engine, claim), what=f"run {run_id}: cancel", stop=shutdown)
             log.info("run %s: cancelled", run_id)
         elif monitor.stop_reason == "shutdown":
-            release(engine, claim)
+            retry_transient(lambda: release(engine, claim), what=f"run {run_id}: release", stop=shutdown)
             log.info("run %s: handed back to the queue (worker stopping)", run_id)
         else:
             log.warning("run %s: lease lost (reaped or deleted); stopped without writing", run_id)
         return
     except Exception as exc:
         log.exception("run %s: attempt %d failed", run_id, claim.attempt)
-        fail(engine, claim, _error_text(exc, settings))
+        error = error_text(exc, settings.run_timeout_seconds)
+        retry_transient(lambda: fail(engine, claim, error), what=f"run {run_id}: fail", stop=shutdown)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # after an out-of-memory error, the next run starts from a clean pool
         return
-    if complete(engine, claim, report):
+    if collector is not None:
+        # Before the run is marked succeeded, so the API finds the events as soon as it sees the verdict.
+        _write_tensorboard(settings, run_id, report, collector)
+    stored = retry_transient(lambda: complete(engine, claim, report), what=f"run {run_id}: complete", stop=shutdown)
+    if stored:
         log.info("run %s: %s in %.1f s", run_id, report.verdict.label, time.monotonic() - started)
+    elif stored is None:
+        log.warning("run %s: results not stored before the worker stopped; the run will be retried", run_id)
     else:
         log.warning("run %s: lease lost before the results were stored; discarded", run_id)
 
@@ -189,6 +244,7 @@ def run_worker(
     reap_interval = min(REAP_MAX_INTERVAL_S, settings.lease_seconds)
     next_reap = 0.0
     executed = 0
+    backoff = Backoff(first=max(settings.poll_seconds, 0.5))
     log.info("worker %s: polling %s", worker_id, engine.url.render_as_string(hide_password=True))
     try:
         while not stop.is_set() and (max_runs is None or executed < max_runs):
@@ -197,16 +253,22 @@ def run_worker(
                     reap_expired(engine, settings.max_attempts)
                     next_reap = time.monotonic() + reap_interval
                 claim = claim_next(engine, worker_id, settings.lease_seconds)
+                backoff.reset()
                 if claim is None:
                     stop.wait(settings.poll_seconds)
                     continue
                 executed += 1
                 _execute(engine, claim, settings, cache, stop, grace_seconds)
-            except SQLAlchemyError:
-                # The database is unreachable or locked beyond the busy timeout: the worker waits it out;
-                # a run it could not settle is reaped once its lease expires.
-                log.exception("worker %s: database error; retrying", worker_id)
-                stop.wait(max(settings.poll_seconds, 1.0))
+            except SQLAlchemyError as exc:
+                # The database is unreachable, locked beyond the busy timeout or full: the worker waits it
+                # out, backing off; a run it could not settle is reaped once its lease expires.
+                delay = backoff.next()
+                if is_transient(exc):
+                    reason = getattr(exc, "orig", exc)
+                    log.warning("worker %s: database unavailable (%s); retrying in %.1f s", worker_id, reason, delay)
+                else:
+                    log.exception("worker %s: database error; retrying in %.1f s", worker_id, delay)
+                stop.wait(delay)
     finally:
         engine.dispose()
         log.info("worker %s: stopped after %d runs", worker_id, executed)

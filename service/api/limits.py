@@ -1,0 +1,169 @@
+"""Resource limits at the API's edge: request body size, page size and a spec's training memory.
+
+Every refusal is a problem+json naming what to change: a 413 for the body, a 422 naming the query
+parameter or the spec fields. The caps are settings, so an operator sets them per deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import Field
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models.spec import Spec, SpecCaps
+from service.api.errors import problem_response
+from service.api.schemas import FieldError
+from service.settings import Settings
+
+# CIFAR-10 images (both data sets have this shape): 3 x 32 x 32 inputs, 10 classes.
+INPUT_FEATURES: Final = 3 * 32 * 32
+INPUT_PIXELS: Final = 32 * 32
+CLASSES: Final = 10
+# models/networks.py: a CNN has min(3, depth) stages of convolutions, a 2x2 max-pool between stages.
+CNN_STAGES: Final = 3
+# float32 copies of every parameter: weight, gradient, the probe's copy of the initial weights and the
+# recorder's snapshot of the previous ones, plus the optimizer's state.
+PARAM_COPIES: Final = 4
+OPTIMIZER_STATES: Final = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+# Tensors kept for backward per hidden layer, each batch x width x pixels: the layer's output, the
+# activation's output and its gradient; a norm layer keeps one more.
+SAVED_PER_LAYER: Final = 3
+MEMORY_FIELDS: Final = ("depth", "width", "batch_size")
+MIB: Final = 2**20
+
+
+def _cnn_pixels(depth: int) -> int:
+    """Sum over the convolutions of their feature maps' pixels (stage s runs at 32/2^(s-1) squared)."""
+    stages = min(CNN_STAGES, depth)
+    base, extra = divmod(depth, stages)
+    sizes = [base + 1 if s < extra else base for s in range(stages)]
+    return sum(size * INPUT_PIXELS // 4**s for s, size in enumerate(sizes))
+
+
+def parameter_count(spec: Spec) -> int:
+    """The network's parameters (weights and biases, norm scales and shifts)."""
+    w, norms = spec.width, 2 * spec.width if spec.norm != "none" else 0
+    if spec.arch == "cnn":
+        first, hidden = 27 * w + w, 9 * w * w + w
+    else:
+        first, hidden = INPUT_FEATURES * w + w, w * w + w
+    return first + (spec.depth - 1) * hidden + spec.depth * norms + CLASSES * w + CLASSES
+
+
+def estimate_run_memory_mb(spec: Spec) -> float:
+    """Training memory of one run of `spec` in MiB, excluding the interpreter, torch and the data set.
+
+    An estimate from the spec alone (the API never builds networks): float32 parameters times their
+    copies plus the activations backward keeps. Against the measured peak RSS of CPU runs from 0.1 to
+    0.6 GiB (`python -m bench.memory`, bench/results/memory.json) it is 0.95x to 1.6x.
+    """
+    params = parameter_count(spec) * (PARAM_COPIES + OPTIMIZER_STATES[spec.optimizer])
+    pixels = _cnn_pixels(spec.depth) if spec.arch == "cnn" else spec.depth
+    saved = SAVED_PER_LAYER + (1 if spec.norm != "none" else 0)
+    activations = spec.batch_size * spec.width * pixels * saved + 2 * spec.batch_size * INPUT_FEATURES
+    return 4 * (params + activations) / MIB
+
+
+class ServerCaps(SpecCaps):
+    """SpecCaps plus the memory cap: a spec estimated above it is refused naming depth, width and batch_size."""
+
+    max_run_memory_mb: float = Field(gt=0)
+
+    def violations(self, spec: Spec) -> list[tuple[str, str]]:
+        """(field, message) for every cap `spec` exceeds."""
+        found = super().violations(spec)
+        memory = estimate_run_memory_mb(spec)
+        if memory > self.max_run_memory_mb:
+            message = (
+                f"the run would need about {memory:,.0f} MiB to train, over this server's "
+                f"max_run_memory_mb={self.max_run_memory_mb:g}; lower depth, width or batch_size"
+            )
+            found += [(field, message) for field in MEMORY_FIELDS]
+        return found
+
+
+def server_caps(settings: Settings) -> ServerCaps:
+    """Every cap a submitted spec must meet on this deployment."""
+    return ServerCaps(**settings.caps().model_dump(), max_run_memory_mb=settings.max_run_memory_mb)
+
+
+def check_spec(spec: Spec, settings: Settings) -> None:
+    """Raise a 422 naming every field of `spec` over this deployment's caps."""
+    violations = server_caps(settings).violations(spec)
+    if violations:
+        raise RequestValidationError(
+            [{"loc": ("body", field), "msg": msg, "type": "over_cap"} for field, msg in violations]
+        )
+
+
+def check_page_size(limit: int, settings: Settings) -> None:
+    """Raise a 422 naming `limit` when a page would exceed `settings.max_page_size`."""
+    if limit > settings.max_page_size:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", "limit"),
+                    "msg": f"limit={limit} exceeds this server's max_page_size; allowed: at most "
+                    f"{settings.max_page_size}",
+                    "type": "over_cap",
+                }
+            ]
+        )
+
+
+class BodyLimit:
+    """ASGI middleware refusing request bodies over `max_bytes` with a 413 problem.
+
+    A declared Content-Length over the cap is refused before anything is read; a body sent without one
+    (chunked) is read up to the cap and refused as soon as it passes it. The app sees the body only
+    once it is known to fit, so no route ever parses a partial or oversized body.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away: the app sees the disconnect
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        pending: list[Message] = [message]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope)
+        message = f"the request body exceeds this server's max_body_bytes={self.max_bytes}"
+        response = problem_response(
+            request,
+            413,
+            "body_too_large",
+            f"body: {message}",
+            errors=[FieldError(loc=["body"], msg=message, type="too_large")],
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)

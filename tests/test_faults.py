@@ -1,0 +1,502 @@
+"""Faults: workers killed at random moments, the service crashed or stopped mid-work, the database locked
+by another process or its disk full, and runs that would blow up memory or time.
+
+What must hold after each: every run ends once (succeeded, or back in the queue when the service stops),
+with exactly one set of records; nothing is half-written (PRAGMA integrity_check); the API answers a
+database fault with 503 + Retry-After instead of hanging or failing with a 500; workers wait the fault
+out instead of dying or losing a trained result.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import random
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import httpx
+import pytest
+from sqlalchemy import Engine, func, select
+
+from models.spec import Spec
+from service.client import Client
+from service.settings import Settings
+from service.store import db
+from service.store.tables import Run, RunLayer, RunRecord, RunStep
+from tests.test_api import assert_problem, serve_app
+from tests.test_service_e2e import REPO, Server
+from tests.test_worker import background_worker, row, submit, wait_for
+
+pytestmark = pytest.mark.anyio
+
+SMALL: dict[str, Any] = {"dataset": "synthetic", "depth": 3, "width": 16, "batch_size": 16, "record_every": 100}
+# ~0.5 s of training on one thread: long enough to be killed in the middle of.
+KILLABLE = Spec(**SMALL, steps=400)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def integrity(path: Path) -> str:
+    """PRAGMA integrity_check of a SQLite file ("ok" when every page and index is consistent)."""
+    with sqlite3.connect(path) as connection:
+        return str(connection.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def result_sets(engine: Engine, run_ids: list[str]) -> dict[str, tuple[int, int, int]]:
+    """Per run: (layers, steps, records) stored, checked to form exactly one complete set."""
+    found = {}
+    with db.make_sessionmaker(engine)() as session:
+        for run_id in run_ids:
+            run = session.get(Run, run_id)
+            assert run is not None
+            spec = Spec.model_validate(run.spec)
+            layers = session.scalar(select(func.count()).where(RunLayer.run_id == run_id)) or 0
+            steps = session.scalar(select(func.count()).where(RunStep.run_id == run_id)) or 0
+            recorded = session.execute(
+                select(func.count(), func.count(func.distinct(RunRecord.step))).where(RunRecord.run_id == run_id)
+            ).one()
+            records, recorded_steps = int(recorded[0]), int(recorded[1])
+            assert steps == spec.steps, (run_id, steps)
+            assert recorded_steps == len({*range(0, spec.steps, spec.record_every), spec.steps - 1}), run_id
+            assert records == layers * recorded_steps, (run_id, layers, records)
+            found[run_id] = (layers, steps, records)
+    return found
+
+
+# --- workers killed with SIGKILL at random moments ---------------------------------------------------
+
+# A real worker process whose commit of a run's results pauses inside its transaction (rows inserted,
+# not yet committed) and says so, so the test can kill it mid-commit as well as at any other moment.
+PAUSING_WORKER: Final = """
+import sys, time
+from service.settings import Settings
+from service.worker import queue
+from service.worker.worker import worker_main
+
+insert_rows = queue.insert_report_rows
+
+def insert_then_pause(connection, rows):
+    insert_rows(connection, rows)
+    print("COMMITTING", flush=True)
+    time.sleep(float(sys.argv[1]))
+
+queue.insert_report_rows = insert_then_pause
+worker_main(Settings())
+"""
+COMMIT_PAUSE_S = 0.3
+STARTED = re.compile(r"run (\w+): attempt \d+ started")
+SUCCEEDED = re.compile(r"run (\w+): (healthy|vanishing|exploding) in")
+KILL_SEED = 20240607
+
+
+class WorkerProcess:
+    """The pausing worker in a subprocess; its output is followed line by line to know where it is."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PAUSING_WORKER, str(COMMIT_PAUSE_S)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.phase = "before_claim"
+        self.succeeded: list[str] = []
+        self._log = log
+        threading.Thread(target=self._follow, daemon=True).start()
+
+    def _follow(self) -> None:
+        assert self.proc.stdout is not None
+        with self._log.open("a") as log:
+            for line in self.proc.stdout:
+                log.write(line)
+                self.lines.put(line)
+
+    def _read(self, timeout: float | None) -> str | None:
+        try:
+            line = self.lines.get(timeout=timeout) if timeout else self.lines.get_nowait()
+        except queue.Empty:
+            return None
+        if STARTED.search(line):
+            self.phase = "mid_training"
+        elif "COMMITTING" in line:
+            self.phase = "mid_commit"
+        elif match := SUCCEEDED.search(line):
+            self.phase = "between_runs"
+            self.succeeded.append(match.group(1))
+        return line
+
+    def wait_for(self, phase: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.phase != phase:
+            assert time.monotonic() < deadline and self.proc.poll() is None, f"worker never reached {phase}"
+            self._read(0.05)
+
+    def kill(self) -> str:
+        """SIGKILL; returns the phase the worker was in (from every line it printed before dying)."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        while self._read(None if self.lines.empty() else 0.01) is not None:
+            pass
+        return self.phase
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(30) == 0
+        while self._read(None) is not None:
+            pass
+
+
+@pytest.mark.slow
+def test_worker_killed_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "graddiag.db"
+    url = f"sqlite:///{path}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    ids = [submit(engine, KILLABLE.model_copy(update={"seed": seed})) for seed in range(20)]
+    env = {
+        **os.environ,
+        "GRADDIAG_DB_URL": url,
+        "GRADDIAG_LEASE_SECONDS": "1",
+        "GRADDIAG_POLL_SECONDS": "0.05",
+        "GRADDIAG_MAX_ATTEMPTS": "20",
+        "GRADDIAG_EVAL_SAMPLES": "10",
+        "GRADDIAG_TORCH_THREADS": "1",
+        "GRADDIAG_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    rng = random.Random(KILL_SEED)
+    plan = ["before_claim", "mid_training", "mid_commit"] * 2
+    rng.shuffle(plan)
+    killed_in: list[str] = []
+    succeeded: list[str] = []
+    for target in plan:
+        worker = WorkerProcess(env, tmp_path / "workers.log")
+        if target == "before_claim":
+            time.sleep(rng.uniform(0.05, 0.5))  # the interpreter is still importing torch
+        elif target == "mid_training":
+            worker.wait_for("mid_training")
+            time.sleep(rng.uniform(0.0, 0.25))
+        else:
+            worker.wait_for("mid_commit")
+        killed_in.append(worker.kill())
+        succeeded += worker.succeeded
+
+    last = WorkerProcess(env, tmp_path / "workers.log")
+    wait_for(lambda: all(row(engine, run_id).status == "succeeded" for run_id in ids), 90, "every run to succeed")
+    last.stop()
+    succeeded += last.succeeded
+
+    log = (tmp_path / "workers.log").read_text()
+    assert set(killed_in) >= {"before_claim", "mid_training", "mid_commit"}, killed_in
+    runs = [row(engine, run_id) for run_id in ids]
+    assert all(run.status == "succeeded" and run.error is None for run in runs)
+    # Killed attempts were retried: more attempts than runs, none of them counted as a success twice.
+    assert sum(run.attempt for run in runs) > len(runs)
+    assert max(Counter(succeeded).values()) == 1 and set(succeeded) <= set(ids), log[-3000:]
+    assert len(result_sets(engine, ids)) == 20
+    engine.dispose()
+    assert integrity(path) == "ok"
+
+
+# --- the service crashed or stopped in the middle of work --------------------------------------------
+
+SWEEP_BASE: dict[str, Any] = {**SMALL, "steps": 800}
+
+
+@pytest.mark.slow
+def test_service_crash_mid_sweep_then_restart_completes_it(tmp_path: Path) -> None:
+    path = tmp_path / "graddiag.db"
+    url = f"sqlite:///{path}"
+    first = Server(url, tmp_path / "first.log", workers=2, cache=tmp_path / "cache")
+    first.wait_ready()
+    with Client(first.url) as gd:
+        sweep = gd.sweep(SWEEP_BASE, {"depth": [2, 3, 4], "activation": ["relu", "tanh"]})
+        deadline = time.monotonic() + 60
+        while (counts := gd.sweep_status(sweep["id"])["counts"])["succeeded"] < 1 or counts["running"] < 1:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.05)
+    # A crash of the whole service: the API process and its workers die at once, mid-run.
+    victims = [first.proc.pid, *first.worker_pids()]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    first.proc.wait(10)
+
+    second = Server(url, tmp_path / "second.log", workers=2, cache=tmp_path / "cache")
+    try:
+        second.wait_ready()
+        with Client(second.url) as gd:
+            done = gd.wait_sweep(sweep["id"], timeout=90, poll=0.2)
+    finally:
+        second.stop()
+    assert done["total"] == 6 and done["counts"]["succeeded"] == 6, done
+    engine = db.make_engine(url)
+    ids = [point["run_id"] for point in done["runs"]]
+    assert len(result_sets(engine, ids)) == 6
+    # The runs the crash interrupted were requeued when their lease ran out and ran again.
+    assert max(row(engine, run_id).attempt for run_id in ids) >= 2
+    engine.dispose()
+    assert integrity(path) == "ok"
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_or_requeues_running_runs(tmp_path: Path) -> None:
+    path = tmp_path / "graddiag.db"
+    url = f"sqlite:///{path}"
+    server = Server(url, tmp_path / "serve.log", workers=2, cache=tmp_path / "cache")
+    server.wait_ready()
+    # Two workers, two runs: one ends within the workers' 10 s grace, the other would take far longer.
+    short = Spec(**{**SMALL, "steps": 2500})
+    long = Spec(**{**SMALL, "depth": 6, "width": 128, "batch_size": 128, "steps": 5000})
+    with Client(server.url) as gd:
+        ids = [gd.submit(spec)["id"] for spec in (short, long)]
+        deadline = time.monotonic() + 30
+        while not all((gd.get(run_id)["progress"] or {}).get("step") for run_id in ids):
+            assert time.monotonic() < deadline, server.tail()
+            time.sleep(0.05)
+    server.stop(timeout=40)  # SIGTERM; asserts exit status 0 and no worker left behind
+
+    engine = db.make_engine(url)
+    finished, released = (row(engine, run_id) for run_id in ids)
+    assert finished.status == "succeeded" and finished.attempt == 1
+    assert released.status == "queued" and released.lease_owner is None and released.attempt == 1
+    with db.make_sessionmaker(engine)() as session:
+        assert session.scalar(select(func.count()).where(Run.status == "running")) == 0
+    assert len(result_sets(engine, [finished.id])) == 1
+    engine.dispose()
+    assert integrity(path) == "ok"
+
+
+# --- the database locked by another process, or its disk full ----------------------------------------
+
+LOCK_HOLDER: Final = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+connection.execute("COMMIT")
+"""
+LOCK_SECONDS = 3.0
+
+
+@pytest.fixture
+def fault_settings(tmp_path: Path) -> Settings:
+    url = f"sqlite:///{tmp_path / 'graddiag.db'}"
+    db.upgrade(url)
+    # A long lease: a result saved by retrying is saved by the same attempt, not by a re-run.
+    return Settings(
+        db_url=url,
+        cache_dir=tmp_path / "cache",
+        lease_seconds=60,
+        poll_seconds=0.05,
+        eval_samples=10,
+        api_busy_timeout_seconds=0.5,
+    )
+
+
+@pytest.fixture
+def impatient_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers whose SQLite connections give up on a lock after 0.2 s (not 30), to exercise their retries."""
+    from service.worker import worker
+
+    monkeypatch.setattr(worker, "make_engine", functools.partial(db.make_engine, busy_timeout=0.2))
+
+
+class Gate:
+    """Holds a worker between training and storing the results, so a fault can start exactly there."""
+
+    def __init__(self) -> None:
+        self.trained = threading.Event()
+        self.resume = threading.Event()
+
+    async def wait_trained(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.trained.is_set():
+            assert time.monotonic() < deadline, "the run never finished training"
+            await anyio.sleep(0.02)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    """Workers' run_probe returns only once the test opens the gate (the heartbeat goes on meanwhile)."""
+    from service.worker import worker
+
+    gate, probe = Gate(), worker.run_probe
+
+    def run_then_wait(*args: Any, **kwargs: Any) -> Any:
+        report = probe(*args, **kwargs)
+        gate.trained.set()
+        assert gate.resume.wait(60)
+        return report
+
+    monkeypatch.setattr(worker, "run_probe", run_then_wait)
+    yield gate
+    gate.resume.set()
+
+
+async def _finished(api: httpx.AsyncClient, run_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (run := (await api.get(f"/v1/runs/{run_id}")).json())["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, run
+        await anyio.sleep(0.05)
+    return run
+
+
+def _assert_unavailable(response: httpx.Response) -> None:
+    body = assert_problem(response, 503, "database_unavailable")
+    assert response.headers["retry-after"].isdigit() and int(response.headers["retry-after"]) > 0
+    assert "sqlite" not in response.text.lower() and "runs" not in body["detail"]
+
+
+async def test_locked_database_gives_503_and_workers_retry(
+    fault_settings: Settings, impatient_workers: None, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = Path(fault_settings.db_url.removeprefix("sqlite:///"))
+    async with serve_app(fault_settings) as api:
+        with background_worker(fault_settings, grace_seconds=0):
+            run_id = (await api.post("/v1/runs", json=KILLABLE.model_dump())).json()["id"]
+            await gate.wait_trained()
+            holder = subprocess.Popen(
+                [sys.executable, "-c", LOCK_HOLDER, str(path), str(LOCK_SECONDS)], stdout=subprocess.PIPE, text=True
+            )
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            started = time.monotonic()
+            _assert_unavailable(await api.post("/v1/runs", json=KILLABLE.model_dump()))
+            _assert_unavailable(await api.get(f"/v1/runs/{run_id}"))
+            # The short API busy timeout answers within a second, not after SQLite's 30 s default.
+            assert time.monotonic() - started < LOCK_SECONDS
+            assert (await api.get("/healthz")).status_code == 200
+            gate.resume.set()  # the worker stores the results while the lock is still held
+            assert holder.wait(30) == 0
+
+            run = await _finished(api, run_id)
+            after = await api.post("/v1/runs", json=KILLABLE.model_dump())
+            assert after.status_code == 202
+            assert (await _finished(api, after.json()["id"]))["status"] == "succeeded"
+    # Storing the results failed while the lock was held, was retried and succeeded, in the same attempt.
+    # Only the submit made during the lock was refused: two runs in all.
+    assert run["status"] == "succeeded" and run["attempt"] == 1, run
+    assert f"run {run_id}: complete: database unavailable (database is locked)" in caplog.text
+    engine = db.make_engine(fault_settings.db_url)
+    with db.make_sessionmaker(engine)() as session:
+        assert session.scalar(select(func.count()).select_from(Run)) == 2
+    assert len(result_sets(engine, [run_id])) == 1
+    engine.dispose()
+    assert integrity(path) == "ok"
+
+
+def _mount_tmpfs(where: Path, size: str) -> None:
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        message = f"a small tmpfs is how this test fills a disk; mount failed: {mounted.stderr.decode().strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (needs root, as in CI), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "4m")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Write a file until the filesystem is full; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass  # ENOSPC: full
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_full_disk_gives_503_and_loses_nothing(
+    small_disk: Path, tmp_path: Path, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = small_disk / "graddiag.db"
+    url = f"sqlite:///{path}"
+    db.upgrade(url)
+    settings = Settings(db_url=url, cache_dir=tmp_path / "cache", lease_seconds=60, poll_seconds=0.05, eval_samples=10)
+    async with serve_app(settings) as api:
+        with background_worker(settings, grace_seconds=0):
+            run_id = (await api.post("/v1/runs", json=KILLABLE.model_dump())).json()["id"]
+            await gate.wait_trained()
+            filler = _fill(small_disk)
+            _assert_unavailable(await api.post("/v1/runs", json=KILLABLE.model_dump()))
+            # Reads need no space: the service still answers them.
+            assert (await api.get(f"/v1/runs/{run_id}")).status_code == 200
+            # Storing the results fails while the disk is full and is retried until space is freed.
+            gate.resume.set()
+            failed = f"run {run_id}: complete: database unavailable (database or disk is full)"
+            deadline = time.monotonic() + 30
+            while failed not in caplog.text:
+                assert time.monotonic() < deadline, "storing the results never failed"
+                await anyio.sleep(0.05)
+            filler.unlink()
+            run = await _finished(api, run_id)
+            after = await api.post("/v1/runs", json=KILLABLE.model_dump())
+            assert after.status_code == 202
+            assert (await _finished(api, after.json()["id"]))["status"] == "succeeded"
+    assert run["status"] == "succeeded" and run["attempt"] == 1, run
+    engine = db.make_engine(url)
+    with db.make_sessionmaker(engine)() as session:
+        assert session.scalar(select(func.count()).select_from(Run)) == 2
+    assert len(result_sets(engine, [run_id])) == 1
+    engine.dispose()
+    assert integrity(path) == "ok"
+
+
+# --- runs that would blow up memory or time ------------------------------------------------------------
+
+
+async def test_spec_over_the_memory_cap_is_refused_naming_its_size_fields(fault_settings: Settings) -> None:
+    settings = fault_settings.model_copy(update={"max_run_memory_mb": 64})
+    big = {**SMALL, "depth": 4, "width": 1024, "batch_size": 1024}
+    async with serve_app(settings) as api:
+        body = assert_problem(await api.post("/v1/runs", json=big), 422, "validation_error")
+        assert {tuple(e["loc"]) for e in body["errors"]} == {("body", f) for f in ("depth", "width", "batch_size")}
+        assert all(e["type"] == "over_cap" and "max_run_memory_mb=64" in e["msg"] for e in body["errors"])
+        assert (await api.post("/v1/runs", json={**big, "width": 64})).status_code == 202
+
+        sweep = await api.post("/v1/sweeps", json={"base": big, "grid": {"width": [64, 1024]}})
+        body = assert_problem(sweep, 422, "sweep_invalid")
+        assert {tuple(e["loc"]) for e in body["errors"]} == {("grid", 1, f) for f in ("depth", "width", "batch_size")}
+        assert (await api.get("/v1/runs")).json()["total"] == 1
+
+
+async def test_run_over_its_time_limit_fails_with_the_reason(fault_settings: Settings) -> None:
+    settings = fault_settings.model_copy(update={"run_timeout_seconds": 0.5})
+    async with serve_app(settings) as api:
+        with background_worker(settings):
+            run_id = (await api.post("/v1/runs", json={**SMALL, "steps": 5000})).json()["id"]
+            run = await _finished(api, run_id)
+    assert run["status"] == "failed" and run["report"] is None
+    assert run["error"].startswith("ProbeTimeout: wall-clock limit reached at step ")
+    assert "run_timeout_seconds=0.5" in run["error"]
