@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--json", action="store_true", help="print the full JSON report")
     probe.add_argument("--data-dir", help="CIFAR-10 directory (default: $GRADDIAG_DATA_DIR)")
     probe.add_argument("--cache-dir", help="decoded data-set cache (default: ~/.cache/graddiag)")
-    _add_model_flags(probe, Spec)
+    # A local probe writes no event files: tensorboard is a service-side option.
+    _add_model_flags(probe, Spec, skip=("tensorboard",))
     probe.set_defaults(handler=cmd_probe)
 
     for name, handler, text in (

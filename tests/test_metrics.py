@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 from sqlalchemy import text, update
 
 from models.spec import Spec
@@ -204,3 +205,14 @@ async def test_an_unreadable_store_is_reported_not_raised(tmp_path: Path) -> Non
         value(samples, "graddiag_http_request_duration_seconds_count", route="/healthz", method="GET", status="2xx")
         == 1
     )
+
+
+async def test_refused_requests_are_timed_too(settings: Settings) -> None:  # noqa: F811
+    # The access-control layer answers before routing: its 401s still reach the latency histogram.
+    guarded = settings.model_copy(update={"api_token": SecretStr("metrics-token")})
+    async with serve_app(guarded) as api:
+        assert (await api.post("/v1/runs", json=TINY)).status_code == 401
+        assert (await api.post("/v1/runs", json=TINY)).status_code == 401
+        samples = await scrape(api)
+    count = "graddiag_http_request_duration_seconds_count"
+    assert value(samples, count, route="<unmatched>", method="POST", status="4xx") == 2

@@ -51,7 +51,8 @@ def create_app(settings: Settings, *, worker_probe: WorkerProbe | None = None) -
     for module in (runs, sweeps, compare, health, tensorboard, events, dashboard, security):
         app.include_router(module.router)
     app.mount("/static", dashboard.static_files(), name="static")
-    install_metrics(app, lease_seconds=settings.lease_seconds, worker_probe=worker_probe)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    install_access_control(app, settings)  # last, so it runs first: before any route, mount or body read
+    install_access_control(app, settings)  # before any route, mount or body read
+    # Outermost, so request latency counts the 401s and 413s the layers inside it answer.
+    install_metrics(app, lease_seconds=settings.lease_seconds, worker_probe=worker_probe)
     return app
