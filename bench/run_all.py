@@ -19,8 +19,11 @@ from typing import cast
 # name -> module with a main(argv: list[str] | None) -> int | None. Add new benchmarks here.
 BENCHMARKS: list[tuple[str, str]] = [
     ("engine", "bench.engine"),
+    ("service", "bench.service"),
+    ("theory", "bench.theory"),
     ("load", "bench.load"),
     ("memory", "bench.memory"),
+    ("dispatch", "bench.dispatch"),
 ]
 
 

@@ -10,6 +10,8 @@ import torch
 
 from service.engine.data import ImageSet, load_cifar10
 
+pytest_plugins = ["tests.pg"]
+
 # Test tensors are tiny: a second intra-op thread only adds contention with the server and worker
 # processes the end-to-end tests start beside this one.
 torch.set_num_threads(1)

@@ -27,6 +27,11 @@ from service.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = Settings.model_config["env_prefix"]
 GPU_RESERVATION = {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+# Services of docker-compose.yml that do not run a graddiag command: Ray nodes run `ray start`, and
+# PostgreSQL runs its image's own command.
+RAY_NODES = {"ray-head", "ray-worker"}
+IMAGE_COMMAND = {"postgres"}
+DIST = "dist"
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -121,6 +126,30 @@ def is_named_volume(source: str) -> bool:
     return bool(source) and not source.startswith((".", "/", "~", "$"))
 
 
+def default_services(compose: dict[str, Any]) -> dict[str, Any]:
+    """The services `docker compose up` starts: those without a profile."""
+    return {name: service for name, service in compose["services"].items() if not service.get("profiles")}
+
+
+def dist_services(compose: dict[str, Any]) -> dict[str, Any]:
+    return {name: service for name, service in compose["services"].items() if DIST in service.get("profiles", [])}
+
+
+def graddiag_services(services: dict[str, Any]) -> dict[str, Any]:
+    return {name: service for name, service in services.items() if name not in RAY_NODES | IMAGE_COMMAND}
+
+
+def ray_start_flags(command: list[str]) -> dict[str, str]:
+    """`ray start` flags of a Ray node's command, as {flag: value} ('' for switches)."""
+    assert command[:2] == ["ray", "start"], command
+    flags = {}
+    for part in command[2:]:
+        assert part.startswith("--"), f"{command}: {part!r} is not a --flag[=value]"
+        name, _, value = part.partition("=")
+        flags[name] = value
+    return flags
+
+
 def assert_setting_names(names: list[str] | set[str], where: str) -> None:
     for name in names:
         if name.startswith(PREFIX):
@@ -133,9 +162,13 @@ def assert_setting_names(names: list[str] | set[str], where: str) -> None:
 def test_compose_services_run_real_graddiag_commands() -> None:
     services = load_yaml("docker-compose.yml")["services"]
     assert {"api", "worker"} <= set(services)
-    for name, service in services.items():
+    for name, service in graddiag_services(services).items():
         assert "command" in service, f"{name}: no command"
         check_command(service["command"])
+    for name in IMAGE_COMMAND:
+        assert "command" not in services[name], f"{name} runs its image's own command"
+    for name in RAY_NODES:
+        assert "--block" in ray_start_flags(services[name]["command"]), f"{name}: ray start must stay in front"
 
     api = check_command(services["api"]["command"])
     assert api.command == "serve" and api.workers == "0" and api.host == "0.0.0.0"
@@ -165,9 +198,9 @@ def test_compose_volumes_are_declared_and_shared() -> None:
             if is_named_volume(source):
                 assert source in declared, f"{name}: volume {source!r} is not in the top-level volumes"
 
-    # Every service sees the same SQLite file: the database's directory is one named volume for all.
+    # Every service of the default stack sees the same SQLite file: its directory is one named volume.
     databases = set()
-    for name, service in services.items():
+    for name, service in default_services(compose).items():
         url = environment(service)["GRADDIAG_DB_URL"]
         assert url.startswith("sqlite:////"), url
         directory = str(Path(urlsplit(url).path[1:]).parent)
@@ -179,7 +212,7 @@ def test_compose_volumes_are_declared_and_shared() -> None:
 
 def test_compose_data_directory_is_mounted_read_only() -> None:
     services = load_yaml("docker-compose.yml")["services"]
-    for name, service in services.items():
+    for name, service in graddiag_services(services).items():
         data_dir = environment(service)["GRADDIAG_DATA_DIR"]
         (mount,) = [(source, ro) for source, target, ro in mounts(service) if target == data_dir]
         assert mount == ("${GRADDIAG_DATA_DIR:-./data/cifar10}", True), f"{name}: {mount}"
@@ -204,10 +237,96 @@ def test_gpu_reservation_only_in_the_override() -> None:
     # CPU-only hosts must be able to start the base file: no device reservation anywhere in it.
     assert "devices" not in json.dumps(base) and "nvidia" not in json.dumps(base)
     assert set(gpu["services"]) <= set(base["services"])
-    devices = gpu["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [GPU_RESERVATION]
-    assert "api" not in gpu["services"]  # the API trains nothing
-    assert "cpu" not in gpu["services"]["worker"]["build"]["args"]["TORCH_INDEX_URL"]
+    # The trainers get GPUs: local workers, and the Ray workers (Ray counts them and places GPU runs there).
+    assert set(gpu["services"]) == {"worker", "ray-worker"}
+    for name, service in gpu["services"].items():
+        assert service["deploy"]["resources"]["reservations"]["devices"] == [GPU_RESERVATION], name
+        assert "cpu" not in service["build"]["args"]["TORCH_INDEX_URL"], name
+        assert service["image"] != base["services"][name]["image"], f"{name}: a CUDA build needs its own tag"
+    # The Ray workers' GPU image still has the dist extra, like the CPU one.
+    assert (
+        gpu["services"]["ray-worker"]["build"]["args"]["EXTRAS"]
+        == base["services"]["ray-worker"]["build"]["args"]["EXTRAS"]
+    )
+
+
+# -- docker-compose.yml: the dist profile ------------------------------------------------------------
+
+
+def test_dist_profile_runs_postgres_a_ray_cluster_the_api_and_the_dispatcher() -> None:
+    compose = load_yaml("docker-compose.yml")
+    dist = dist_services(compose)
+    assert set(dist) == {"postgres", "ray-head", "ray-worker", "api-dist", "dispatcher"}
+    assert all(service["profiles"] == [DIST] for service in dist.values())
+    assert set(default_services(compose)) == {"api", "worker"}  # `docker compose up` is unchanged
+
+    api = check_command(dist["api-dist"]["command"])
+    assert api.command == "serve" and api.workers == "0" and api.host == "0.0.0.0"
+    probe = " ".join(dist["api-dist"]["healthcheck"]["test"])
+    assert f"127.0.0.1:{api.port}/healthz" in probe
+
+    # The dispatcher connects as a Ray Client to the head's client server, after the API migrated the schema.
+    dispatcher = check_command(dist["dispatcher"]["command"])
+    assert dispatcher.command == "dispatch"
+    head = ray_start_flags(dist["ray-head"]["command"])
+    assert dispatcher.ray_address == f"ray://ray-head:{head['--ray-client-server-port']}"
+    assert f"'127.0.0.1', {head['--ray-client-server-port']}" in " ".join(dist["ray-head"]["healthcheck"]["test"])
+    assert dist["dispatcher"]["depends_on"] == {
+        "api-dist": {"condition": "service_healthy"},
+        "ray-head": {"condition": "service_healthy"},
+    }
+    # The head schedules and trains nothing; the workers join it.
+    assert "--head" in head and head["--num-cpus"] == "0" and head["--num-gpus"] == "0"
+    worker = ray_start_flags(dist["ray-worker"]["command"])
+    assert worker["--address"] == f"ray-head:{head['--port']}" and "--head" not in worker
+    assert dist["ray-worker"]["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    assert "container_name" not in dist["ray-worker"]  # scaled with --scale ray-worker=N
+
+
+def test_dist_profile_shares_one_postgres_database() -> None:
+    compose = load_yaml("docker-compose.yml")
+    dist = dist_services(compose)
+    urls = {environment(service)["GRADDIAG_DB_URL"] for service in graddiag_services(dist).values()}
+    (url,) = urls
+    parts = urlsplit(url)
+    assert parts.scheme == "postgresql+psycopg" and parts.hostname == "postgres" and parts.port == 5432
+    postgres = environment(dist["postgres"])
+    assert parts.username == postgres["POSTGRES_USER"] and parts.path == "/" + postgres["POSTGRES_DB"]
+    assert parts.password == postgres["POSTGRES_PASSWORD"] == "${GRADDIAG_PG_PASSWORD:-}"  # no default secret
+    assert "ports" not in dist["postgres"]  # reachable inside the compose network only
+    (data,) = [source for source, target, _ in mounts(dist["postgres"]) if target == "/var/lib/postgresql/data"]
+    assert is_named_volume(data) and data in (compose.get("volumes") or {})
+
+
+def test_dist_profile_ray_nodes_hold_the_data_and_no_database_credentials() -> None:
+    dist = dist_services(load_yaml("docker-compose.yml"))
+    dispatcher = environment(dist["dispatcher"])
+    for name in RAY_NODES:
+        env = environment(dist[name])
+        assert not {key for key in env if key.startswith(PREFIX)}, f"{name}: Ray nodes get no graddiag settings"
+        assert "shm_size" in dist[name], f"{name}: Ray's object store lives in /dev/shm"
+    # Tasks load CIFAR-10 from the paths the dispatcher sends them: the workers mount them there.
+    worker_mounts = {target: (source, ro) for source, target, ro in mounts(dist["ray-worker"])}
+    assert worker_mounts[dispatcher["GRADDIAG_DATA_DIR"]] == ("${GRADDIAG_DATA_DIR:-./data/cifar10}", True)
+    cache, read_only = worker_mounts[dispatcher["GRADDIAG_CACHE_DIR"]]
+    assert is_named_volume(cache) and not read_only
+    # One cluster token for every Ray process (the nodes and the dispatcher, a Ray Client); no default.
+    for name in (*RAY_NODES, "dispatcher"):
+        env = environment(dist[name])
+        assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", "${GRADDIAG_RAY_TOKEN:-}"), name
+
+
+def test_dist_profile_image_has_the_dist_extra() -> None:
+    dist = dist_services(load_yaml("docker-compose.yml"))
+    builds = {json.dumps(service["build"], sort_keys=True) for service in graddiag_services(dist).values()}
+    builds |= {json.dumps(dist[name]["build"], sort_keys=True) for name in RAY_NODES}
+    (build,) = [json.loads(b) for b in builds]  # one image for all of them
+    extras = build["args"]["EXTRAS"]
+    assert "dist" in extras.split(",")
+    result = run_requirements_step(extras)  # the Dockerfile's own step: it refuses extras pyproject lacks
+    assert result.returncode == 0, result.stderr
+    assert any(line.startswith("ray") for line in result.stdout.splitlines())
+    assert any(line.startswith("psycopg") for line in result.stdout.splitlines())
 
 
 # -- Dockerfile --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Migrations: empty → head, head → base → head, and the ORM metadata matches the migrated schema."""
+"""Migrations: empty → head, head → base → head, and the ORM metadata matches the migrated schema, on SQLite
+and on PostgreSQL (`db_url`, tests/pg.py); SQLite's connection settings."""
 
 from __future__ import annotations
 
@@ -36,18 +37,24 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-def test_upgrade_from_empty_to_head(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'nested' / 'dir' / 'g.db'}"  # the parent directories are created
-    assert db.current(url) is None
+def test_upgrade_from_empty_to_head(db_url: str) -> None:
+    assert db.current(db_url) is None
+    db.upgrade(db_url)
+    assert db.current(db_url) == _head()
+    assert _tables(db_url) == {"alembic_version", "sweeps", "runs", "run_layers", "run_steps", "run_records"}
+    db.upgrade(db_url)  # idempotent
+    assert db.current(db_url) == _head()
+
+
+def test_sqlite_parent_directories_are_created(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nested' / 'dir' / 'g.db'}"
     db.upgrade(url)
-    assert db.current(url) == _head()
-    assert _tables(url) == {"alembic_version", "sweeps", "runs", "run_layers", "run_steps", "run_records"}
-    db.upgrade(url)  # idempotent
+    assert (tmp_path / "nested" / "dir" / "g.db").is_file()
     assert db.current(url) == _head()
 
 
-def test_downgrade_to_base_and_upgrade_again(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'g.db'}"
+def test_downgrade_to_base_and_upgrade_again(db_url: str) -> None:
+    url = db_url
     db.upgrade(url)
     db.downgrade(url, "base")
     assert db.current(url) is None
@@ -63,10 +70,9 @@ def test_downgrade_to_base_and_upgrade_again(tmp_path: Path) -> None:
         engine.dispose()
 
 
-def test_orm_metadata_matches_the_migrated_schema(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'g.db'}"
-    db.upgrade(url)
-    engine = db.make_engine(url)
+def test_orm_metadata_matches_the_migrated_schema(db_url: str) -> None:
+    db.upgrade(db_url)
+    engine = db.make_engine(db_url)
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
@@ -89,8 +95,8 @@ def test_connections_use_wal_foreign_keys_and_a_busy_timeout(tmp_path: Path) -> 
         engine.dispose()
 
 
-def test_alembic_command_line_uses_the_service_database_setting(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'cli.db'}"
+def test_alembic_command_line_uses_the_service_database_setting(db_url: str) -> None:
+    url = db_url
     env = {**os.environ, "GRADDIAG_DB_URL": url}
     result = subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, capture_output=True, text=True
@@ -99,8 +105,8 @@ def test_alembic_command_line_uses_the_service_database_setting(tmp_path: Path) 
     assert db.current(url) == _head()
 
 
-def test_programmatic_upgrade_works_from_another_directory(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+def test_programmatic_upgrade_works_from_another_directory(db_url: str, tmp_path: Path) -> None:
+    url = db_url
     code = f"from service.store import db; db.upgrade({url!r}); print(db.current({url!r}))"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)

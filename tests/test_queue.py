@@ -1,4 +1,5 @@
-"""The queue: atomic claims (threads and processes), heartbeats, leases, the reaper, fenced results."""
+"""The queue: atomic claims (threads and processes), heartbeats, leases, the reaper, fenced results; each
+test on SQLite and on PostgreSQL (`db_url`, tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,12 +28,13 @@ from service.worker.queue import (
     reap_expired,
     release,
 )
-from tests.test_store import TINY, migrated_url, sample_report
+from tests.test_store import TINY, sample_report
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    return migrated_url(tmp_path)
+def url(db_url: str) -> str:
+    db.upgrade(db_url)
+    return db_url
 
 
 @pytest.fixture
@@ -83,6 +84,29 @@ def test_claim_uses_skip_locked_on_postgresql_only() -> None:
     assert "FOR UPDATE SKIP LOCKED" in str(statement.compile(dialect=postgresql.dialect()))
     compiled = str(statement.compile(dialect=sqlite.dialect()))
     assert "FOR UPDATE" not in compiled and "RETURNING" in compiled
+
+
+def test_postgresql_claim_skips_a_run_another_transaction_holds(pg_url: str) -> None:
+    db.upgrade(pg_url)
+    engine = db.make_engine(pg_url)
+    try:
+        first, second = queue_runs(engine, 2)
+        claims: list[Claim | None] = []
+        with engine.connect() as holder:
+            # Another claimer's transaction, between its SELECT … FOR UPDATE and its commit.
+            holder.execute(select(Run.id).where(Run.id == first).with_for_update())
+            claimer = threading.Thread(target=lambda: claims.append(claim_next(engine, "w2", 30)))
+            claimer.start()
+            claimer.join(timeout=5)
+            blocked = claimer.is_alive()
+            holder.rollback()  # releases the row lock: a blocked claimer goes on, and the thread ends
+        claimer.join(timeout=5)
+        assert not blocked, "the claim waited for the row lock instead of skipping the locked run"
+        assert [c.run_id if c else None for c in claims] == [second]
+        again = claim_next(engine, "w3", 30)
+        assert again is not None and again.run_id == first  # the lock is gone: the older run is claimable
+    finally:
+        engine.dispose()
 
 
 def test_concurrent_threads_claim_each_run_once(engine: Engine) -> None:

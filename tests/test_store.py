@@ -1,5 +1,5 @@
 """The store: report round trip, listing filters/sort/pages, gradient rows, cancel, delete, idempotency,
-sweeps. Every test migrates a fresh SQLite file."""
+sweeps. Every test migrates a fresh database, once on SQLite and once on PostgreSQL (`db_url`, tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -126,8 +126,9 @@ def succeed(session: Session, run_id: str, report: Report) -> None:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = db.make_engine(migrated_url(tmp_path))
+def engine(db_url: str) -> Iterator[Engine]:
+    db.upgrade(db_url)
+    engine = db.make_engine(db_url)
     yield engine
     engine.dispose()
 
