@@ -305,9 +305,9 @@ def test_api_only_server_with_a_separate_worker_host(tmp_path: Path) -> None:
     ("cores", "gpus", "split"),
     [
         (1, 0, (1, 1)),
-        (2, 0, (1, 2)),
-        (3, 0, (1, 3)),
-        (16, 0, (8, 2)),
+        (2, 0, (2, 1)),
+        (3, 0, (3, 1)),
+        (16, 0, (16, 1)),
         (16, 1, (1, 16)),
         (16, 4, (4, 4)),
         (2, 8, (8, 1)),  # one worker per GPU even when cores are scarce: the GPU does the work
@@ -326,7 +326,7 @@ def test_cpu_split_never_oversubscribes() -> None:
 @pytest.mark.parametrize(
     ("workers", "threads", "gpus", "planned"),
     [
-        (None, None, [], (4, 2)),  # automatic: cores // 2 workers, two threads each
+        (None, None, [], (8, 1)),  # automatic: one single-threaded worker per core
         (3, None, [], (3, 2)),  # given workers share the cores
         (2, 1, [], (2, 1)),  # both given
         (None, None, ["0", "1"], (2, 4)),  # one per GPU
