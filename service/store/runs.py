@@ -168,10 +168,13 @@ def list_runs(session: Session, filters: RunFilters) -> tuple[list[Run], int]:
     column = getattr(Run, filters.sort.removeprefix("-"))
     order = column.desc() if filters.sort.startswith("-") else column.asc()
     # NULLS LAST on both backends (SQLite puts NULL first, PostgreSQL last); the id makes pages stable.
-    query = (
-        select(Run).where(*conditions).order_by(order.nulls_last(), Run.id).limit(filters.limit).offset(filters.offset)
-    )
-    return list(session.scalars(query)), total
+    # Sort and skip over ids alone, then load the page's rows: sorting whole rows (spec and evidence
+    # JSON) for a deep offset costs several times more.
+    page = select(Run.id).where(*conditions).order_by(order.nulls_last(), Run.id)
+    page = page.limit(filters.limit).offset(filters.offset)
+    ids = list(session.scalars(page))
+    rows = {run.id: run for run in session.scalars(select(Run).where(Run.id.in_(ids)))}
+    return [rows[run_id] for run_id in ids], total
 
 
 def _finite(value: Any) -> Any:
