@@ -339,8 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         if "split" in wanted:
             result["split"] = bench_split(tmp, args.sweep_runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "service.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / "service.md").write_text(_markdown(result))
+    # --only refreshes its sections and keeps the others from earlier runs (each section carries its date).
+    path = RESULTS / "service.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    sections = {key: {**value, "date": result["date"]} for key, value in result.items() if isinstance(value, dict)}
+    merged = {**kept, **result, **sections}
+    path.write_text(json.dumps(merged, indent=1))
+    (RESULTS / "service.md").write_text(_markdown(merged))
     print(_markdown(result))
     return 0
 
