@@ -122,7 +122,9 @@ def run_probe(
 
     # Whole-model figures stay on the device: (loss, accuracy, total norm pre, total norm post).
     metrics = torch.full((spec.steps, 4), float("nan"), device=device)
-    stat_rows: list[tuple[int, list[list[float]]]] = []
+    layers = _layer_infos(model)
+    # Built once per recorded step, so progress reports do not rebuild every earlier record.
+    records: list[LayerRecord] = []
     nonfinite_step: int | None = None
     nonfinite_layer: int | None = None
     last_progress = time.monotonic()
@@ -168,19 +170,19 @@ def run_probe(
             if not finite:
                 nonfinite_step = step
                 nonfinite_layer = locate_nonfinite(model.layers, model, inputs)
-                stat_rows.append((step, recorder.layer_stats(grad_norms).cpu().tolist()))
+                records += _records(step, recorder.layer_stats(grad_norms).cpu().tolist())
                 break
 
         if record:
             recorder.snapshot_weights()
         optimizer.step()
         if record:
-            stat_rows.append((step, recorder.layer_stats(grad_norms).cpu().tolist()))
+            records += _records(step, recorder.layer_stats(grad_norms).cpu().tolist())
 
         if on_progress is not None and time.monotonic() - last_progress >= progress_interval:
             last_progress = time.monotonic()
             loss_now = _finite_or_none(loss.item())
-            partial_evidence = measure(_layer_infos(model), _records(stat_rows), _steps(metrics, steps_run))
+            partial_evidence = measure(layers, records, _steps(metrics, steps_run))
             on_progress(Progress(step + 1, spec.steps, loss_now, decide(spec, partial_evidence, None).label))
     recorder.close()
     if device.type == "cuda":
@@ -199,8 +201,6 @@ def run_probe(
     eval_loss, eval_acc = _evaluate(model, heldout_x, heldout_y) if nonfinite_step is None else (math.nan, math.nan)
     eval_s = time.perf_counter() - eval_started
 
-    layers = _layer_infos(model)
-    records = _records(stat_rows)
     evidence = measure(layers, records, step_metrics, nonfinite_step=nonfinite_step, nonfinite_layer=nonfinite_layer)
     theory = theory_for(spec, init_weights[1:-1], list(init_biases[1:-1]), evidence.act_decades_per_layer)
     verdict = decide(spec, evidence, theory)
@@ -241,14 +241,13 @@ def _layer_infos(model: Network) -> list[LayerInfo]:
     ]
 
 
-def _records(stat_rows: list[tuple[int, list[list[float]]]]) -> list[LayerRecord]:
+def _records(step: int, rows: list[list[float]]) -> list[LayerRecord]:
     return [
         LayerRecord(
             step=step,
             layer=index,
             **{name: _finite_or_none(value) for name, value in zip(STAT_COLUMNS, row, strict=True)},
         )
-        for step, rows in stat_rows
         for index, row in enumerate(rows)
     ]
 
