@@ -16,6 +16,11 @@ three arms train freshly built copies of the same network (same spec, same initi
     (batch 128, shuffle, num_workers 0), ``zero_grad()``, and per-parameter
     ``p.grad.norm().item()`` plus ``loss.item()`` logged each step.
 
+(f) floor (lockstep only): the bare loop plus the least any exact per-layer record needs, one read
+    of every gradient and every weight (two ``torch._foreach_norm`` calls, one host copy of their
+    norms), after backward; no update ratio, hooks, zero count or bookkeeping. (f)/(a) bounds from
+    below what any eager-PyTorch recorder of grad_norm and weight_norm can reach on this machine.
+
 Two protocols, both after untimed warm-up steps, both reported:
 
 * blocks: per repetition, a → b → c each run warm-up + timed steps; time per step is a timed
@@ -140,13 +145,17 @@ def _loadavg() -> list[float]:
 class BareStepper:
     """Loop (a): one training step per call, with its parts timed (meaningful on the CPU only)."""
 
-    def __init__(self, net: Net, data: Data, device: torch.device, steps: int) -> None:
+    def __init__(self, net: Net, data: Data, device: torch.device, steps: int, floor: bool = False) -> None:
         spec = make_spec(net, steps, device)
         self.model = build_network(spec).to(device)
         self.model.train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR)
         self.source = make_source(spec, data=data, device=device, eval_samples=1)
         self.loss: Tensor | None = None
+        # Arm (f): read every gradient and every weight once per step, nothing else.
+        self.floor = floor
+        self.params = list(self.model.parameters())
+        self.weights = [layer.weight for layer in self.model.layers]
 
     def step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -156,6 +165,9 @@ class BareStepper:
         t2 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
+        if self.floor:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch.stack(torch._foreach_norm(grads + [w.detach() for w in self.weights])).tolist()
         t3 = time.perf_counter()
         self.optimizer.step()
         t4 = time.perf_counter()
@@ -362,15 +374,15 @@ def block_protocol(
 
 
 class LockstepPoll:
-    """The probe's should_stop(): closes the probe step that just ended, steps (a) and (c), reopens."""
+    """The probe's should_stop(): closes the probe step that just ended, steps (a), (f) and (c), reopens."""
 
-    def __init__(self, bare: BareStepper, seed: SeedStepper, warmup: int, steps: int) -> None:
-        self.bare, self.seed = bare, seed
+    def __init__(self, bare: BareStepper, floor: BareStepper, seed: SeedStepper, warmup: int, steps: int) -> None:
+        self.bare, self.floor, self.seed = bare, floor, seed
         self.warmup, self.steps = warmup, steps
         self.step = 0  # the probe step about to start
         self.exit = 0.0
-        self.last: tuple[float, float] = (0.0, 0.0)  # (a, c) seconds of the pair run before the probe step
-        self.rows: list[tuple[float, float, float]] = []  # (a, b, c) seconds per timed step
+        self.last: dict[str, float] = {}  # seconds of the (a), (f), (c) steps run before the probe step
+        self.rows: list[dict[str, float]] = []  # a, b, c, f seconds per timed step
 
     def _timed(self, fn: Callable[[], object]) -> float:
         started = time.perf_counter()
@@ -380,25 +392,35 @@ class LockstepPoll:
     def __call__(self) -> bool:
         now = time.perf_counter()
         if self.step - 1 >= self.warmup:
-            self.rows.append((self.last[0], now - self.exit, self.last[1]))
+            self.rows.append({**self.last, "b": now - self.exit})
         if self.step < self.warmup + self.steps:
             k = self.step
-            if k % 2 == 0:
-                a = self._timed(lambda: self.bare.step(k))
-                c = self._timed(self.seed.step)
-            else:
-                c = self._timed(self.seed.step)
-                a = self._timed(lambda: self.bare.step(k))
-            self.last = (a, c)
+            arms: list[tuple[str, Callable[[], object]]] = [
+                ("a", lambda: self.bare.step(k)),
+                ("f", lambda: self.floor.step(k)),
+                ("c", self.seed.step),
+            ]
+            # Rotate which arm goes first, so none always runs on the caches another just filled.
+            arms = arms[k % 3 :] + arms[: k % 3]
+            self.last = {name: self._timed(fn) for name, fn in arms}
         self.step += 1
         self.exit = time.perf_counter()
         return False
 
 
+def _lockstep_figures(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    return {
+        **{f"{arm}_ms": round(1000 * _median([r[arm] for r in rows]), 3) for arm in "abcf"},
+        "b_over_a": round(_median([r["b"] / r["a"] for r in rows]), 3),
+        "c_over_b": round(_median([r["c"] / r["b"] for r in rows]), 3),
+        "f_over_a": round(_median([r["f"] / r["a"] for r in rows]), 3),
+    }
+
+
 def lockstep_protocol(
     net: Net, data: Data, seed_set: UInt8HWCDataset, warmup: int, steps: int, reps: int
 ) -> dict[str, Any]:
-    rows: list[tuple[float, float, float]] = []
+    rows: list[dict[str, float]] = []
     per_rep: list[dict[str, float]] = []
     loads = []
     loss_diffs = []
@@ -406,7 +428,8 @@ def lockstep_protocol(
         loads.append(_loadavg()[0])
         gc.collect()
         bare = BareStepper(net, data, CPU, warmup + steps)
-        poll = LockstepPoll(bare, SeedStepper(net, seed_set, CPU, warmup + steps), warmup, steps)
+        floor = BareStepper(net, data, CPU, warmup + steps, floor=True)
+        poll = LockstepPoll(bare, floor, SeedStepper(net, seed_set, CPU, warmup + steps), warmup, steps)
         spec = make_spec(net, warmup + steps + 1, CPU)
         report = run_probe(spec, data=data, eval_samples=PROBE_EVAL_SAMPLES, should_stop=poll)
         if report.timing.steps_run != spec.steps:
@@ -415,16 +438,9 @@ def lockstep_protocol(
         bare_loss = float(bare.loss) if bare.loss is not None else float("nan")
         loss_diffs.append(abs(bare_loss - (float("nan") if probe_loss is None else probe_loss)))
         rows += poll.rows
-        per_rep.append(
-            {
-                "a_ms": round(1000 * _median([r[0] for r in poll.rows]), 3),
-                "b_ms": round(1000 * _median([r[1] for r in poll.rows]), 3),
-                "c_ms": round(1000 * _median([r[2] for r in poll.rows]), 3),
-                "b_over_a": round(_median([b / a for a, b, _ in poll.rows]), 3),
-                "c_over_b": round(_median([c / b for _, b, c in poll.rows]), 3),
-            }
-        )
+        per_rep.append(_lockstep_figures(poll.rows))
         print(f"  lockstep cpu {net.key} rep {rep + 1}/{reps}: {per_rep[-1]}", flush=True)
+    figures = _lockstep_figures(rows)
     return {
         "protocol": "lockstep",
         "net": net.label,
@@ -434,12 +450,14 @@ def lockstep_protocol(
         "reps": reps,
         "loadavg_1min_at_rep_start": loads,
         "arms": {
-            "a_bare": {"ms": round(1000 * _median([r[0] for r in rows]), 3)},
-            "b_probe": {"ms": round(1000 * _median([r[1] for r in rows]), 3)},
-            "c_seed": {"ms": round(1000 * _median([r[2] for r in rows]), 3)},
+            "a_bare": {"ms": figures["a_ms"]},
+            "b_probe": {"ms": figures["b_ms"]},
+            "c_seed": {"ms": figures["c_ms"]},
+            "f_floor": {"ms": figures["f_ms"]},
         },
-        "b_over_a": {"median_per_step": round(_median([b / a for a, b, _ in rows]), 3)},
-        "c_over_b": {"median_per_step": round(_median([c / b for _, b, c in rows]), 3)},
+        "b_over_a": {"median_per_step": figures["b_over_a"]},
+        "c_over_b": {"median_per_step": figures["c_over_b"]},
+        "f_over_a": {"median_per_step": figures["f_over_a"]},
         "per_rep": per_rep,
         # (a) and (b) train on the same batches from the same weights: their losses must agree.
         "a_b_final_loss_abs_diff": max(loss_diffs),
@@ -855,9 +873,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Time per step after the warm-up steps. *lockstep*: every probe step runs between one step of (a) and "
-        "one of (c), all three under the same momentary load; medians over all timed steps, ratios are medians of "
-        "per-step ratios. *blocks*: a → b → c, one window each per repetition; median over repetitions of each "
+        "Time per step after the warm-up steps. *lockstep*: every probe step runs after one step each of (a), "
+        "(f) and (c) (their order rotating), all under the same momentary load; medians over all timed steps, "
+        "ratios are medians of per-step ratios. (f), the floor, is the bare loop plus one `torch._foreach_norm` "
+        "read of every gradient and every weight: the least any exact per-layer record needs. *blocks*: "
+        "a → b → c, one window each per repetition; median over repetitions of each "
         "window's mean (fastest–slowest repetition in parentheses); a block row marked unstable was disturbed by "
         "other processes and only its lockstep row should be read. (b) is the whole probe loop body, from one "
         "`should_stop()` poll to the next; set-up, evaluation and report assembly are excluded.",
@@ -867,7 +887,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         if t["protocol"] == "lockstep":
             reps = t["per_rep"]
             lines.append(
-                f"- lockstep {t['net']}: per-repetition (b)/(a) {', '.join(str(r['b_over_a']) for r in reps)}, "
+                f"- lockstep {t['net']}: **floor (f) {t['arms']['f_floor']['ms']:.1f} ms, (f)/(a) = "
+                f"{t['f_over_a']['median_per_step']:.2f}** — reading every gradient and weight once per step, and "
+                "nothing else, already costs this much over the bare loop; per-repetition (b)/(a) "
+                f"{', '.join(str(r['b_over_a']) for r in reps)}, "
+                f"(f)/(a) {', '.join(str(r['f_over_a']) for r in reps)}, "
                 f"(c)/(b) {', '.join(str(r['c_over_b']) for r in reps)}; (a) and (b) end at the same loss "
                 f"(|Δ| = {t['a_b_final_loss_abs_diff']:.1e}); 1-min load average at each repetition's "
                 f"start {', '.join(map(str, t['loadavg_1min_at_rep_start']))}."
