@@ -852,9 +852,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     for t in result["timings"]:
         arms = t["arms"]
         ba, cb = _ratio(t, "b_over_a"), _ratio(t, "c_over_b")
-        cb_target = (
-            f" {_mark(cb >= TARGET_C_OVER_B_MLP)}" if t["net"].startswith("MLP") and t["device"] == "cpu" else ""
-        )
+        cb_judged = t["net"].startswith("MLP") and t["device"] == "cpu"
+        ba_mark, cb_mark = _mark(ba <= TARGET_B_OVER_A), _mark(cb >= TARGET_C_OVER_B_MLP) if cb_judged else ""
         if t["protocol"] == "lockstep":
             protocol = f"lockstep, {t['reps']} × ({t['warmup_steps']} + {t['timed_steps']}) steps"
             cells = [f"{arms[a]['ms']:.1f} ms" for a in ARMS]
@@ -863,13 +862,17 @@ def render_markdown(result: dict[str, Any]) -> str:
             spread = max(max(arms[a]["reps_ms"]) / min(arms[a]["reps_ms"]) for a in ARMS)
             if spread > UNSTABLE_SPREAD:
                 protocol += f" ⚠ unstable (repetitions differ {spread:.1f}×)"
+                # A disturbed row can neither meet nor miss a target.
+                ba_mark = "(not judged)"
+                cb_mark = ba_mark if cb_judged else ""
             cells = [
                 f"{arms[a]['ms']:.1f} ms ({min(arms[a]['reps_ms']):.1f}–{max(arms[a]['reps_ms']):.1f})" for a in ARMS
             ]
         lines.append(
             f"| {t['device']} | {t['net']} | {protocol} | "
             + " | ".join(cells)
-            + f" | {ba:.2f} {_mark(ba <= TARGET_B_OVER_A)} | {cb:.2f}{cb_target} |"
+            + f" | {ba:.2f} {ba_mark} | {cb:.2f} {cb_mark}".rstrip()
+            + " |"
         )
     lines += [
         "",

@@ -93,7 +93,7 @@ def _gradients(run_id: str, layer: int | None, step_from: int | None, step_to: i
     return _Call("GET", f"/v1/runs/{run_id}/gradients", params=params, expect="text" if fmt == "csv" else "json")
 
 
-def _decode(response: httpx.Response, expect: Literal["json", "text", "none"]) -> Any:
+def decode_response(response: httpx.Response, expect: Literal["json", "text", "none"]) -> Any:
     if response.is_error:
         try:
             problem = response.json()
@@ -117,7 +117,7 @@ def _timeout(base: httpx.Timeout, extra: float) -> httpx.Timeout:
     return httpx.Timeout(base.connect, read=base.read + extra, write=base.write, pool=base.pool)
 
 
-def _with_token(headers: Mapping[str, str] | None, token: str | None) -> dict[str, str]:
+def auth_headers(headers: Mapping[str, str] | None, token: str | None) -> dict[str, str]:
     """`headers` plus `Authorization: Bearer <token>` (the server's api_token or read_token) when given."""
     merged = dict(headers or {})
     if token is not None:
@@ -145,7 +145,7 @@ class Client:
         token: str | None = None,
     ) -> None:
         self._http = httpx.Client(
-            base_url=base_url, transport=transport, timeout=timeout, headers=_with_token(headers, token)
+            base_url=base_url, transport=transport, timeout=timeout, headers=auth_headers(headers, token)
         )
 
     def __enter__(self) -> Self:
@@ -169,7 +169,7 @@ class Client:
             headers=call.headers,
             timeout=_timeout(self._http.timeout, call.extra_timeout),
         )
-        return _decode(response, call.expect)
+        return decode_response(response, call.expect)
 
     def submit(self, spec: SpecLike, *, idempotency_key: str | None = None, wait: float = 0.0) -> Json:
         """Queue a run; with `wait`, the server holds the answer up to that many seconds for the verdict."""
@@ -302,7 +302,7 @@ class AsyncClient:
         token: str | None = None,
     ) -> None:
         self._http = httpx.AsyncClient(
-            base_url=base_url, transport=transport, timeout=timeout, headers=_with_token(headers, token)
+            base_url=base_url, transport=transport, timeout=timeout, headers=auth_headers(headers, token)
         )
 
     async def __aenter__(self) -> Self:
@@ -326,7 +326,7 @@ class AsyncClient:
             headers=call.headers,
             timeout=_timeout(self._http.timeout, call.extra_timeout),
         )
-        return _decode(response, call.expect)
+        return decode_response(response, call.expect)
 
     async def submit(self, spec: SpecLike, *, idempotency_key: str | None = None, wait: float = 0.0) -> Json:
         """See :meth:`Client.submit`."""

@@ -29,9 +29,10 @@ import httpx
 from pydantic import ValidationError
 
 from models.spec import Spec
-from service.cli import EXIT_INVALID, _add_model_flags, _given, format_validation_error, load_spec, render_report
-from service.client import DEFAULT_URL, FINISHED, Client, GraddiagError, Json, _decode, _with_token
+from service.client import DEFAULT_URL, FINISHED, Client, GraddiagError, Json, auth_headers, decode_response
 from service.engine.report import Report
+from service.flags import EXIT_INVALID, add_model_flags, format_validation_error, given_values, load_spec
+from service.render import render_report
 from service.settings import Settings
 
 URL_ENV: Final = "GRADDIAG_URL"
@@ -293,7 +294,7 @@ def _load_spec(spec_file: str | None, overrides: dict[str, Any]) -> Spec:
 
 def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     """Queue a spec; print its run id, or with --wait follow it and print the verdict table."""
-    spec = _load_spec(args.spec, _given(args, Spec))
+    spec = _load_spec(args.spec, given_values(args, Spec))
     run = client.submit(spec, idempotency_key=args.idempotency_key)
     if not args.wait:
         print(json.dumps(run, indent=2) if args.json else run["id"])
@@ -390,9 +391,9 @@ def unpack_events(data: bytes, out_dir: Path) -> Path:
 def download_events(base_url: str, run_id: str, timeout: float, token: str | None) -> bytes:
     """The run's events tar.gz from the server (GraddiagError with the problem on an error status)."""
     # Client's methods all decode JSON or text; this one download is bytes.
-    with httpx.Client(base_url=base_url, timeout=timeout, headers=_with_token(None, token)) as http:
+    with httpx.Client(base_url=base_url, timeout=timeout, headers=auth_headers(None, token)) as http:
         response = http.get(f"/v1/runs/{run_id}/tensorboard")
-    _decode(response, "none")  # raises GraddiagError for an error status, as every Client call does
+    decode_response(response, "none")  # raises GraddiagError for an error status, as every Client call does
     return response.content
 
 
@@ -473,7 +474,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     submit.add_argument("--spec", metavar="FILE", help="JSON file with spec fields; flags override it")
     submit.add_argument("--wait", action="store_true", help="follow the run and print its verdict table")
     submit.add_argument("--idempotency-key", metavar="KEY", help="retries with the same key return the same run")
-    _add_model_flags(submit, Spec)
+    add_model_flags(submit, Spec)
     submit.set_defaults(handler=_guarded(cmd_submit))
 
     sweep = sub.add_parser("sweep", parents=[connection, follow], help="queue one run per grid point")
