@@ -31,14 +31,12 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine, insert, select
 
+from bench.samples import store_random_run
 from models.spec import Spec
-from service.engine.probe import run_probe
-from service.engine.report import LayerInfo, LayerRecord
 from service.serve import available_cores, default_worker_split
 from service.store import db
 from service.store.runs import build_run, create_run
 from service.store.tables import Run
-from service.worker.queue import claim_next, complete
 
 RESULTS = Path(__file__).parent / "results"
 TINY = Spec(dataset="synthetic", depth=3, width=16, steps=5, batch_size=16, record_every=1)
@@ -157,30 +155,6 @@ def bench_split(tmp: Path, runs: int) -> dict[str, Any]:
     }
 
 
-def _stored_run(engine: Engine, layers: int, steps: int) -> str:
-    """A succeeded run holding a report of `layers` x `steps` records (values drawn at random)."""
-    with db.make_sessionmaker(engine)() as session:
-        run_id = create_run(session, TINY.model_copy(update={"steps": steps, "record_every": 1}))[0].id
-    claim = claim_next(engine, "bench", lease_seconds=600)
-    assert claim is not None and claim.run_id == run_id
-    shape = run_probe(TINY, eval_samples=10)
-    rng = random.Random(0)
-    stats = [f for f in LayerRecord.model_fields if f not in ("step", "layer")]
-    report = shape.model_copy(
-        update={
-            "spec": claim.spec,
-            "layers": [LayerInfo(index=i, name=f"hidden{i}.linear", kind="linear", params=1) for i in range(layers)],
-            "records": [
-                LayerRecord(step=s, layer=i, **{f: rng.lognormvariate(0, 3) for f in stats})
-                for s in range(steps)
-                for i in range(layers)
-            ],
-        }
-    )
-    assert complete(engine, claim, report)
-    return run_id
-
-
 def _stored_runs(engine: Engine, count: int) -> None:
     """`count` finished runs with varied specs and verdicts, inserted in one batch."""
     rng = random.Random(1)
@@ -229,7 +203,7 @@ def bench_list_and_csv(tmp: Path, requests: int) -> dict[str, Any]:
     db.upgrade(url)
     engine = db.make_engine(url)
     _stored_runs(engine, 10_000)
-    big = _stored_run(engine, layers=50, steps=500)
+    big = store_random_run(engine, layers=50, steps=500)
     engine.dispose()
     queries = [
         {"activation": "sigmoid"},

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,16 +16,15 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
+from bench.samples import store_random_run
 from models.spec import Spec
 from service.api import create_app
 from service.api.health import WorkerProbe
-from service.engine.probe import run_probe
-from service.engine.report import LayerInfo, LayerRecord, Report
+from service.engine.report import LayerRecord, Report
 from service.settings import Settings
 from service.store.db import make_engine, make_sessionmaker, upgrade
 from service.store.runs import create_run
 from service.store.tables import SPEC_COLUMNS, RunRecord
-from service.worker.queue import claim_next, complete
 from service.worker.worker import run_worker
 
 pytestmark = pytest.mark.anyio
@@ -403,39 +401,13 @@ async def test_unfinished_run_has_no_records(api: httpx.AsyncClient) -> None:
     assert csv_text.strip() == ",".join(RECORD_FIELDS)
 
 
-def _store_big_run(settings: Settings, layers: int, steps: int) -> str:
-    """A succeeded run whose report has layers × steps records, stored through the worker's own
-    `complete`. The figures are random: this measures export speed, not the engine."""
-    spec = Spec.model_validate({**TINY, "depth": layers - 1, "steps": steps})
-    rng = random.Random(0)
-    stats = [f for f in RECORD_FIELDS if f not in ("step", "layer")]
-    engine = make_engine(settings.db_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            run_id = create_run(session, spec)[0].id
-        claim = claim_next(engine, "bench", lease_seconds=60)
-        assert claim is not None and claim.run_id == run_id
-        shape = run_probe(Spec.model_validate(TINY), eval_samples=10)
-        report = shape.model_copy(
-            update={
-                "spec": spec,
-                "layers": [LayerInfo(index=i, name=f"net.{i}", kind="linear", params=8) for i in range(layers)],
-                "records": [
-                    LayerRecord(step=s, layer=i, **{f: rng.lognormvariate(0, 3) for f in stats})
-                    for s in range(steps)
-                    for i in range(layers)
-                ],
-            }
-        )
-        assert complete(engine, claim, report)
-    finally:
-        engine.dispose()
-    return run_id
-
-
 async def test_csv_of_50_layers_by_500_steps(api: httpx.AsyncClient, settings: Settings) -> None:
     # Its speed is measured by `make bench` (bench/service.py), not asserted here.
-    run_id = _store_big_run(settings, layers=50, steps=500)
+    engine = make_engine(settings.db_url)
+    try:
+        run_id = store_random_run(engine, layers=50, steps=500)
+    finally:
+        engine.dispose()
     response = await api.get(f"/v1/runs/{run_id}/gradients", params={"format": "csv"})
     assert response.status_code == 200
     lines = response.text.splitlines()
