@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models.spec import Spec, SpecCaps
@@ -386,6 +387,28 @@ def test_idempotency_key_under_concurrent_requests(engine: Engine) -> None:
     assert sum(created for _, created in results) == 1
     with factory() as session:
         assert list_runs(session, RunFilters())[1] == 1
+
+
+def test_sqlite_read_only_sessions_read_during_a_write_lock_and_refuse_writes(tmp_path: Path) -> None:
+    # SQLite only: PostgreSQL readers never wait for writers in the first place.
+    db_url = f"sqlite:///{tmp_path / 'locks.db'}"
+    db.upgrade(db_url)
+    writer = db.make_sessionmaker(db.make_engine(db_url))
+    reader = db.make_sessionmaker(db.make_engine(db_url, busy_timeout=0.2), read_only=True)
+    with writer() as session:
+        run, _ = create_run(session, TINY)
+    with writer() as holder:
+        holder.execute(update(Run).where(Run.id == run.id).values(status="running"))  # holds the write lock
+        with reader() as session:
+            # The snapshot predates the uncommitted write, and reading it does not wait for the lock.
+            assert get_run(session, run.id).status == "queued"
+        holder.commit()
+    with reader() as session, pytest.raises(OperationalError, match="readonly"):
+        session.execute(update(Run).where(Run.id == run.id).values(status="failed"))
+    with writer() as session:  # the pooled connection went back writable
+        assert get_run(session, run.id).status == "running"
+        session.execute(update(Run).where(Run.id == run.id).values(status="failed"))
+        session.commit()
 
 
 # --- sweeps -----------------------------------------------------------------------------------------------

@@ -17,9 +17,16 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+# Requests that must not change anything get read-only sessions: on SQLite they read a snapshot while
+# another process holds the write lock, so the dashboard and GET calls keep answering during a long write.
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
 def get_session_factory(request: Request) -> sessionmaker[Session]:
-    """The sessionmaker, for async routes that open short sessions in the thread pool."""
-    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    """The sessionmaker for this request (read-only for GET and HEAD), for async routes that open short
+    sessions in the thread pool."""
+    name = "read_sessionmaker" if request.method in _READ_METHODS else "sessionmaker"
+    factory: sessionmaker[Session] = getattr(request.app.state, name)
     return factory
 
 

@@ -264,7 +264,7 @@ def install_metrics(app: FastAPI, *, lease_seconds: float, worker_probe: WorkerP
     registry = CollectorRegistry()
 
     def sessions() -> sessionmaker[Session]:
-        factory: sessionmaker[Session] = app.state.sessionmaker
+        factory: sessionmaker[Session] = app.state.read_sessionmaker
         return factory
 
     registry.register(StoreCollector(sessions, lease_seconds, worker_probe))

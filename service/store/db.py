@@ -2,9 +2,12 @@
 
 SQLite is shared by the API process and several worker processes, so every connection runs in WAL mode
 (readers never block the writer), waits up to 30 s for a lock instead of failing at once, enforces foreign
-keys (child rows cascade on delete) and opens every transaction with BEGIN IMMEDIATE: the write lock is
-taken up front, so two transactions never deadlock upgrading a read lock to a write lock (SQLite would
-report that as "database is locked" without waiting). Other databases get a plain pooled engine.
+keys (child rows cascade on delete) and opens every writing transaction with BEGIN IMMEDIATE: the write
+lock is taken up front, so two transactions never deadlock upgrading a read lock to a write lock (SQLite
+would report that as "database is locked" without waiting). Read-only sessions (`make_sessionmaker(...,
+read_only=True)`, which the API gives GET requests) begin DEFERRED with `query_only` on: they read a WAL
+snapshot, never wait behind a writer, and fail loudly if anything tries to write through them. Other
+databases get a plain pooled engine.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_S: Final = 30.0
+
+# Execution option that marks an engine's transactions as read-only (see make_sessionmaker).
+READ_ONLY_OPTION: Final = "graddiag_read_only"
 
 # service/store/db.py → the repository root, which holds migrations/ beside alembic.ini.
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parents[2] / "migrations"
@@ -67,7 +73,10 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any, busy_timeout: float 
 
 
 def _sqlite_on_begin(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    read_only = bool(connection.get_execution_options().get(READ_ONLY_OPTION, False))
+    # query_only is per connection and pooled connections are shared, so every transaction sets it.
+    connection.exec_driver_sql(f"PRAGMA query_only = {'ON' if read_only else 'OFF'}")
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str, *, busy_timeout: float = SQLITE_BUSY_TIMEOUT_S) -> Engine:
@@ -88,9 +97,14 @@ def make_engine(url: str, *, busy_timeout: float = SQLITE_BUSY_TIMEOUT_S) -> Eng
     return engine
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    """Sessions on `engine`; objects stay readable after commit (routes serialise them afterwards)."""
-    return sessionmaker(engine, expire_on_commit=False)
+def make_sessionmaker(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions on `engine`; objects stay readable after commit (routes serialise them afterwards).
+
+    `read_only`: on SQLite, transactions read a snapshot without waiting for a writer's lock, and a
+    write through them raises "attempt to write a readonly database".
+    """
+    bind = engine.execution_options(**{READ_ONLY_OPTION: True}) if read_only else engine
+    return sessionmaker(bind, expire_on_commit=False)
 
 
 def _alembic_config(connection: Connection) -> Config:
