@@ -492,7 +492,8 @@ class ImageBatchSource:
         self._shift = (-mean / std).to(device)
 
     def _normalise(self, images: Tensor) -> Tensor:
-        return images.to(self.device, torch.float32) * self._scale + self._shift
+        # In place on a fresh copy: one float buffer instead of three (the held-out sample is 25 MB).
+        return images.to(self.device, torch.float32, copy=True).mul_(self._scale).add_(self._shift)
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The training batch of ``step``: float32 inputs and int64 labels on the device."""
