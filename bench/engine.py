@@ -414,6 +414,7 @@ def _lockstep_figures(rows: Sequence[dict[str, float]]) -> dict[str, float]:
         "b_over_a": round(_median([r["b"] / r["a"] for r in rows]), 3),
         "c_over_b": round(_median([r["c"] / r["b"] for r in rows]), 3),
         "f_over_a": round(_median([r["f"] / r["a"] for r in rows]), 3),
+        "c_over_f": round(_median([r["c"] / r["f"] for r in rows]), 3),
     }
 
 
@@ -458,6 +459,7 @@ def lockstep_protocol(
         "b_over_a": {"median_per_step": figures["b_over_a"]},
         "c_over_b": {"median_per_step": figures["c_over_b"]},
         "f_over_a": {"median_per_step": figures["f_over_a"]},
+        "c_over_f": {"median_per_step": figures["c_over_f"]},
         "per_rep": per_rep,
         # (a) and (b) train on the same batches from the same weights: their losses must agree.
         "a_b_final_loss_abs_diff": max(loss_diffs),
@@ -891,8 +893,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             reps = t["per_rep"]
             lines.append(
                 f"- lockstep {t['net']}: **floor (f) {t['arms']['f_floor']['ms']:.1f} ms, (f)/(a) = "
-                f"{t['f_over_a']['median_per_step']:.2f}** — reading every gradient and weight once per step, and "
-                "nothing else, already costs this much over the bare loop; per-repetition (b)/(a) "
+                f"{t['f_over_a']['median_per_step']:.2f}, (c)/(f) = {t['c_over_f']['median_per_step']:.2f}** — "
+                "reading every gradient and weight once per step, and nothing else, already costs this much over "
+                "the bare loop, and (c)/(f) is the most (c)/(b) could be; per-repetition (b)/(a) "
                 f"{', '.join(str(r['b_over_a']) for r in reps)}, "
                 f"(f)/(a) {', '.join(str(r['f_over_a']) for r in reps)}, "
                 f"(c)/(b) {', '.join(str(r['c_over_b']) for r in reps)}; (a) and (b) end at the same loss "
