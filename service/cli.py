@@ -48,7 +48,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**given_values(args, Settings))
     except ValidationError as exc:
-        print(format_validation_error(exc).replace("invalid spec", "invalid settings"), file=sys.stderr)
+        print(format_validation_error(exc, "settings"), file=sys.stderr)
         raise SystemExit(EXIT_INVALID) from exc
 
 

@@ -94,6 +94,7 @@ def _gradients(run_id: str, layer: int | None, step_from: int | None, step_to: i
 
 
 def decode_response(response: httpx.Response, expect: Literal["json", "text", "none"]) -> Any:
+    """The body of a successful response as `expect` says; GraddiagError with the problem for an error status."""
     if response.is_error:
         try:
             problem = response.json()

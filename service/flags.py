@@ -51,13 +51,13 @@ def given_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, 
     }
 
 
-def format_validation_error(error: ValidationError) -> str:
-    """One line per offending field: 'field: what is wrong'."""
+def format_validation_error(error: ValidationError, what: str = "spec") -> str:
+    """'invalid <what>:' and one line per offending field: 'field: what is wrong'."""
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "spec"
+        where = ".".join(str(part) for part in item["loc"]) or what
         lines.append(f"  {where}: {item['msg']}")
-    return "invalid spec:\n" + "\n".join(lines)
+    return f"invalid {what}:\n" + "\n".join(lines)
 
 
 def load_spec(spec_file: str | None, overrides: dict[str, Any]) -> Spec:

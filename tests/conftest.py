@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CIFAR-10 copy (from GRADDIAG_DATA_DIR) and tiny specs."""
+"""Shared fixtures: the real CIFAR-10 copy (from GRADDIAG_DATA_DIR), tiny specs, the async backend."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ pytest_plugins = ["tests.pg"]
 # Test tensors are tiny: a second intra-op thread only adds contention with the server and worker
 # processes the end-to-end tests start beside this one.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The async tests (pytest's anyio plugin) run on asyncio, as uvicorn serves the API."""
+    return "asyncio"
 
 
 @pytest.fixture(scope="session")

@@ -43,11 +43,6 @@ RECORD_FIELDS = list(LayerRecord.model_fields)
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     url = f"sqlite:///{tmp_path / 'graddiag.db'}"
     upgrade(url)

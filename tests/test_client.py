@@ -20,7 +20,7 @@ from service.engine.report import LayerRecord, Report
 from service.settings import Settings
 
 # Shared fixtures (imported so pytest finds them here too).
-from tests.test_api import LONG, TINY, anyio_backend, settings, worker  # noqa: F401
+from tests.test_api import LONG, TINY, settings, worker  # noqa: F401
 
 RECORD_FIELDS = list(LayerRecord.model_fields)
 

@@ -36,11 +36,6 @@ SWEEP = {"base": TINY, "grid": {"activation": ["sigmoid", "relu"], "depth": [2, 
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def fast_polling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Streams re-read the database every 20 ms instead of every second."""
     monkeypatch.setattr(events, "POLL_SECONDS", 0.02)

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from service.store.sweeps import create_sweep, sweep_status
 from service.store.tables import Run, RunRecord, RunStep
 from service.worker.queue import Claim, complete
 from tests.test_store import TINY, sample_report
-from tests.test_worker import LONG, row, settings_for, status_is, submit, wait_for
+from tests.test_worker import LONG, loop_thread, row, settings_for, status_is, submit, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_TINY = TINY.model_copy(update={"device": "cpu"})
@@ -89,19 +89,9 @@ def engine(url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-@contextmanager
-def dispatcher_thread(settings: Settings, **kwargs: Any) -> Iterator[threading.Thread]:
+def dispatcher_thread(settings: Settings, **kwargs: Any) -> AbstractContextManager[threading.Thread]:
     """run_dispatcher in a thread of this driver, stopped (and checked to have stopped) on exit."""
-    stop = threading.Event()
-    kwargs = {"stop": stop, "grace_seconds": 0.5, **kwargs}
-    thread = threading.Thread(target=run_dispatcher, args=(settings,), kwargs=kwargs, daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-        assert not thread.is_alive(), "the dispatcher did not stop"
+    return loop_thread(run_dispatcher, settings, 60, **kwargs)
 
 
 def wait_for_free_resources(timeout: float) -> None:

@@ -26,7 +26,7 @@ from service.store.sweeps import create_sweep
 from service.worker.worker import run_worker
 
 # Shared fixtures (imported so pytest finds them here too).
-from tests.test_api import TINY, anyio_backend, serve_app, settings  # noqa: F401
+from tests.test_api import TINY, serve_app, settings  # noqa: F401
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 ACTIVATIONS = ["sigmoid", "relu"]

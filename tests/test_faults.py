@@ -46,11 +46,6 @@ SMALL: dict[str, Any] = {"dataset": "synthetic", "depth": 3, "width": 16, "batch
 KILLABLE = Spec(**SMALL, steps=400)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def integrity(path: Path) -> str:
     """PRAGMA integrity_check of a SQLite file ("ok" when every page and index is consistent)."""
     with sqlite3.connect(path) as connection:

@@ -19,7 +19,7 @@ from service.store.runs import create_run
 from service.store.tables import Run
 
 # Shared fixtures (imported so pytest finds them here too).
-from tests.test_api import TINY, anyio_backend, serve_app, settings, worker  # noqa: F401
+from tests.test_api import TINY, serve_app, settings, worker  # noqa: F401
 
 pytestmark = pytest.mark.anyio
 

@@ -33,11 +33,6 @@ READ = "r-3f5a2c88-read-token"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     url = f"sqlite:///{tmp_path / 'graddiag.db'}"
     upgrade(url)

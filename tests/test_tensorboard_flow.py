@@ -25,7 +25,7 @@ from service.store.runs import gradient_rows, layer_rows
 from service.worker.worker import run_worker
 
 # Shared fixtures (imported so pytest finds them here too).
-from tests.test_api import TINY, anyio_backend, assert_problem, serve_app, settings  # noqa: F401
+from tests.test_api import TINY, assert_problem, serve_app, settings  # noqa: F401
 from tests.test_client import base_url  # noqa: F401
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +85,26 @@ def status_is(engine: Engine, run_id: str, *statuses: str) -> Callable[[], bool]
 
 
 @contextmanager
-def background_worker(settings: Settings, **kwargs: Any) -> Iterator[threading.Thread]:
-    """run_worker in a thread, stopped (and checked to have stopped) on exit."""
+def loop_thread(
+    loop: Callable[..., object], settings: Settings, join_seconds: float, **kwargs: Any
+) -> Iterator[threading.Thread]:
+    """`loop(settings, stop=..., grace_seconds=0.5, **kwargs)` in a thread, stopped (and checked to have
+    stopped within `join_seconds`) on exit."""
     stop = threading.Event()
     kwargs = {"stop": stop, "grace_seconds": 0.5, **kwargs}
-    thread = threading.Thread(target=run_worker, args=(settings,), kwargs=kwargs, daemon=True)
+    thread = threading.Thread(target=loop, args=(settings,), kwargs=kwargs, daemon=True)
     thread.start()
     try:
         yield thread
     finally:
         stop.set()
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the worker did not stop"
+        thread.join(timeout=join_seconds)
+        assert not thread.is_alive(), f"{getattr(loop, '__name__', loop)} did not stop"
+
+
+def background_worker(settings: Settings, **kwargs: Any) -> AbstractContextManager[threading.Thread]:
+    """run_worker in a thread, stopped (and checked to have stopped) on exit."""
+    return loop_thread(run_worker, settings, 30, **kwargs)
 
 
 def test_real_report_round_trips_through_the_store(engine: Engine) -> None:

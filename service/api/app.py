@@ -33,7 +33,7 @@ def create_app(settings: Settings, *, worker_probe: WorkerProbe | None = None) -
         # A short busy timeout: a request answers 503 while another process holds the lock, not hang 30 s.
         engine = make_engine(settings.db_url, busy_timeout=settings.api_busy_timeout_seconds)
         app.state.sessionmaker = make_sessionmaker(engine)
-        # GET and HEAD requests read through this one (see get_session): no waiting behind a writer.
+        # GET and HEAD requests read through this one (see deps.get_session_factory): no waiting behind a writer.
         app.state.read_sessionmaker = make_sessionmaker(engine, read_only=True)
         try:
             yield
