@@ -47,8 +47,9 @@ print('\n'.join(project['dependencies'] + [d for e in extras for d in optional[e
     && pip install -c "$CONSTRAINTS" -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# 2. The source. An editable install keeps the package in /app, beside migrations/, which the service
-#    finds relative to its own files (service/store/db.py) to migrate the database on start.
+# 2. The source. An editable install keeps the package in /app: graddiag/ links models/, service/ and
+#    migrations/ into the one import name, and the service migrates the database on start from there.
+COPY graddiag ./graddiag
 COPY models ./models
 COPY service ./service
 COPY migrations ./migrations

@@ -21,7 +21,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy models service
+	$(BIN)/mypy graddiag
 
 bench: $(STAMP)
 	GRADDIAG_DATA_DIR=$${GRADDIAG_DATA_DIR:-$(DATA)} $(BIN)/python -m bench.run_all

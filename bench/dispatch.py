@@ -38,15 +38,15 @@ import torch
 from sqlalchemy import Engine, select
 
 from bench.service import SWEEP_SPEC, TINY
-from models.spec import SpecCaps
-from service.dispatch.dispatcher import run_dispatcher
-from service.dispatch.tasks import NAMESPACE
-from service.engine.probe import run_probe
-from service.settings import Settings
-from service.store import db
-from service.store.runs import create_run
-from service.store.sweeps import create_sweep, sweep_status
-from service.store.tables import Run
+from graddiag.models.spec import SpecCaps
+from graddiag.service.dispatch.dispatcher import run_dispatcher
+from graddiag.service.dispatch.tasks import NAMESPACE
+from graddiag.service.engine.probe import run_probe
+from graddiag.service.settings import Settings
+from graddiag.service.store import db
+from graddiag.service.store.runs import create_run
+from graddiag.service.store.sweeps import create_sweep, sweep_status
+from graddiag.service.store.tables import Run
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -73,13 +73,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from models.networks import build_network
-from models.spec import Arch, Device, Spec
-from service.engine import probe as probe_module
-from service.engine import recorder as recorder_module
-from service.engine.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet, load_cifar10, make_source
-from service.engine.probe import run_probe
-from service.engine.recorder import Recorder
+from graddiag.models.networks import build_network
+from graddiag.models.spec import Arch, Device, Spec
+from graddiag.service.engine import probe as probe_module
+from graddiag.service.engine import recorder as recorder_module
+from graddiag.service.engine.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet, load_cifar10, make_source
+from graddiag.service.engine.probe import run_probe
+from graddiag.service.engine.recorder import Recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -516,9 +516,9 @@ mark, data_dir, cache_dir, threads, depth, steps, batch, lr = sys.argv[1:9]
 import torch
 torch.set_num_threads(int(threads))
 after_torch = status()
-from models.spec import Spec
-from service.engine.data import load_cifar10
-from service.engine.probe import run_probe
+from graddiag.models.spec import Spec
+from graddiag.service.engine.data import load_cifar10
+from graddiag.service.engine.probe import run_probe
 after_import = status()
 # The first torch.optim optimizer imports torch._dynamo, sympy, triton, ... lazily; run_probe would do
 # it anyway, so doing it here only makes that cost visible on its own (the peak is unchanged).

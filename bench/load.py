@@ -43,9 +43,9 @@ import httpx
 from sqlalchemy import func, select
 
 from bench.service import _free_port, _percentile, _wait
-from models.spec import Spec
-from service.store import db
-from service.store.tables import Run, RunLayer, RunRecord, RunStep
+from graddiag.models.spec import Spec
+from graddiag.service.store import db
+from graddiag.service.store.tables import Run, RunLayer, RunRecord, RunStep
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log = Path(tmp) / "serve.log"
         with log.open("wb") as out:
             server = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", *command], cwd=ROOT, env=env, stdout=out, stderr=out
+                [sys.executable, "-m", "graddiag.service.cli", *command], cwd=ROOT, env=env, stdout=out, stderr=out
             )
         ready = {"Authorization": f"Bearer {READ_TOKEN}"}
 

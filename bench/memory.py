@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.spec import Spec
-from service.api.limits import estimate_run_memory_mb
+from graddiag.models.spec import Spec
+from graddiag.service.api.limits import estimate_run_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -37,8 +37,8 @@ CHILD = """
 import json, resource, sys
 import torch
 torch.set_num_threads(1)
-from models.spec import Spec
-from service.engine.probe import run_probe
+from graddiag.models.spec import Spec
+from graddiag.service.engine.probe import run_probe
 run_probe(Spec(dataset="synthetic", depth=1, width=2, steps=1, batch_size=2), eval_samples=10)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 run_probe(Spec.model_validate(json.loads(sys.argv[1])), eval_samples=10)

@@ -9,12 +9,12 @@ import random
 
 from sqlalchemy import Engine
 
-from models.spec import Spec
-from service.engine.probe import run_probe
-from service.engine.report import LayerInfo, LayerRecord
-from service.store.db import make_sessionmaker
-from service.store.runs import create_run
-from service.worker.queue import claim_next, complete
+from graddiag.models.spec import Spec
+from graddiag.service.engine.probe import run_probe
+from graddiag.service.engine.report import LayerInfo, LayerRecord
+from graddiag.service.store.db import make_sessionmaker
+from graddiag.service.store.runs import create_run
+from graddiag.service.worker.queue import claim_next, complete
 
 _SHAPE = Spec(dataset="synthetic", depth=3, width=16, steps=5, batch_size=16, record_every=1)
 

@@ -32,11 +32,11 @@ import httpx
 from sqlalchemy import Engine, insert, select
 
 from bench.samples import store_random_run
-from models.spec import Spec
-from service.serve import available_cores, default_worker_split
-from service.store import db
-from service.store.runs import build_run, create_run
-from service.store.tables import Run
+from graddiag.models.spec import Spec
+from graddiag.service.serve import available_cores, default_worker_split
+from graddiag.service.store import db
+from graddiag.service.store.runs import build_run, create_run
+from graddiag.service.store.tables import Run
 
 RESULTS = Path(__file__).parent / "results"
 TINY = Spec(dataset="synthetic", depth=3, width=16, steps=5, batch_size=16, record_every=1)
@@ -61,7 +61,7 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 @contextmanager
 def _process(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "graddiag.service.cli", *args],
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

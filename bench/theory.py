@@ -14,10 +14,10 @@ import json
 import os
 from pathlib import Path
 
-from models.spec import Spec
-from service.engine.data import DatasetCache
-from service.engine.probe import run_probe
-from service.engine.report import Report
+from graddiag.models.spec import Spec
+from graddiag.service.engine.data import DatasetCache
+from graddiag.service.engine.probe import run_probe
+from graddiag.service.engine.report import Report
 
 ACTIVATIONS = ["sigmoid", "tanh", "softsign", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "identity"]
 INITS = [("default", "default"), ("xavier_normal", "zeros"), ("kaiming_normal", "zeros")]

@@ -11,9 +11,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from service.settings import Settings
-from service.store.db import make_engine
-from service.store.tables import Base
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine
+from graddiag.service.store.tables import Base
 
 config = context.config
 if config.config_file_name is not None:  # the alembic command line: log as alembic.ini says

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Literal, assert_never
 import torch
 from torch import nn
 
-from models.spec import Spec
+from graddiag.models.spec import Spec
 
 if TYPE_CHECKING:
-    from models.networks import Network
+    from graddiag.models.networks import Network
 
 KaimingNonlinearity = Literal["linear", "sigmoid", "tanh", "relu", "leaky_relu", "selu"]
 

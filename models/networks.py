@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from models.init import LEAKY_RELU_SLOPE, initialise
-from models.spec import Spec
+from graddiag.models.init import LEAKY_RELU_SLOPE, initialise
+from graddiag.models.spec import Spec
 
 LayerKind = Literal["linear", "conv", "norm"]
 

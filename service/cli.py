@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from models.spec import Spec
-from service import remote
-from service.flags import EXIT_INVALID, add_model_flags, format_validation_error, given_values, load_spec
-from service.render import render_report
-from service.settings import Settings
+from graddiag.models.spec import Spec
+from graddiag.service import remote
+from graddiag.service.flags import EXIT_INVALID, add_model_flags, format_validation_error, given_values, load_spec
+from graddiag.service.render import render_report
+from graddiag.service.settings import Settings
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -31,12 +31,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     settings = Settings(**{k: v for k, v in (("data_dir", args.data_dir), ("cache_dir", args.cache_dir)) if v})
 
-    from service.engine.data import DatasetCache, DataUnavailableError
-    from service.engine.probe import run_probe
+    from graddiag.service.engine.data import DataUnavailableError
+    from graddiag.service.local import probe
 
     try:
-        data = DatasetCache(settings.data_dir, settings.cache_dir).get() if spec.dataset == "cifar10" else None
-        report = run_probe(spec, data=data, eval_samples=settings.eval_samples)
+        report = probe(spec, settings=settings)
     except (DataUnavailableError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -54,7 +53,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """API + local workers until Ctrl-C / SIGTERM."""
-    from service.serve import serve
+    from graddiag.service.serve import serve
 
     serve(_settings_from(args))
     return 0
@@ -62,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Standalone supervised workers (--workers of them) against --db, beside an API elsewhere."""
-    from service.serve import worker_process
+    from graddiag.service.serve import worker_process
 
     worker_process(_settings_from(args))
     return 0
@@ -70,7 +69,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
     """A dispatcher: runs from --db executed on the Ray cluster at --ray."""
-    from service.dispatch.dispatcher import dispatch_main
+    from graddiag.service.dispatch.dispatcher import dispatch_main
 
     settings = _settings_from(args)
     dispatch_main(settings, settings.ray_address)
@@ -79,7 +78,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
 
 def cmd_db(args: argparse.Namespace) -> int:
     """Alembic migrations: upgrade, downgrade, current."""
-    from service.store import db
+    from graddiag.service.store import db
 
     url = _settings_from(args).db_url
     if args.action == "upgrade":

@@ -2,7 +2,7 @@
 
 Both speak to a server by URL, or to an app in the same process through an httpx transport::
 
-    from service.client import Client
+    from graddiag.service.client import Client
     with Client("http://127.0.0.1:8000") as gd:
         run = gd.run({"activation": "sigmoid", "depth": 20, "steps": 50}, timeout=300)
         print(run["verdict"], run["report"]["verdict"]["reasons"])
@@ -22,7 +22,7 @@ from typing import Any, Final, Literal, Self, overload
 
 import httpx
 
-from models.spec import Spec
+from graddiag.models.spec import Spec
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
 FINISHED: Final = frozenset({"succeeded", "failed", "cancelled"})

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from models.spec import Spec
+from graddiag.models.spec import Spec
 
 # Exit status of a command given an invalid spec or settings.
 EXIT_INVALID = 2

@@ -28,12 +28,12 @@ from typing import IO, Any, Final
 import httpx
 from pydantic import ValidationError
 
-from models.spec import Spec
-from service.client import DEFAULT_URL, FINISHED, Client, GraddiagError, Json, auth_headers, decode_response
-from service.engine.report import Report
-from service.flags import EXIT_INVALID, add_model_flags, format_validation_error, given_values, load_spec
-from service.render import render_report
-from service.settings import Settings
+from graddiag.models.spec import Spec
+from graddiag.service.client import DEFAULT_URL, FINISHED, Client, GraddiagError, Json, auth_headers, decode_response
+from graddiag.service.engine.report import Report
+from graddiag.service.flags import EXIT_INVALID, add_model_flags, format_validation_error, given_values, load_spec
+from graddiag.service.render import render_report
+from graddiag.service.settings import Settings
 
 URL_ENV: Final = "GRADDIAG_URL"
 TOKEN_ENV: Final = "GRADDIAG_TOKEN"
@@ -414,10 +414,10 @@ def cmd_tensorboard_export(args: argparse.Namespace) -> int:
 
 def _export_from_db(args: argparse.Namespace) -> int:
     # Imported here: the other client commands need neither the store nor the API.
-    from service.api.errors import ApiProblem
-    from service.api.tensorboard import events_archive
-    from service.store.db import make_engine, make_sessionmaker
-    from service.store.runs import RunNotFound
+    from graddiag.service.api.errors import ApiProblem
+    from graddiag.service.api.tensorboard import events_archive
+    from graddiag.service.store.db import make_engine, make_sessionmaker
+    from graddiag.service.store.runs import RunNotFound
 
     settings = Settings(db_url=args.db)
     database = settings.sqlite_file()

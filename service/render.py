@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from service.engine.report import LayerRecord, Report
+from graddiag.service.engine.report import LayerRecord, Report
 
 
 def _fmt(value: float | None) -> str:

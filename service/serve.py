@@ -22,10 +22,10 @@ from types import FrameType
 
 import uvicorn
 
-from service.api.app import create_app
-from service.api.security import InsecureBind, check_bind, redact_server_logs
-from service.settings import Settings
-from service.store.db import upgrade
+from graddiag.service.api.app import create_app
+from graddiag.service.api.security import InsecureBind, check_bind, redact_server_logs
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import upgrade
 
 log = logging.getLogger("graddiag.serve")
 
@@ -76,7 +76,7 @@ def _worker_entry(settings: Settings, cuda_device: str | None) -> None:
     # Runs in the spawned child: pin the device before torch initialises CUDA.
     if cuda_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_device
-    from service.worker.worker import worker_main
+    from graddiag.service.worker.worker import worker_main
 
     worker_main(settings)
 

@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-from models.spec import MAX_BATCH_SIZE, MAX_DEPTH, MAX_STEPS, MAX_WIDTH, SpecCaps
+from graddiag.models.spec import MAX_BATCH_SIZE, MAX_DEPTH, MAX_STEPS, MAX_WIDTH, SpecCaps
 
 # Run ids are uuid4 hex; anything else never names a directory (no "..", no separators).
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")

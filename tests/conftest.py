@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.engine.data import ImageSet, load_cifar10
+from graddiag.service.engine.data import ImageSet, load_cifar10
 
 pytest_plugins = ["tests.pg"]
 

@@ -17,15 +17,15 @@ import pytest
 from sqlalchemy import func, select, text
 
 from bench.samples import store_random_run
-from models.spec import Spec
-from service.api import create_app
-from service.api.health import WorkerProbe
-from service.engine.report import LayerRecord, Report
-from service.settings import Settings
-from service.store.db import make_engine, make_sessionmaker, upgrade
-from service.store.runs import create_run
-from service.store.tables import SPEC_COLUMNS, RunRecord
-from service.worker.worker import run_worker
+from graddiag.models.spec import Spec
+from graddiag.service.api import create_app
+from graddiag.service.api.health import WorkerProbe
+from graddiag.service.engine.report import LayerRecord, Report
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine, make_sessionmaker, upgrade
+from graddiag.service.store.runs import create_run
+from graddiag.service.store.tables import SPEC_COLUMNS, RunRecord
+from graddiag.service.worker.worker import run_worker
 
 pytestmark = pytest.mark.anyio
 

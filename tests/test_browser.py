@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from service.client import Client
+from graddiag.service.client import Client
 from tests.test_service_e2e import Server
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ SCREENSHOTS = (
     else Path(tempfile.gettempdir()) / "graddiag-screenshots"
 )
 # `graddiag serve` as a user starts it; port, database and worker count come from the environment.
-CLI_SERVE = "import sys; from service.cli import main; sys.exit(main(['serve']))"
+CLI_SERVE = "import sys; from graddiag.service.cli import main; sys.exit(main(['serve']))"
 
 BASE: dict[str, Any] = {
     "dataset": "synthetic",

@@ -14,7 +14,7 @@ TINY = ["--dataset", "synthetic", "--depth", "3", "--width", "8", "--steps", "3"
 
 def graddiag(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "graddiag.service.cli", *args], capture_output=True, text=True, timeout=120, env=env
     )
 
 

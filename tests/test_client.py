@@ -13,11 +13,11 @@ import httpx
 import pytest
 import uvicorn
 
-from models.spec import Spec
-from service.api import create_app
-from service.client import AsyncClient, Client, GraddiagError, RunFailed
-from service.engine.report import LayerRecord, Report
-from service.settings import Settings
+from graddiag.models.spec import Spec
+from graddiag.service.api import create_app
+from graddiag.service.client import AsyncClient, Client, GraddiagError, RunFailed
+from graddiag.service.engine.report import LayerRecord, Report
+from graddiag.service.settings import Settings
 
 # Shared fixtures (imported so pytest finds them here too).
 from tests.test_api import LONG, TINY, settings, worker  # noqa: F401

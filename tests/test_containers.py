@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from service.cli import build_parser
-from service.settings import Settings
+from graddiag.service.cli import build_parser
+from graddiag.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = Settings.model_config["env_prefix"]

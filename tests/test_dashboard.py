@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from models.spec import Spec
-from service.api import create_app, events
-from service.api.dashboard import PLOTLY_JS
-from service.engine.probe import run_probe
-from service.settings import Settings
-from service.store.db import make_engine
-from service.worker.queue import claim_next, complete, heartbeat, progress_record
+from graddiag.models.spec import Spec
+from graddiag.service.api import create_app, events
+from graddiag.service.api.dashboard import PLOTLY_JS
+from graddiag.service.engine.probe import run_probe
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine
+from graddiag.service.worker.queue import claim_next, complete, heartbeat, progress_record
 from tests import test_api
 from tests.test_api import TINY, serve_app
 

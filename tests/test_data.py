@@ -16,9 +16,9 @@ import torch
 import torchvision.datasets.cifar
 from PIL import Image
 
-from models.spec import Spec
-from service.engine import data as data_mod
-from service.engine.data import (
+from graddiag.models.spec import Spec
+from graddiag.service.engine import data as data_mod
+from graddiag.service.engine.data import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
     CIFAR10_STD,

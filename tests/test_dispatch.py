@@ -32,16 +32,16 @@ if importlib.util.find_spec("ray") is None:
 
 import ray
 
-from models.spec import Spec, SpecCaps
-from service.dispatch.control import RunControlActor
-from service.dispatch.dispatcher import needs_gpu, run_dispatcher
-from service.dispatch.tasks import NAMESPACE, TaskOptions, execute, holder_name
-from service.settings import Settings
-from service.store import db
-from service.store.runs import cancel_run, load_report
-from service.store.sweeps import create_sweep, sweep_status
-from service.store.tables import Run, RunRecord, RunStep
-from service.worker.queue import Claim, complete
+from graddiag.models.spec import Spec, SpecCaps
+from graddiag.service.dispatch.control import RunControlActor
+from graddiag.service.dispatch.dispatcher import needs_gpu, run_dispatcher
+from graddiag.service.dispatch.tasks import NAMESPACE, TaskOptions, execute, holder_name
+from graddiag.service.settings import Settings
+from graddiag.service.store import db
+from graddiag.service.store.runs import cancel_run, load_report
+from graddiag.service.store.sweeps import create_sweep, sweep_status
+from graddiag.service.store.tables import Run, RunRecord, RunStep
+from graddiag.service.worker.queue import Claim, complete
 from tests.test_store import TINY, sample_report
 from tests.test_worker import LONG, loop_thread, row, settings_for, status_is, submit, wait_for
 
@@ -111,7 +111,7 @@ def count(engine: Engine, table: Any, run_id: str) -> int:
 def start_dispatcher_process(url: str, address: str, tmp_path: Path, log_name: str) -> subprocess.Popen[bytes]:
     log = (tmp_path / log_name).open("wb")
     command = [
-        sys.executable, "-m", "service.cli", "dispatch", "--db", url, "--ray", address,
+        sys.executable, "-m", "graddiag.service.cli", "dispatch", "--db", url, "--ray", address,
         "--lease-seconds", "3", "--poll-seconds", "0.05", "--eval-samples", "50", "--dispatch-max-in-flight", "3",
         "--cache-dir", str(tmp_path / "cache"), "--data-dir", str(tmp_path / "no-cifar-here"),
     ]  # fmt: skip

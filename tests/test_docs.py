@@ -17,13 +17,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from service.api import create_app
-from service.api.runs import records_csv
-from service.settings import Settings
-from service.store.db import make_engine, make_sessionmaker, upgrade
-from service.store.runs import gradient_table, layer_rows, load_report
-from service.store.sweeps import create_sweep
-from service.worker.worker import run_worker
+from graddiag.service.api import create_app
+from graddiag.service.api.runs import records_csv
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine, make_sessionmaker, upgrade
+from graddiag.service.store.runs import gradient_table, layer_rows, load_report
+from graddiag.service.store.sweeps import create_sweep
+from graddiag.service.worker.worker import run_worker
 
 # Shared fixtures (imported so pytest finds them here too).
 from tests.test_api import TINY, serve_app, settings  # noqa: F401

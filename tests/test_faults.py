@@ -30,11 +30,11 @@ import httpx
 import pytest
 from sqlalchemy import Engine, func, select
 
-from models.spec import Spec
-from service.client import Client
-from service.settings import Settings
-from service.store import db
-from service.store.tables import Run, RunLayer, RunRecord, RunStep
+from graddiag.models.spec import Spec
+from graddiag.service.client import Client
+from graddiag.service.settings import Settings
+from graddiag.service.store import db
+from graddiag.service.store.tables import Run, RunLayer, RunRecord, RunStep
 from tests.test_api import assert_problem, serve_app
 from tests.test_service_e2e import REPO, Server
 from tests.test_worker import background_worker, row, submit, wait_for
@@ -79,9 +79,9 @@ def result_sets(engine: Engine, run_ids: list[str]) -> dict[str, tuple[int, int,
 # not yet committed) and says so, so the test can kill it mid-commit as well as at any other moment.
 PAUSING_WORKER: Final = """
 import sys, time
-from service.settings import Settings
-from service.worker import queue
-from service.worker.worker import worker_main
+from graddiag.service.settings import Settings
+from graddiag.service.worker import queue
+from graddiag.service.worker.worker import worker_main
 
 insert_rows = queue.insert_report_rows
 
@@ -309,7 +309,7 @@ def fault_settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def impatient_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers whose SQLite connections give up on a lock after 0.2 s (not 30), to exercise their retries."""
-    from service.worker import worker
+    from graddiag.service.worker import worker
 
     monkeypatch.setattr(worker, "make_engine", functools.partial(db.make_engine, busy_timeout=0.2))
 
@@ -331,7 +331,7 @@ class Gate:
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     """Workers' run_probe returns only once the test opens the gate (the heartbeat goes on meanwhile)."""
-    from service.worker import worker
+    from graddiag.service.worker import worker
 
     gate, probe = Gate(), worker.run_probe
 

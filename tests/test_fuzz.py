@@ -22,14 +22,14 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from models.spec import Spec
-from service.api import create_app
-from service.engine.probe import run_probe
-from service.settings import Settings
-from service.store.db import make_engine, make_sessionmaker, upgrade
-from service.store.runs import cancel_run, create_run
-from service.store.sweeps import create_sweep, sweep_status
-from service.worker.queue import claim_next, complete
+from graddiag.models.spec import Spec
+from graddiag.service.api import create_app
+from graddiag.service.engine.probe import run_probe
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine, make_sessionmaker, upgrade
+from graddiag.service.store.runs import cancel_run, create_run
+from graddiag.service.store.sweeps import create_sweep, sweep_status
+from graddiag.service.worker.queue import claim_next, complete
 
 # Generated examples per operation in the fuzzing phase (the coverage phase adds its own, ~40 each).
 EXAMPLES = 25

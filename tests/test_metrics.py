@@ -12,11 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from sqlalchemy import text, update
 
-from models.spec import Spec
-from service.settings import Settings
-from service.store.db import make_engine, make_sessionmaker
-from service.store.runs import create_run
-from service.store.tables import Run
+from graddiag.models.spec import Spec
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine, make_sessionmaker
+from graddiag.service.store.runs import create_run
+from graddiag.service.store.tables import Run
 
 # Shared fixtures (imported so pytest finds them here too).
 from tests.test_api import TINY, serve_app, settings, worker  # noqa: F401

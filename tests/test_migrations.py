@@ -14,9 +14,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from service.store import db
-from service.store.runs import create_run
-from service.store.tables import Base
+from graddiag.service.store import db
+from graddiag.service.store.runs import create_run
+from graddiag.service.store.tables import Base
 from tests.test_store import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_alembic_command_line_uses_the_service_database_setting(db_url: str) -> 
 
 def test_programmatic_upgrade_works_from_another_directory(db_url: str, tmp_path: Path) -> None:
     url = db_url
-    code = f"from service.store import db; db.upgrade({url!r}); print(db.current({url!r}))"
+    code = f"from graddiag.service.store import db; db.upgrade({url!r}); print(db.current({url!r}))"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

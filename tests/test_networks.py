@@ -1,4 +1,4 @@
-"""models.networks and models.init: every spec builds and trains, layer records, determinism, init."""
+"""graddiag.models.networks and models.init: every spec builds and trains, layer records, determinism, init."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models.init import kaiming_nonlinearity
-from models.networks import Network, build_network, make_activation
-from models.spec import Activation, Init, Norm, Spec
+from graddiag.models.init import kaiming_nonlinearity
+from graddiag.models.networks import Network, build_network, make_activation
+from graddiag.models.spec import Activation, Init, Norm, Spec
 
 ACTIVATIONS = get_args(Activation)
 INITS = get_args(Init)

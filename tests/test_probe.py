@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.networks import build_network
-from models.spec import Spec
-from service.engine.data import make_source
-from service.engine.probe import ProbeCancelled, ProbeTimeout, Progress, run_probe
+from graddiag.models.networks import build_network
+from graddiag.models.spec import Spec
+from graddiag.service.engine.data import make_source
+from graddiag.service.engine.probe import ProbeCancelled, ProbeTimeout, Progress, run_probe
 
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "softsign", "identity"]
 INITS = [

@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from service.store import db
-from service.store.runs import cancel_run, create_run, get_run, load_report
-from service.store.tables import Run, RunRecord
-from service.worker.queue import (
+from graddiag.service.store import db
+from graddiag.service.store.runs import cancel_run, create_run, get_run, load_report
+from graddiag.service.store.tables import Run, RunRecord
+from graddiag.service.worker.queue import (
     Claim,
     _claim_statement,
     claim_next,

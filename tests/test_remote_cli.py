@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
-from service.client import Client
-from service.remote import parse_grid, parse_value
+from graddiag.service.cli import main
+from graddiag.service.client import Client
+from graddiag.service.remote import parse_grid, parse_value
 
 # Shared fixtures (imported so pytest finds them here too).
 from tests.test_api import TINY, settings, worker  # noqa: F401
@@ -216,7 +216,7 @@ def test_errors_are_readable_with_an_exit_code(
 
 def test_the_console_entry_point(base_url: str) -> None:  # noqa: F811
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "status", "feed", "--url", base_url],
+        [sys.executable, "-m", "graddiag.service.cli", "status", "feed", "--url", base_url],
         capture_output=True,
         text=True,
         timeout=60,

@@ -17,12 +17,12 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from service.api import create_app
-from service.api import security as security_module
-from service.api.security import InsecureBind, Tokens, check_bind, cookie_value
-from service.client import AsyncClient, GraddiagError
-from service.settings import Settings
-from service.store.db import make_engine, upgrade
+from graddiag.service.api import create_app
+from graddiag.service.api import security as security_module
+from graddiag.service.api.security import InsecureBind, Tokens, check_bind, cookie_value
+from graddiag.service.client import AsyncClient, GraddiagError
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine, upgrade
 from tests.test_api import TINY, assert_problem, serve_app
 from tests.test_service_e2e import REPO, Server
 
@@ -370,7 +370,7 @@ def test_public_bind_needs_a_token_or_an_explicit_override(
 def test_serve_refuses_a_public_bind_without_a_token(tmp_path: Path) -> None:
     database = tmp_path / "graddiag.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADDIAG_")}
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "0.0.0.0", "--workers", "0"]
+    command = [sys.executable, "-m", "graddiag.service.cli", "serve", "--host", "0.0.0.0", "--workers", "0"]
     done = subprocess.run(
         [*command, "--db-url", f"sqlite:///{database}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
     )

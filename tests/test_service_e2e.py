@@ -23,17 +23,18 @@ import httpx
 import pytest
 from alembic.script import ScriptDirectory
 
-from service import serve as serve_module
-from service.client import Client, GraddiagError
-from service.serve import default_worker_split, plan_workers
-from service.settings import Settings
-from service.store.db import MIGRATIONS_DIR, current
+from graddiag.service import serve as serve_module
+from graddiag.service.client import Client, GraddiagError
+from graddiag.service.serve import default_worker_split, plan_workers
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import MIGRATIONS_DIR, current
 
 REPO = Path(__file__).resolve().parents[1]
 # Later: `graddiag serve`; this entry point needs nothing but the package.
-SERVE = "from service.serve import serve; from service.settings import Settings; serve(Settings())"
+SERVE = "from graddiag.service.serve import serve; from graddiag.service.settings import Settings; serve(Settings())"
 WORKER_HOST = (
-    "from service.serve import worker_process; from service.settings import Settings; worker_process(Settings())"
+    "from graddiag.service.serve import worker_process; from graddiag.service.settings import Settings; "
+    "worker_process(Settings())"
 )
 
 BASE: dict[str, Any] = {"dataset": "synthetic", "width": 32, "batch_size": 32, "steps": 5, "record_every": 1}

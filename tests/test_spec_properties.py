@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from models.networks import build_network
-from models.spec import Spec, SpecCaps
-from service.engine.probe import run_probe
+from graddiag.models.networks import build_network
+from graddiag.models.spec import Spec, SpecCaps
+from graddiag.service.engine.probe import run_probe
 
 # Upper bounds of the sizes that set a probe's cost, for the runs these tests train.
 TINY_CAPS: dict[str, int] = {"depth": 4, "width": 8, "steps": 2, "batch_size": 8, "record_every": 2}

@@ -18,8 +18,8 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from models.spec import Spec, SpecCaps
-from service.engine.report import (
+from graddiag.models.spec import Spec, SpecCaps
+from graddiag.service.engine.report import (
     EvalResult,
     Evidence,
     Label,
@@ -31,8 +31,8 @@ from service.engine.report import (
     Timing,
     Verdict,
 )
-from service.store import db
-from service.store.runs import (
+from graddiag.service.store import db
+from graddiag.service.store.runs import (
     RunFilters,
     RunFinished,
     RunNotFound,
@@ -48,8 +48,8 @@ from service.store.runs import (
     report_columns,
     report_rows,
 )
-from service.store.sweeps import SweepInvalid, SweepNotFound, create_sweep, sweep_status, sweep_summary
-from service.store.tables import Run, RunLayer, RunRecord, RunStep, stamp
+from graddiag.service.store.sweeps import SweepInvalid, SweepNotFound, create_sweep, sweep_status, sweep_summary
+from graddiag.service.store.tables import Run, RunLayer, RunRecord, RunStep, stamp
 
 TINY = Spec(dataset="synthetic", depth=3, width=16, steps=5, batch_size=16, record_every=1)
 

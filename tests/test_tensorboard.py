@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from models.networks import build_network
-from models.spec import Spec
-from service.engine.data import make_source
-from service.engine.probe import run_probe
-from service.engine.report import Report
-from service.export.tensorboard import (
+from graddiag.models.networks import build_network
+from graddiag.models.spec import Spec
+from graddiag.service.engine.data import make_source
+from graddiag.service.engine.probe import run_probe
+from graddiag.service.engine.report import Report
+from graddiag.service.export.tensorboard import (
     EVENT_FILE,
     HistogramCollector,
     archive,
@@ -229,15 +229,16 @@ def test_unknown_histogram_layer_is_refused(report: Report, tmp_path: Path) -> N
 
 def test_missing_tensorboard_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were absent
-    monkeypatch.delitem(sys.modules, "service.export.tensorboard")
+    monkeypatch.delitem(sys.modules, "graddiag.service.export.tensorboard")
     with pytest.raises(ImportError, match=r"graddiag\[tensorboard\]"):
-        import service.export.tensorboard  # noqa: F401
+        import graddiag.service.export.tensorboard  # noqa: F401
 
 
 def test_export_imports_neither_store_nor_api() -> None:
     code = (
-        "import sys, service.export.tensorboard\n"
-        "bad = sorted(m for m in sys.modules if m.startswith(('service.store', 'service.api', 'service.worker')))\n"
+        "import sys, graddiag.service.export.tensorboard\n"
+        "upper = ('graddiag.service.store', 'graddiag.service.api', 'graddiag.service.worker')\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(upper))\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

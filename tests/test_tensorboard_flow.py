@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from service.cli import main
-from service.export.tensorboard import EVENT_FILE
-from service.settings import Settings
-from service.store.db import make_engine, make_sessionmaker
-from service.store.runs import gradient_rows, layer_rows
-from service.worker.worker import run_worker
+from graddiag.service.cli import main
+from graddiag.service.export.tensorboard import EVENT_FILE
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine, make_sessionmaker
+from graddiag.service.store.runs import gradient_rows, layer_rows
+from graddiag.service.worker.worker import run_worker
 
 # Shared fixtures (imported so pytest finds them here too).
 from tests.test_api import TINY, assert_problem, serve_app, settings  # noqa: F401
@@ -148,7 +148,7 @@ async def test_a_failed_write_warns_and_the_run_still_succeeds(
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("a file where the events root should be")
     broken = settings.model_copy(update={"tensorboard_dir": blocked})
-    caplog.set_level(logging.WARNING, logger="service.worker.worker")
+    caplog.set_level(logging.WARNING, logger="graddiag.service.worker.worker")
     async with serve_app(broken) as api:
         with running_worker(broken):
             run = await submit_and_wait(api, {**TINY, "tensorboard": True})
@@ -168,7 +168,7 @@ async def test_refusals(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> 
 
         with running_worker(settings):
             run = await submit_and_wait(api, TINY)
-        monkeypatch.setitem(sys.modules, "service.export.tensorboard", None)  # as if tensorboard were absent
+        monkeypatch.setitem(sys.modules, "graddiag.service.export.tensorboard", None)  # as if tensorboard were absent
         body = assert_problem(await api.get(f"/v1/runs/{run['id']}/tensorboard"), 501, "tensorboard_unavailable")
     assert "graddiag[tensorboard]" in body["detail"]
 

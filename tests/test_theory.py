@@ -12,8 +12,8 @@ import torch
 from numpy.polynomial.hermite_e import hermegauss
 from torch import nn
 
-from models.spec import Activation, Spec
-from service.engine.theory import (
+from graddiag.models.spec import Activation, Spec
+from graddiag.service.engine.theory import (
     ACTIVATIONS,
     gaussian_moments,
     mean_field,

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from models.spec import Spec
-from service.engine.probe import run_probe
-from service.settings import Settings
-from service.store import db
-from service.store.runs import cancel_run, create_run, delete_run, get_run, load_report
-from service.store.tables import Run
-from service.worker.queue import claim_next, complete
-from service.worker.worker import run_worker
+from graddiag.models.spec import Spec
+from graddiag.service.engine.probe import run_probe
+from graddiag.service.settings import Settings
+from graddiag.service.store import db
+from graddiag.service.store.runs import cancel_run, create_run, delete_run, get_run, load_report
+from graddiag.service.store.tables import Run
+from graddiag.service.worker.queue import claim_next, complete
+from graddiag.service.worker.worker import run_worker
 from tests.test_store import TINY, migrated_url
 
 # Thousands of steps: far longer than any test waits, so it is always stopped (cancel, timeout, shutdown).
@@ -228,7 +228,8 @@ def test_worker_process_stops_cleanly_on_sigterm(url: str, engine: Engine, tmp_p
         "GRADDIAG_TORCH_THREADS": "1",
     }
     code = (
-        "from service.settings import Settings; from service.worker.worker import worker_main; worker_main(Settings())"
+        "from graddiag.service.settings import Settings; from graddiag.service.worker.worker import worker_main; "
+        "worker_main(Settings())"
     )
     run_id = submit(engine, LONG.model_copy(update={"steps": 300}))
     process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)

@@ -7,14 +7,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import compare, dashboard, events, health, runs, security, sweeps, tensorboard
-from service.api.errors import document_problems, install_error_handlers
-from service.api.health import WorkerProbe
-from service.api.limits import BodyLimit
-from service.api.metrics import install_metrics
-from service.api.security import install_access_control
-from service.settings import Settings
-from service.store.db import make_engine, make_sessionmaker
+from graddiag.service.api import compare, dashboard, events, health, runs, security, sweeps, tensorboard
+from graddiag.service.api.errors import document_problems, install_error_handlers
+from graddiag.service.api.health import WorkerProbe
+from graddiag.service.api.limits import BodyLimit
+from graddiag.service.api.metrics import install_metrics
+from graddiag.service.api.security import install_access_control
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine, make_sessionmaker
 
 DESCRIPTION = """\
 Submit a network spec; a worker trains it briefly, records every layer's gradients and returns a

@@ -7,13 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
 
-from models.spec import Spec
-from service.api.deps import SessionDep
-from service.api.errors import ApiProblem, documented
-from service.api.schemas import Comparison, FieldError, GradientPoint, LayerProfile, RunProfile
-from service.engine.report import LayerRecord
-from service.store import runs as store
-from service.store.tables import Run
+from graddiag.models.spec import Spec
+from graddiag.service.api.deps import SessionDep
+from graddiag.service.api.errors import ApiProblem, documented
+from graddiag.service.api.schemas import Comparison, FieldError, GradientPoint, LayerProfile, RunProfile
+from graddiag.service.engine.report import LayerRecord
+from graddiag.service.store import runs as store
+from graddiag.service.store.tables import Run
 
 MAX_COMPARED_RUNS = 20
 

@@ -17,14 +17,14 @@ from fastapi.responses import FileResponse, HTMLResponse
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from models.spec import Activation, Init, Norm
-from service.api.deps import SessionDep
-from service.engine.report import Label
-from service.store import runs as run_store
-from service.store import sweeps as sweep_store
-from service.store.runs import RunNotFound
-from service.store.sweeps import SweepNotFound
-from service.store.tables import STATUSES
+from graddiag.models.spec import Activation, Init, Norm
+from graddiag.service.api.deps import SessionDep
+from graddiag.service.engine.report import Label
+from graddiag.service.store import runs as run_store
+from graddiag.service.store import sweeps as sweep_store
+from graddiag.service.store.runs import RunNotFound
+from graddiag.service.store.sweeps import SweepNotFound
+from graddiag.service.store.tables import STATUSES
 
 WEB_DIR: Final = Path(__file__).resolve().parents[1] / "web"
 # plotly.js as the `plotly` distribution bundles it, located without importing the Python package.

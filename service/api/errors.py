@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.schemas import FieldError, Problem
-from service.store.db import is_transient
-from service.store.runs import RunFinished, RunNotFound
-from service.store.sweeps import SweepInvalid, SweepNotFound
+from graddiag.service.api.schemas import FieldError, Problem
+from graddiag.service.store.db import is_transient
+from graddiag.service.store.runs import RunFinished, RunNotFound
+from graddiag.service.store.sweeps import SweepInvalid, SweepNotFound
 
 PROBLEM_JSON = "application/problem+json"
 # What a 503 asks the client to wait: a lock held by another process or a full disk rarely clears sooner.

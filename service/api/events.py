@@ -27,15 +27,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import SessionFactoryDep
-from service.api.errors import documented
-from service.api.schemas import RunProgress
-from service.engine.report import Label
-from service.store import runs as run_store
-from service.store import sweeps as sweep_store
-from service.store.runs import RunNotFound
-from service.store.sweeps import SweepRun
-from service.store.tables import FINISHED, RunStatus
+from graddiag.service.api.deps import SessionFactoryDep
+from graddiag.service.api.errors import documented
+from graddiag.service.api.schemas import RunProgress
+from graddiag.service.engine.report import Label
+from graddiag.service.store import runs as run_store
+from graddiag.service.store import sweeps as sweep_store
+from graddiag.service.store.runs import RunNotFound
+from graddiag.service.store.sweeps import SweepRun
+from graddiag.service.store.tables import FINISHED, RunStatus
 
 # Read at each use, so tests can poll faster.
 POLL_SECONDS = 1.0

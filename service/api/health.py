@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import SessionDep
-from service.api.schemas import Check, Health, Readiness
-from service.store.tables import Run
+from graddiag.service.api.deps import SessionDep
+from graddiag.service.api.schemas import Check, Health, Readiness
+from graddiag.service.store.tables import Run
 
 # (alive, configured) local worker processes.
 WorkerProbe = Callable[[], tuple[int, int]]

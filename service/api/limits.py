@@ -13,10 +13,10 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models.spec import Spec, SpecCaps
-from service.api.errors import problem_response
-from service.api.schemas import FieldError
-from service.settings import Settings
+from graddiag.models.spec import Spec, SpecCaps
+from graddiag.service.api.errors import problem_response
+from graddiag.service.api.schemas import FieldError
+from graddiag.service.settings import Settings
 
 # CIFAR-10 images (both data sets have this shape): 3 x 32 x 32 inputs, 10 classes.
 INPUT_FEATURES: Final = 3 * 32 * 32

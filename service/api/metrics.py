@@ -27,9 +27,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.health import WorkerProbe
-from service.engine.report import Label
-from service.store.tables import FINISHED, STATUSES, Run
+from graddiag.service.api.health import WorkerProbe
+from graddiag.service.engine.report import Label
+from graddiag.service.store.tables import FINISHED, STATUSES, Run
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from models.spec import MAX_DEPTH, MAX_STEPS, Spec
-from service.api.deps import SessionDep, SessionFactoryDep, SettingsDep
-from service.api.errors import documented
-from service.api.limits import check_page_size, check_spec
-from service.api.schemas import RunDetail, RunList, RunSummary
-from service.engine.report import LayerInfo, LayerRecord
-from service.store import runs as store
-from service.store.tables import FINISHED, Run
+from graddiag.models.spec import MAX_DEPTH, MAX_STEPS, Spec
+from graddiag.service.api.deps import SessionDep, SessionFactoryDep, SettingsDep
+from graddiag.service.api.errors import documented
+from graddiag.service.api.limits import check_page_size, check_spec
+from graddiag.service.api.schemas import RunDetail, RunList, RunSummary
+from graddiag.service.engine.report import LayerInfo, LayerRecord
+from graddiag.service.store import runs as store
+from graddiag.service.store.tables import FINISHED, Run
 
 MAX_WAIT_SECONDS = 600.0
 # A network has at most 2 * MAX_DEPTH + 2 parameterised layers (a weight and a norm per block, input,

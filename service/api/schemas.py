@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.spec import Spec
-from service.engine.report import Label, LayerKind, Report
-from service.store.tables import RunStatus
+from graddiag.models.spec import Spec
+from graddiag.service.engine.report import Label, LayerKind, Report
+from graddiag.service.store.tables import RunStatus
 
 
 class FieldError(BaseModel):

@@ -38,8 +38,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import problem_response
-from service.settings import Settings
+from graddiag.service.api.errors import problem_response
+from graddiag.service.settings import Settings
 
 TOKEN_COOKIE: Final = "graddiag_token"
 TOKEN_QUERY: Final = "token"

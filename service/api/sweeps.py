@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service.api.deps import SessionDep, SettingsDep
-from service.api.errors import documented
-from service.api.limits import server_caps
-from service.api.schemas import SweepIn
-from service.store import sweeps as store
-from service.store.sweeps import SweepStatus, SweepSummary
+from graddiag.service.api.deps import SessionDep, SettingsDep
+from graddiag.service.api.errors import documented
+from graddiag.service.api.limits import server_caps
+from graddiag.service.api.schemas import SweepIn
+from graddiag.service.store import sweeps as store
+from graddiag.service.store.sweeps import SweepStatus, SweepSummary
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], responses=documented(404))
 

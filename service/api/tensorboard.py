@@ -16,11 +16,11 @@ from typing import Final, Literal
 from fastapi import APIRouter, Response
 from sqlalchemy.orm import Session
 
-from service.api.deps import SessionDep, SettingsDep
-from service.api.errors import ApiProblem, documented
-from service.settings import Settings
-from service.store import runs as store
-from service.store.runs import RunNotFound
+from graddiag.service.api.deps import SessionDep, SettingsDep
+from graddiag.service.api.errors import ApiProblem, documented
+from graddiag.service.settings import Settings
+from graddiag.service.store import runs as store
+from graddiag.service.store.runs import RunNotFound
 
 EXTRA: Final = "graddiag[tensorboard]"
 MEDIA_TYPE: Final = "application/gzip"
@@ -40,7 +40,7 @@ class EventsArchive:
 
 def _export_module() -> ModuleType:
     try:
-        import service.export.tensorboard as export
+        import graddiag.service.export.tensorboard as export
     except ImportError as exc:
         raise ApiProblem(
             501,

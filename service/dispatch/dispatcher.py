@@ -29,12 +29,12 @@ from ray.exceptions import RayError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from models.spec import Spec
-from service.dispatch.control import ProgressFields, RunControlActor
-from service.dispatch.tasks import NAMESPACE, Outcome, TaskOptions, probe_on_cpu, probe_on_gpu
-from service.settings import Settings
-from service.store.db import is_transient, make_engine
-from service.worker.queue import (
+from graddiag.models.spec import Spec
+from graddiag.service.dispatch.control import ProgressFields, RunControlActor
+from graddiag.service.dispatch.tasks import NAMESPACE, Outcome, TaskOptions, probe_on_cpu, probe_on_gpu
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import is_transient, make_engine
+from graddiag.service.worker.queue import (
     Backoff,
     Claim,
     claim_next,

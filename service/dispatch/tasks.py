@@ -25,12 +25,12 @@ import torch
 from ray.exceptions import ActorDiedError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from models.spec import Spec
-from service.dispatch.control import ProgressFields
-from service.engine.data import ImageSet, load_cifar10
-from service.engine.probe import ProbeCancelled, Progress, run_probe
-from service.engine.report import Report
-from service.worker.worker import error_text
+from graddiag.models.spec import Spec
+from graddiag.service.dispatch.control import ProgressFields
+from graddiag.service.engine.data import ImageSet, load_cifar10
+from graddiag.service.engine.probe import ProbeCancelled, Progress, run_probe
+from graddiag.service.engine.report import Report
+from graddiag.service.worker.worker import error_text
 
 log = logging.getLogger(__name__)
 

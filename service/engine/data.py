@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from models.spec import Spec
+from graddiag.models.spec import Spec
 
 __all__ = [
     "CIFAR10_CLASSES",

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.networks import Layer, Network, build_network
-from models.spec import Spec
-from service.engine.data import ImageSet, make_source
-from service.engine.recorder import STAT_COLUMNS, Recorder, locate_nonfinite
-from service.engine.report import EvalResult, LayerInfo, LayerRecord, Report, StepMetrics, Timing
-from service.engine.theory import theory_for
-from service.engine.verdict import decide, measure
+from graddiag.models.networks import Layer, Network, build_network
+from graddiag.models.spec import Spec
+from graddiag.service.engine.data import ImageSet, make_source
+from graddiag.service.engine.recorder import STAT_COLUMNS, Recorder, locate_nonfinite
+from graddiag.service.engine.report import EvalResult, LayerInfo, LayerRecord, Report, StepMetrics, Timing
+from graddiag.service.engine.theory import theory_for
+from graddiag.service.engine.verdict import decide, measure
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from models.networks import Layer
+from graddiag.models.networks import Layer
 
 # Columns of the per-layer matrix returned by Recorder.layer_stats, in this order.
 STAT_COLUMNS = (

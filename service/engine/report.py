@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.spec import Spec
+from graddiag.models.spec import Spec
 
 Label = Literal["vanishing", "exploding", "healthy"]
 LayerKind = Literal["linear", "conv", "norm"]

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.spec import Spec
-from service.engine.report import Theory
+from graddiag.models.spec import Spec
+from graddiag.service.engine.report import Theory
 
 __all__ = [
     "ACTIVATIONS",

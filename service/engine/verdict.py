@@ -16,8 +16,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from models.spec import Spec
-from service.engine.report import Evidence, Label, LayerInfo, LayerRecord, StepMetrics, Theory, Verdict
+from graddiag.models.spec import Spec
+from graddiag.service.engine.report import Evidence, Label, LayerInfo, LayerRecord, StepMetrics, Theory, Verdict
 
 # A profile is vanishing (exploding) when its fitted slope is at most -SLOPE (at least +SLOPE)
 # decades per layer AND the fitted change across the interior layers is at least SPAN decades:

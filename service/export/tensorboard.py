@@ -32,9 +32,9 @@ from typing import Any, Final
 import torch
 from torch import Tensor
 
-from models.networks import Layer
-from models.spec import Spec
-from service.engine.report import Report, Verdict
+from graddiag.models.networks import Layer
+from graddiag.models.spec import Spec
+from graddiag.service.engine.report import Report, Verdict
 
 try:
     from torch.utils.tensorboard import SummaryWriter

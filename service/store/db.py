@@ -29,8 +29,9 @@ SQLITE_BUSY_TIMEOUT_S: Final = 30.0
 # Execution option that marks an engine's transactions as read-only (see make_sessionmaker).
 READ_ONLY_OPTION: Final = "graddiag_read_only"
 
-# service/store/db.py → the repository root, which holds migrations/ beside alembic.ini.
-MIGRATIONS_DIR: Final = Path(__file__).resolve().parents[2] / "migrations"
+# graddiag/service/store/db.py → graddiag/migrations: inside the installed package (a wheel ships them),
+# and in a checkout the link graddiag/migrations → migrations/ (the path is deliberately not resolved).
+MIGRATIONS_DIR: Final = Path(__file__).parents[2] / "migrations"
 
 
 # SQLite errors that pass with time (another process holds the lock; the disk is full or failing), as

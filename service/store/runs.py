@@ -16,8 +16,8 @@ from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models.spec import Activation, Arch, Dataset, Init, Norm, Optimizer, Spec
-from service.engine.report import (
+from graddiag.models.spec import Activation, Arch, Dataset, Init, Norm, Optimizer, Spec
+from graddiag.service.engine.report import (
     EvalResult,
     Label,
     LayerInfo,
@@ -27,7 +27,7 @@ from service.engine.report import (
     Timing,
     Verdict,
 )
-from service.store.tables import SPEC_COLUMNS, Base, Run, RunLayer, RunRecord, RunStatus, RunStep, stamp
+from graddiag.service.store.tables import SPEC_COLUMNS, Base, Run, RunLayer, RunRecord, RunStatus, RunStep, stamp
 
 RowModel = TypeVar("RowModel", LayerInfo, StepMetrics, LayerRecord)
 # Integers a filter compares with a column: bounded to 64 bits, which SQL integers are (beyond, the

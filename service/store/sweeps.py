@@ -12,10 +12,10 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.spec import Spec, SpecCaps
-from service.engine.report import Label
-from service.store.runs import build_run
-from service.store.tables import FINISHED, STATUSES, Run, RunStatus, Sweep, stamp
+from graddiag.models.spec import Spec, SpecCaps
+from graddiag.service.engine.report import Label
+from graddiag.service.store.runs import build_run
+from graddiag.service.store.tables import FINISHED, STATUSES, Run, RunStatus, Sweep, stamp
 
 # At most this many per-point errors are reported: a bad axis would otherwise repeat one message per point.
 _MAX_ERRORS = 20

@@ -23,11 +23,11 @@ from typing import Any, Final, TypeVar
 from sqlalchemy import ColumnElement, Connection, Engine, Update, and_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from models.spec import Spec
-from service.engine.report import Report
-from service.store.db import is_transient
-from service.store.runs import insert_report_rows, report_columns, report_rows
-from service.store.tables import Run, stamp
+from graddiag.models.spec import Spec
+from graddiag.service.engine.report import Report
+from graddiag.service.store.db import is_transient
+from graddiag.service.store.runs import insert_report_rows, report_columns, report_rows
+from graddiag.service.store.tables import Run, stamp
 
 log = logging.getLogger(__name__)
 

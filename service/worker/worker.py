@@ -23,13 +23,13 @@ import torch
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from models.spec import Spec
-from service.engine.data import DatasetCache
-from service.engine.probe import ProbeCancelled, ProbeTimeout, Progress, run_probe
-from service.engine.report import Report
-from service.settings import Settings
-from service.store.db import is_transient, make_engine
-from service.worker.queue import (
+from graddiag.models.spec import Spec
+from graddiag.service.engine.data import DatasetCache
+from graddiag.service.engine.probe import ProbeCancelled, ProbeTimeout, Progress, run_probe
+from graddiag.service.engine.report import Report
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import is_transient, make_engine
+from graddiag.service.worker.queue import (
     Backoff,
     Claim,
     claim_next,
@@ -44,7 +44,7 @@ from service.worker.queue import (
 )
 
 if TYPE_CHECKING:
-    from service.export.tensorboard import HistogramCollector
+    from graddiag.service.export.tensorboard import HistogramCollector
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _histogram_collector(claim: Claim, settings: Settings) -> HistogramCollector
     if not (claim.spec.tensorboard or settings.tensorboard_all):
         return None
     try:
-        from service.export.tensorboard import HistogramCollector
+        from graddiag.service.export.tensorboard import HistogramCollector
     except ImportError as exc:
         log.warning("run %s: no TensorBoard events: %s", claim.run_id, exc)
         return None
@@ -156,7 +156,7 @@ def _histogram_values(spec: Spec) -> int:
 
 def _write_tensorboard(settings: Settings, run_id: str, report: Report, collector: HistogramCollector) -> None:
     """Write the run's events with histograms; a failure is logged, never fails the run."""
-    from service.export.tensorboard import write_events
+    from graddiag.service.export.tensorboard import write_events
 
     try:
         write_events(report, settings.tensorboard_run_dir(run_id), histograms=collector.histograms)

@@ -1,0 +1,55 @@
+"""graddiag: gradient-stability diagnostics for neural networks.
+
+The public Python API, importable as ``import graddiag``:
+
+- :func:`probe` — train a spec briefly in this process and return its judged :class:`Report`
+  (loads CIFAR-10 from the configured data directory when the spec needs it);
+- :func:`run_probe` — the engine call underneath, for callers that bring their own data;
+- :class:`Spec` — the network and training spec (depth, activation, init, norm, optimizer, ...);
+- :class:`Report` — the one report shape the engine, CLI, store and API share;
+- :class:`Client` / :class:`AsyncClient` — the REST clients of a running service.
+
+Names are resolved lazily: ``import graddiag`` (and so every ``graddiag.service.*`` import, such as the
+API's) does not import torch; only touching ``probe`` or ``run_probe`` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name → the module that defines it
+_EXPORTS: dict[str, str] = {
+    "probe": "graddiag.service.local",
+    "run_probe": "graddiag.service.engine.probe",
+    "Spec": "graddiag.models.spec",
+    "Report": "graddiag.service.engine.report",
+    "Client": "graddiag.service.client",
+    "AsyncClient": "graddiag.service.client",
+    "GraddiagError": "graddiag.service.client",
+    "RunFailed": "graddiag.service.client",
+}
+
+__all__ = ["AsyncClient", "Client", "GraddiagError", "Report", "RunFailed", "Spec", "probe", "run_probe"]
+
+if TYPE_CHECKING:
+    from graddiag.models.spec import Spec
+    from graddiag.service.client import AsyncClient, Client, GraddiagError, RunFailed
+    from graddiag.service.engine.probe import run_probe
+    from graddiag.service.engine.report import Report
+    from graddiag.service.local import probe
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'graddiag' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
