@@ -314,7 +314,7 @@ def test_dashboard_files_are_package_data() -> None:
 
     web = Path(__file__).resolve().parents[1] / "service" / "web"
     patterns = tomllib.loads((web.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
-        "service"
+        "graddiag.service"
     ]
     shipped = {path for pattern in patterns for path in (web.parent).glob(pattern)}
     assert {path for path in web.rglob("*") if path.is_file()} <= shipped
