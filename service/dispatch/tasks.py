@@ -30,7 +30,7 @@ from graddiag.service.dispatch.control import ProgressFields
 from graddiag.service.engine.data import ImageSet, load_cifar10
 from graddiag.service.engine.probe import ProbeCancelled, Progress, run_probe
 from graddiag.service.engine.report import Report
-from graddiag.service.worker.worker import error_text
+from graddiag.service.worker.lifecycle import error_text
 
 log = logging.getLogger(__name__)
 
