@@ -24,14 +24,8 @@ from graddiag.service.dispatch.control import ProgressFields, RunControlActor
 from graddiag.service.dispatch.tasks import NAMESPACE, Outcome, TaskOptions, probe_on_cpu, probe_on_gpu
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine
-from graddiag.service.worker.lifecycle import (
-    DEFAULT_GRACE_SECONDS,
-    Ending,
-    configure_logging,
-    process_id,
-    process_queue,
-    stop_on_signals,
-)
+from graddiag.service.worker import lifecycle
+from graddiag.service.worker.lifecycle import Ending
 from graddiag.service.worker.queue import Claim, progress_record
 
 log = logging.getLogger(__name__)
@@ -168,7 +162,7 @@ def run_dispatcher(
     *,
     stop: threading.Event | None = None,
     dispatcher_id: str | None = None,
-    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    grace_seconds: float = lifecycle.DEFAULT_GRACE_SECONDS,
 ) -> None:
     """Dispatch queued runs to the Ray cluster this process is connected to, until `stop` is set.
 
@@ -178,11 +172,11 @@ def run_dispatcher(
     engine = make_engine(settings.db_url)
     executor = _RayExecutor(settings)
     try:
-        process_queue(
+        lifecycle.process_queue(
             engine,
             executor,
             settings,
-            owner=dispatcher_id or process_id("dispatch-"),
+            owner=dispatcher_id or lifecycle.process_id("dispatch-"),
             stop=stop or threading.Event(),
             grace_seconds=grace_seconds,
         )
@@ -194,12 +188,12 @@ def run_dispatcher(
 def dispatch_main(settings: Settings, ray_address: str | None = None) -> None:
     """Process entry point: connect to Ray at `ray_address` (else settings.ray_address, $RAY_ADDRESS, the
     Ray cluster started on this machine, or a new local Ray instance) and dispatch until SIGTERM/SIGINT."""
-    configure_logging()
+    lifecycle.configure_logging()
     stop = threading.Event()
     address = ray_address or settings.ray_address
     ray.init(address=address, namespace=NAMESPACE)
     # After ray.init, which installs handlers of its own that would end the process at once.
-    stop_on_signals(stop, "the runs in flight")
+    lifecycle.stop_on_signals(stop, "the runs in flight")
     log.info("connected to Ray at %s: %s", address or "(default)", ray.cluster_resources())
     try:
         run_dispatcher(settings, stop=stop)

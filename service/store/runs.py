@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from typing import Annotated, Any, Final, TypeVar
+from collections.abc import Iterable
+from typing import Annotated, Any, Final, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, update
@@ -22,6 +23,7 @@ from graddiag.service.engine.report import (
     Label,
     LayerInfo,
     LayerRecord,
+    FindingKind,
     Report,
     StepMetrics,
     Timing,
@@ -78,12 +80,21 @@ class RunFilters(BaseModel):
     sort: str = Field("-created_at", description=f"Column, '-' for descending: {', '.join(sorted(SORTABLE))}.")
     limit: int = Field(50, ge=1, le=1000)
     offset: int = Field(0, ge=0, le=2**63 - 1)
+    finding: list[FindingKind] | None = Field(
+        None, description="Only runs whose verdict has a finding of this kind; repeated, runs that have all of them."
+    )
 
     @field_validator("sort")
     @classmethod
     def _known_sort(cls, value: str) -> str:
         if value.removeprefix("-") not in SORTABLE:
             raise ValueError(f"sort by one of {', '.join(sorted(SORTABLE))} (prefix '-' for descending)")
+    @field_validator("finding", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        # `finding=step_size` from Python reads as one kind, as `?finding=step_size` does over HTTP.
+        return [value] if isinstance(value, str) else value
+
         return value
 
 
@@ -159,6 +170,9 @@ def _conditions(filters: RunFilters) -> list[ColumnElement[bool]]:
     if filters.depth_max is not None:
         conditions.append(Run.depth <= filters.depth_max)
     return conditions
+    for kind in filters.finding or ():
+        # autoescape: kinds hold '_', a LIKE wildcard; the delimiters make it match whole kinds only.
+        conditions.append(Run.finding_kinds.contains(f",{kind},", autoescape=True))
 
 
 def list_runs(session: Session, filters: RunFilters) -> tuple[list[Run], int]:
@@ -188,15 +202,32 @@ def _json_value(model: BaseModel) -> Any:
 
 
 def report_columns(report: Report) -> dict[str, Any]:
-    """The `runs` column values that hold a report's verdict, evaluation and timing."""
+    """The `runs` column values that hold a report's verdict, evaluation and timing.
+
+    `finding_kinds` is derived here from the same verdict that fills `verdict_detail`, so one UPDATE
+    writes both and they cannot disagree.
+    """
     verdict = _json_value(report.verdict)
     return {
         "verdict": report.verdict.label,
+def encode_finding_kinds(kinds: Iterable[str]) -> str:
+    """The `runs.finding_kinds` value: the distinct kinds, sorted, as `,kind_a,kind_b,` (`,` for none)."""
+    return "".join(f",{kind}" for kind in sorted(set(kinds))) + ","
+
+
+def decode_finding_kinds(value: str | None) -> list[FindingKind] | None:
+    """The kinds held in a `runs.finding_kinds` value, sorted; None for NULL (the run has no report)."""
+    if value is None:
+        return None
+    return [cast(FindingKind, kind) for kind in value.split(",") if kind]
+
+
         "evidence": verdict["evidence"],
         "verdict_detail": {key: value for key, value in verdict.items() if key not in _VERDICT_SPLIT},
         "eval_result": _json_value(report.eval),
         "timing": _json_value(report.timing),
     }
+        "finding_kinds": encode_finding_kinds(finding.kind for finding in report.verdict.findings),
 
 
 ReportRows = list[tuple[type[Base], list[dict[str, Any]]]]
