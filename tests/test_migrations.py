@@ -12,11 +12,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import func, insert, inspect, select, text
 
 from graddiag.service.store import db
-from graddiag.service.store.runs import create_run
-from graddiag.service.store.tables import Base
+from graddiag.service.store.runs import build_run, create_run
+from graddiag.service.store.tables import Base, Run
 from tests.test_store import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,3 +112,78 @@ def test_programmatic_upgrade_works_from_another_directory(db_url: str, tmp_path
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == _head()
+
+
+def _columns(url: str, table: str) -> dict[str, dict[str, object]]:
+    engine = db.make_engine(url)
+    try:
+        return {column["name"]: dict(column) for column in inspect(engine).get_columns(table)}
+    finally:
+        engine.dispose()
+
+
+def test_0002_adds_the_record_layer_and_finding_columns_and_fills_finding_kinds(db_url: str) -> None:
+    url = db_url
+    db.upgrade(url, "0001")
+    detail = {
+        "at_init": "healthy",
+        "reasons": [],
+        "advice": [],
+        "theory": {"applicable": False, "reason": "—"},
+        "findings": [
+            {"kind": "step_size", "severity": "warning", "message": "big steps"},
+            {"kind": "forward_signal", "severity": "critical", "message": "grows"},
+            {"kind": "step_size", "severity": "info", "message": "again"},
+        ],
+    }
+    rows = {
+        "with_findings": ("succeeded", detail),
+        "old_report": ("succeeded", {k: v for k, v in detail.items() if k != "findings"}),
+        "queued": ("queued", None),
+    }
+    engine = db.make_engine(url)
+    try:
+        with engine.begin() as connection:
+            for run_id, (status, verdict_detail) in rows.items():
+                run = build_run(TINY, idempotency_key=run_id)
+                values = {c.name: getattr(run, c.name) for c in Run.__table__.c if c.name != "finding_kinds"}
+                values.update(id=run_id, status=status, verdict_detail=verdict_detail)
+                connection.execute(insert(Run.__table__).values(values))
+            connection.execute(
+                text(
+                    'INSERT INTO run_layers (run_id, "index", name, kind, params) '
+                    "VALUES ('queued', 0, 'l', 'linear', 1)"
+                )
+            )
+    finally:
+        engine.dispose()
+    assert "finding_kinds" not in _columns(url, "runs")
+
+    db.upgrade(url)
+    assert db.current(url) == _head()
+    assert {"act_norm", "penalty_grad_norm"} <= set(_columns(url, "run_records"))
+    assert _columns(url, "run_layers")["structural_zero_bias"]["nullable"] is False
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            kinds = {row.id: row.finding_kinds for row in connection.execute(select(Run.id, Run.finding_kinds))}
+            flag = connection.execute(text("SELECT structural_zero_bias FROM run_layers")).scalar_one()
+    finally:
+        engine.dispose()
+    # Distinct and sorted; an old report has none (','); a run without a report has NULL.
+    assert kinds == {"with_findings": ",forward_signal,step_size,", "old_report": ",", "queued": None}
+    assert flag in (False, 0)
+
+    db.downgrade(url, "0001")
+    assert db.current(url) == "0001"
+    assert "finding_kinds" not in _columns(url, "runs")
+    assert "structural_zero_bias" not in _columns(url, "run_layers")
+    assert not {"act_norm", "penalty_grad_norm"} & set(_columns(url, "run_records"))
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            # The downgrade rebuilt the tables (SQLite batch mode) without losing a row.
+            assert connection.execute(select(func.count()).select_from(Run)).scalar_one() == 3
+            assert connection.execute(text("SELECT count(*) FROM run_layers")).scalar_one() == 1
+    finally:
+        engine.dispose()

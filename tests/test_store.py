@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from pydantic import ValidationError
@@ -22,6 +22,8 @@ from graddiag.models.spec import Spec, SpecCaps
 from graddiag.service.engine.report import (
     EvalResult,
     Evidence,
+    Finding,
+    FindingKind,
     Label,
     LayerInfo,
     LayerRecord,
@@ -38,7 +40,9 @@ from graddiag.service.store.runs import (
     RunNotFound,
     cancel_run,
     create_run,
+    decode_finding_kinds,
     delete_run,
+    encode_finding_kinds,
     get_run,
     gradient_rows,
     insert_report_rows,
@@ -49,7 +53,7 @@ from graddiag.service.store.runs import (
     report_rows,
 )
 from graddiag.service.store.sweeps import SweepInvalid, SweepNotFound, create_sweep, sweep_status, sweep_summary
-from graddiag.service.store.tables import Run, RunLayer, RunRecord, RunStep, stamp
+from graddiag.service.store.tables import FINDING_KINDS_LENGTH, Run, RunLayer, RunRecord, RunStep, stamp
 
 TINY = Spec(dataset="synthetic", depth=3, width=16, steps=5, batch_size=16, record_every=1)
 
@@ -117,6 +121,33 @@ def sample_report(spec: Spec, *, label: Label = "healthy", interior_ratio: float
     )
 
 
+def with_findings(report: Report, *kinds: FindingKind) -> Report:
+    """`report` with one finding per kind (severities cycling critical, warning, info), forward-signal RMS
+    and penalty gradients in its records, and its first layer's bias flagged structurally zero."""
+    severities = ("critical", "warning", "info")
+    findings = [
+        Finding(
+            kind=kind,
+            severity=severities[i % 3],
+            phase="init" if i % 2 == 0 else "training",
+            message=f"{kind} seen",
+            evidence={"span_decades": 2.5 + i, "interior_layers": 7, "note": "x", "missing": None},
+            layers=[0, i],
+            advice=[f"Change something (finding: {kind})."],
+        )
+        for i, kind in enumerate(kinds)
+    ]
+    verdict = report.verdict.model_copy(
+        update={"findings": findings, "advice": [a for f in findings for a in f.advice]}
+    )
+    records = [
+        r.model_copy(update={"act_norm": 0.5 + r.layer, "penalty_grad_norm": None if r.step else 1e-3 * (r.layer + 1)})
+        for r in report.records
+    ]
+    layers = [report.layers[0].model_copy(update={"structural_zero_bias": True}), *report.layers[1:]]
+    return report.model_copy(update={"verdict": verdict, "records": records, "layers": layers})
+
+
 def succeed(session: Session, run_id: str, report: Report) -> None:
     """Store `report` as the run's result, as the worker's complete() does (minus the lease checks)."""
     session.execute(
@@ -173,6 +204,39 @@ def test_report_round_trip_is_exact(session: Session) -> None:
     assert loaded.model_dump() == report.model_dump()
     assert get_run(session, run.id).verdict == "vanishing"
     assert get_run(session, run.id).evidence == report.verdict.evidence.model_dump(mode="json")
+
+
+def test_findings_forward_signal_and_flags_round_trip(session: Session) -> None:
+    spec = TINY.model_copy(update={"depth": 4, "steps": 7, "record_every": 3})
+    report = with_findings(sample_report(spec, label="vanishing"), "step_size", "forward_signal", "step_size")
+    run, _ = create_run(session, spec)
+    assert get_run(session, run.id).finding_kinds is None  # no report yet
+    succeed(session, run.id, report)
+
+    loaded = load_report(session, run.id)
+    assert loaded is not None
+    assert loaded.model_dump() == report.model_dump()
+    assert [f.kind for f in loaded.verdict.findings] == ["step_size", "forward_signal", "step_size"]
+    assert loaded.verdict.findings[0].evidence == {
+        "span_decades": 2.5,
+        "interior_layers": 7,
+        "note": "x",
+        "missing": None,
+    }
+    assert isinstance(loaded.verdict.findings[0].evidence["interior_layers"], int)
+    assert [layer.structural_zero_bias for layer in layer_rows(session, run.id)] == [True, False, False, False, False]
+    assert {(r.step, r.layer): r.act_norm for r in gradient_rows(session, run.id)}[(3, 2)] == 2.5
+    stored = get_run(session, run.id)
+    assert stored.finding_kinds == ",forward_signal,step_size,"
+    assert decode_finding_kinds(stored.finding_kinds) == ["forward_signal", "step_size"]
+
+
+def test_finding_kinds_encoding() -> None:
+    assert encode_finding_kinds([]) == "," and decode_finding_kinds(",") == []
+    assert encode_finding_kinds(["b", "a", "b"]) == ",a,b,"
+    assert decode_finding_kinds(None) is None
+    # Every kind at once fits the column.
+    assert len(encode_finding_kinds(get_args(FindingKind))) <= FINDING_KINDS_LENGTH
 
 
 def test_non_finite_values_are_stored_as_null(session: Session) -> None:
@@ -281,6 +345,33 @@ def test_depth_range_status_verdict_and_sweep_filters(session: Session) -> None:
     swept = ids(sweep_id=sweep.id)
     assert len(swept) == 2 and swept.isdisjoint({r.id for r in runs.values()})
     assert ids(sweep_id="none-such") == set()
+
+
+def test_finding_filter_matches_whole_kinds(session: Session) -> None:
+    runs = {
+        name: create_run(session, TINY.model_copy(update={"seed": seed}))[0].id
+        for seed, name in enumerate(("step", "both", "none", "queued", "lookalike"))
+    }
+    succeed(session, runs["step"], with_findings(sample_report(TINY), "step_size"))
+    succeed(session, runs["both"], with_findings(sample_report(TINY), "forward_signal", "step_size"))
+    succeed(session, runs["none"], sample_report(TINY))
+    # '_' is a LIKE wildcard: a stored kind that differs in that character only must not match.
+    succeed(session, runs["lookalike"], sample_report(TINY))
+    session.execute(update(Run).where(Run.id == runs["lookalike"]).values(finding_kinds=",stepXsize,"))
+    session.commit()
+
+    def ids(**filters: Any) -> set[str]:
+        rows, total = list_runs(session, RunFilters(**filters))
+        assert total == len(rows)
+        return {r.id for r in rows}
+
+    assert ids(finding="step_size") == {runs["step"], runs["both"]}
+    assert ids(finding=["step_size", "forward_signal"]) == {runs["both"]}  # repeated: all of them
+    assert ids(finding="forward_signal", verdict="healthy") == {runs["both"]}
+    assert ids(finding="nonfinite") == set()
+    assert len(ids()) == 5
+    with pytest.raises(ValidationError, match="gradient_profile"):
+        RunFilters(finding="bogus")  # type: ignore[arg-type]
 
 
 def test_sorting(session: Session) -> None:
@@ -466,6 +557,48 @@ def test_sweep_summary_finds_the_critical_depth(session: Session) -> None:
     assert relu.critical_depth is None and relu.first_last_ratio == [None, None, None]
 
 
+def test_sweep_status_and_summary_show_and_filter_findings(session: Session) -> None:
+    sweep = create_sweep(
+        session, {"dataset": "synthetic"}, {"norm": ["none", "batch"], "depth": [2, 5, 10]}, caps=SpecCaps(), max_size=6
+    )
+    by_point = {(r.grid["norm"], r.grid["depth"]): r.run_id for r in sweep_status(session, sweep.id).runs}
+    succeed(session, by_point[("batch", 2)], with_findings(sample_report(TINY), "structural_zero_bias"))
+    succeed(
+        session,
+        by_point[("batch", 5)],
+        with_findings(sample_report(TINY, label="exploding"), "gradient_profile", "structural_zero_bias"),
+    )
+    succeed(session, by_point[("batch", 10)], with_findings(sample_report(TINY, label="exploding"), "gradient_profile"))
+    succeed(session, by_point[("none", 2)], sample_report(TINY))
+
+    status = sweep_status(session, sweep.id)
+    listed = {r.run_id: r for r in status.runs}
+    assert listed[by_point[("none", 2)]].findings == []
+    assert listed[by_point[("none", 5)]].findings is None  # still queued
+    brief = listed[by_point[("batch", 5)]].findings
+    assert brief is not None
+    assert [(f.kind, f.severity, f.phase) for f in brief] == [
+        ("gradient_profile", "critical", "init"),
+        ("structural_zero_bias", "warning", "training"),
+    ]
+    filtered = sweep_status(session, sweep.id, finding="gradient_profile")
+    assert {r.run_id for r in filtered.runs} == {by_point[("batch", 5)], by_point[("batch", 10)]}
+    assert filtered.total == 6 and filtered.counts == status.counts  # the whole sweep's figures
+
+    configs = {c.config["norm"]: c for c in sweep_summary(session, sweep.id).configs}
+    batch, plain = configs["batch"], configs["none"]
+    assert [[f.kind for f in cell or []] for cell in batch.findings] == [
+        ["structural_zero_bias"],
+        ["gradient_profile", "structural_zero_bias"],
+        ["gradient_profile"],
+    ]
+    assert batch.finding_depths == {"structural_zero_bias": 2, "gradient_profile": 5}
+    assert plain.findings == [[], None, None] and plain.finding_depths == {}
+    only = sweep_summary(session, sweep.id, finding="gradient_profile")
+    assert only.finding == "gradient_profile" and [c.config for c in only.configs] == [{"norm": "batch"}]
+    assert sweep_summary(session, sweep.id, finding="nonfinite").configs == []
+
+
 def test_sweep_validation_names_the_point_and_field(session: Session) -> None:
     def errors(base: dict[str, Any], grid: dict[str, list[Any]], **kw: Any) -> list[dict[str, Any]]:
         with pytest.raises(SweepInvalid) as caught:
@@ -475,7 +608,6 @@ def test_sweep_validation_names_the_point_and_field(session: Session) -> None:
     assert errors({"colour": "red"}, {"depth": [2]}) == [{"loc": ["base", "colour"], "msg": "not a spec field"}]
     assert errors({}, {"depthh": [2]})[0]["loc"] == ["grid", "depthh"]
     assert errors({}, {"depth": []})[0]["loc"] == ["grid", "depth"]
-    assert errors({}, {"depth": [2, 2]})[0]["msg"].startswith("values repeat")
     assert errors({}, {})[0]["loc"] == ["grid"]
     too_big = errors({}, {"depth": list(range(1, 11)), "seed": list(range(11))}, max_size=100)
     assert too_big == [{"loc": ["grid"], "msg": "110 grid points exceed this server's sweep cap of 100"}]

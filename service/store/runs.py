@@ -20,10 +20,10 @@ from sqlalchemy.orm import Session
 from graddiag.models.spec import Activation, Arch, Dataset, Init, Norm, Optimizer, Spec
 from graddiag.service.engine.report import (
     EvalResult,
+    FindingKind,
     Label,
     LayerInfo,
     LayerRecord,
-    FindingKind,
     Report,
     StepMetrics,
     Timing,
@@ -75,26 +75,26 @@ class RunFilters(BaseModel):
     status: RunStatus | None = None
     verdict: Label | None = None
     sweep_id: str | None = None
+    finding: list[FindingKind] | None = Field(
+        None, description="Only runs whose verdict has a finding of this kind; repeated, runs that have all of them."
+    )
     depth_min: SqlInt | None = None
     depth_max: SqlInt | None = None
     sort: str = Field("-created_at", description=f"Column, '-' for descending: {', '.join(sorted(SORTABLE))}.")
     limit: int = Field(50, ge=1, le=1000)
     offset: int = Field(0, ge=0, le=2**63 - 1)
-    finding: list[FindingKind] | None = Field(
-        None, description="Only runs whose verdict has a finding of this kind; repeated, runs that have all of them."
-    )
 
-    @field_validator("sort")
-    @classmethod
-    def _known_sort(cls, value: str) -> str:
-        if value.removeprefix("-") not in SORTABLE:
-            raise ValueError(f"sort by one of {', '.join(sorted(SORTABLE))} (prefix '-' for descending)")
     @field_validator("finding", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         # `finding=step_size` from Python reads as one kind, as `?finding=step_size` does over HTTP.
         return [value] if isinstance(value, str) else value
 
+    @field_validator("sort")
+    @classmethod
+    def _known_sort(cls, value: str) -> str:
+        if value.removeprefix("-") not in SORTABLE:
+            raise ValueError(f"sort by one of {', '.join(sorted(SORTABLE))} (prefix '-' for descending)")
         return value
 
 
@@ -165,14 +165,14 @@ def _conditions(filters: RunFilters) -> list[ColumnElement[bool]]:
         value = getattr(filters, name)
         if value is not None:
             conditions.append(getattr(Run, name) == value)
+    for kind in filters.finding or ():
+        # autoescape: kinds hold '_', a LIKE wildcard; the delimiters make it match whole kinds only.
+        conditions.append(Run.finding_kinds.contains(f",{kind},", autoescape=True))
     if filters.depth_min is not None:
         conditions.append(Run.depth >= filters.depth_min)
     if filters.depth_max is not None:
         conditions.append(Run.depth <= filters.depth_max)
     return conditions
-    for kind in filters.finding or ():
-        # autoescape: kinds hold '_', a LIKE wildcard; the delimiters make it match whole kinds only.
-        conditions.append(Run.finding_kinds.contains(f",{kind},", autoescape=True))
 
 
 def list_runs(session: Session, filters: RunFilters) -> tuple[list[Run], int]:
@@ -201,15 +201,6 @@ def _json_value(model: BaseModel) -> Any:
     return json.loads(model.model_dump_json())
 
 
-def report_columns(report: Report) -> dict[str, Any]:
-    """The `runs` column values that hold a report's verdict, evaluation and timing.
-
-    `finding_kinds` is derived here from the same verdict that fills `verdict_detail`, so one UPDATE
-    writes both and they cannot disagree.
-    """
-    verdict = _json_value(report.verdict)
-    return {
-        "verdict": report.verdict.label,
 def encode_finding_kinds(kinds: Iterable[str]) -> str:
     """The `runs.finding_kinds` value: the distinct kinds, sorted, as `,kind_a,kind_b,` (`,` for none)."""
     return "".join(f",{kind}" for kind in sorted(set(kinds))) + ","
@@ -222,12 +213,21 @@ def decode_finding_kinds(value: str | None) -> list[FindingKind] | None:
     return [cast(FindingKind, kind) for kind in value.split(",") if kind]
 
 
+def report_columns(report: Report) -> dict[str, Any]:
+    """The `runs` column values that hold a report's verdict, evaluation and timing.
+
+    `finding_kinds` is derived here from the same verdict that fills `verdict_detail`, so one UPDATE
+    writes both and they cannot disagree.
+    """
+    verdict = _json_value(report.verdict)
+    return {
+        "verdict": report.verdict.label,
+        "finding_kinds": encode_finding_kinds(finding.kind for finding in report.verdict.findings),
         "evidence": verdict["evidence"],
         "verdict_detail": {key: value for key, value in verdict.items() if key not in _VERDICT_SPLIT},
         "eval_result": _json_value(report.eval),
         "timing": _json_value(report.timing),
     }
-        "finding_kinds": encode_finding_kinds(finding.kind for finding in report.verdict.findings),
 
 
 ReportRows = list[tuple[type[Base], list[dict[str, Any]]]]

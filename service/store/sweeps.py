@@ -6,14 +6,14 @@ import itertools
 import math
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from graddiag.models.spec import Spec, SpecCaps
-from graddiag.service.engine.report import Label
+from graddiag.service.engine.report import FindingKind, Label, Severity
 from graddiag.service.store.runs import build_run
 from graddiag.service.store.tables import FINISHED, STATUSES, Run, RunStatus, Sweep, stamp
 
@@ -37,6 +37,15 @@ class SweepNotFound(LookupError):
         self.sweep_id = sweep_id
 
 
+class FindingBrief(BaseModel):
+    """A finding as a sweep lists it: its kind, severity, phase and sentence (the run has the rest)."""
+
+    kind: FindingKind
+    severity: Severity
+    phase: Literal["init", "training"] | None = None
+    message: str
+
+
 class SweepRun(BaseModel):
     """One grid point of a sweep and where its run stands."""
 
@@ -44,6 +53,7 @@ class SweepRun(BaseModel):
     grid: dict[str, Any]
     status: RunStatus
     verdict: Label | None
+    findings: list[FindingBrief] | None = Field(None, description="The verdict's findings; null until succeeded.")
 
 
 class SweepStatus(BaseModel):
@@ -54,7 +64,9 @@ class SweepStatus(BaseModel):
     total: int
     counts: dict[str, int]
     done: bool
-    runs: list[SweepRun]
+    runs: list[SweepRun] = Field(
+        description="Every run, or with `finding` only those whose verdict has one of that kind."
+    )
 
 
 class SweepConfig(BaseModel):
@@ -65,6 +77,12 @@ class SweepConfig(BaseModel):
     verdicts: list[Label | None]
     critical_depth: int | None
     first_last_ratio: list[float | None]
+    findings: list[list[FindingBrief] | None] = Field(
+        description="Per depth, the run's findings (null until it succeeded), in the order of `depths`."
+    )
+    finding_depths: dict[FindingKind, int] = Field(
+        description="Each finding kind seen in this configuration → the shallowest depth where it appears."
+    )
 
 
 class SweepSummary(BaseModel):
@@ -72,6 +90,9 @@ class SweepSummary(BaseModel):
 
     id: str
     done: bool
+    finding: FindingKind | None = Field(
+        None, description="The filter asked for: only configurations with this finding."
+    )
     configs: list[SweepConfig]
 
 
@@ -151,8 +172,22 @@ def _sweep_runs(session: Session, sweep_id: str) -> tuple[Sweep, list[Run]]:
     return sweep, list(runs)
 
 
-def sweep_status(session: Session, sweep_id: str) -> SweepStatus:
-    """Counts by status and every run of the sweep; raises SweepNotFound."""
+def _findings(run: Run) -> list[FindingBrief] | None:
+    """The run's findings from its stored verdict; None until it succeeded."""
+    if run.status != "succeeded":
+        return None
+    return [FindingBrief.model_validate(item) for item in (run.verdict_detail or {}).get("findings", [])]
+
+
+def _has(findings: list[FindingBrief] | None, kind: FindingKind) -> bool:
+    return any(item.kind == kind for item in findings or ())
+
+
+def sweep_status(session: Session, sweep_id: str, finding: FindingKind | None = None) -> SweepStatus:
+    """Counts by status and every run of the sweep (only those with a `finding` of that kind, if given).
+
+    `total`, `counts` and `done` always describe the whole sweep. Raises SweepNotFound.
+    """
     sweep, runs = _sweep_runs(session, sweep_id)
     counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
     for run in runs:
@@ -163,7 +198,11 @@ def sweep_status(session: Session, sweep_id: str) -> SweepStatus:
         total=len(runs),
         counts=counts,
         done=all(run.status in FINISHED for run in runs),
-        runs=[SweepRun(run_id=run.id, grid=run.grid or {}, status=run.status, verdict=run.verdict) for run in runs],
+        runs=[
+            SweepRun(run_id=run.id, grid=run.grid or {}, status=run.status, verdict=run.verdict, findings=findings)
+            for run, findings in ((run, _findings(run)) for run in runs)
+            if finding is None or _has(findings, finding)
+        ],
     )
 
 
@@ -173,11 +212,13 @@ def _first_last_decades(run: Run) -> float | None:
     return math.log10(ratio) if isinstance(ratio, int | float) and ratio > 0 else None
 
 
-def sweep_summary(session: Session, sweep_id: str) -> SweepSummary:
-    """Per combination of the non-depth grid axes: verdicts by depth and the critical depth.
+def sweep_summary(session: Session, sweep_id: str, finding: FindingKind | None = None) -> SweepSummary:
+    """Per combination of the non-depth grid axes: verdicts and findings by depth and the critical depth.
 
     critical_depth is the smallest depth whose verdict is not healthy; first_last_ratio is log10 of the
-    first over the last interior weight layer's gradient norm at initialisation (None until succeeded).
+    first over the last interior weight layer's gradient norm at initialisation (None until succeeded);
+    finding_depths is, per finding kind, the smallest depth whose run has it. With `finding`, only the
+    configurations where some run has a finding of that kind.
     """
     sweep, runs = _sweep_runs(session, sweep_id)
     groups: dict[str, tuple[dict[str, Any], list[Run]]] = {}
@@ -188,6 +229,13 @@ def sweep_summary(session: Session, sweep_id: str) -> SweepSummary:
     for config, members in groups.values():
         members.sort(key=lambda run: run.depth)
         verdicts = [run.verdict if run.status == "succeeded" else None for run in members]
+        findings = [_findings(run) for run in members]
+        if finding is not None and not any(_has(cell, finding) for cell in findings):
+            continue
+        finding_depths: dict[FindingKind, int] = {}
+        for run, cell in zip(members, findings, strict=True):
+            for item in cell or ():
+                finding_depths[item.kind] = min(finding_depths.get(item.kind, run.depth), run.depth)
         unhealthy = [
             run.depth for run, verdict in zip(members, verdicts, strict=True) if verdict not in (None, "healthy")
         ]
@@ -198,6 +246,8 @@ def sweep_summary(session: Session, sweep_id: str) -> SweepSummary:
                 verdicts=verdicts,
                 critical_depth=min(unhealthy, default=None),
                 first_last_ratio=[_first_last_decades(run) for run in members],
+                findings=findings,
+                finding_depths=finding_depths,
             )
         )
-    return SweepSummary(id=sweep.id, done=all(run.status in FINISHED for run in runs), configs=configs)
+    return SweepSummary(id=sweep.id, done=all(run.status in FINISHED for run in runs), finding=finding, configs=configs)

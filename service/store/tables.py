@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -47,6 +48,9 @@ SPEC_COLUMNS: Final[tuple[str, ...]] = (
     "dataset",
     "seed",
 )
+
+# runs.finding_kinds holds every finding kind at most once: room for all of them, delimited, and new ones.
+FINDING_KINDS_LENGTH: Final = 400
 
 # Named constraints: PostgreSQL and alembic's SQLite batch mode both need names to alter them later.
 NAMING_CONVENTION: Final[dict[str, str]] = {
@@ -144,6 +148,14 @@ class Run(Base):
     )
     eval_result: Mapped[dict[str, Any] | None]
     timing: Mapped[dict[str, Any] | None]
+    finding_kinds: Mapped[str | None] = mapped_column(
+        String(FINDING_KINDS_LENGTH),
+        doc="The verdict's distinct finding kinds as ',kind_a,kind_b,' (sorted; ',' for none); NULL until the "
+        "run succeeded. Written with the verdict in one UPDATE (store.runs.report_columns), so it always "
+        "agrees with verdict_detail's findings. Filtered with LIKE '%,kind,%', which works alike on SQLite "
+        "and PostgreSQL; no index, since a leading wildcard cannot use one and the scan stays cheap beside "
+        "the listing's own.",
+    )
     progress: Mapped[dict[str, Any] | None] = mapped_column(
         doc="step, steps, loss, label_so_far, updated_at while running."
     )
@@ -176,6 +188,7 @@ class RunLayer(Base):
     name: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(16))
     params: Mapped[int]
+    structural_zero_bias: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class RunStep(Base):
@@ -208,3 +221,5 @@ class RunRecord(Base):
     act_grad_norm: Mapped[float | None] = mapped_column(Float)
     zero_grad_frac: Mapped[float | None] = mapped_column(Float)
     saturation_frac: Mapped[float | None] = mapped_column(Float)
+    act_norm: Mapped[float | None] = mapped_column(Float)
+    penalty_grad_norm: Mapped[float | None] = mapped_column(Float)
