@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Literal, Self, overload
+from typing import Any, Final, Generic, Literal, Self, TypedDict, TypeVar, Unpack, overload
 
 import httpx
 
@@ -32,6 +32,14 @@ MAX_SERVER_WAIT: Final = 600.0
 Json = dict[str, Any]
 SpecLike = Spec | Mapping[str, Any]
 Format = Literal["json", "csv"]
+
+
+class RecordFilters(TypedDict, total=False):
+    """Which per-step, per-layer records `gradients()` asks for (all when none is given)."""
+
+    layer: int | None
+    step_from: int | None
+    step_to: int | None
 
 
 class GraddiagError(Exception):
@@ -55,18 +63,59 @@ class RunFailed(Exception):
         super().__init__(f"run {run['id']} ended {run['status']}: {run.get('error') or 'no error message'}")
 
 
+Expect = Literal["json", "text", "bytes", "none"]
+
+
 @dataclass(frozen=True)
 class _Call:
-    """One HTTP request, described once and sent by either client."""
+    """One HTTP request and how to read its answer, described once and sent by either client."""
 
     method: str
     path: str
     params: Mapping[str, Any] | list[tuple[str, Any]] | None = None
     json: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
-    expect: Literal["json", "text", "none"] = "json"
+    expect: Expect = "json"
     # Extra seconds on top of the client's timeout (for server-side waits).
     extra_timeout: float = 0.0
+
+    def build(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        """The request, built by the client that will send it (its base URL, headers and timeout)."""
+        return http.build_request(
+            self.method,
+            self.path,
+            params=self.params,
+            json=self.json,
+            headers=self.headers,
+            timeout=_timeout(http.timeout, self.extra_timeout),
+        )
+
+    def decode(self, response: httpx.Response) -> Any:
+        """The answer's body as `expect` says; GraddiagError with the problem for an error status."""
+        if response.is_error:
+            raise GraddiagError(response.status_code, _problem(response))
+        if self.expect == "json":
+            return response.json()
+        if self.expect == "text":
+            return response.text
+        return response.content if self.expect == "bytes" else None
+
+
+def _problem(response: httpx.Response) -> Json:
+    """The error response's problem+json, or one made up from its status when it has none."""
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = None
+    if isinstance(problem, dict):
+        return problem
+    return {"title": response.reason_phrase, "status": response.status_code, "detail": response.text[:500]}
+
+
+def _timeout(base: httpx.Timeout, extra: float) -> httpx.Timeout:
+    if not extra or base.read is None:
+        return base
+    return httpx.Timeout(base.connect, read=base.read + extra, write=base.write, pool=base.pool)
 
 
 def _spec_body(spec: SpecLike) -> Json:
@@ -77,53 +126,119 @@ def _drop_none(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def _submit(spec: SpecLike, idempotency_key: str | None, wait: float) -> _Call:
-    return _Call(
-        "POST",
-        "/v1/runs",
-        params={"wait": wait} if wait else None,
-        json=_spec_body(spec),
-        headers={"Idempotency-Key": idempotency_key} if idempotency_key else {},
-        extra_timeout=wait,
-    )
+class _Requests:
+    """Every request of the API, built once for both clients (httpx's BaseClient idea): the clients only
+    send them and sleep their own way."""
+
+    @staticmethod
+    def submit(spec: SpecLike, idempotency_key: str | None, wait: float) -> _Call:
+        return _Call(
+            "POST",
+            "/v1/runs",
+            params={"wait": wait} if wait else None,
+            json=_spec_body(spec),
+            headers={"Idempotency-Key": idempotency_key} if idempotency_key else {},
+            extra_timeout=wait,
+        )
+
+    @staticmethod
+    def get(run_id: str) -> _Call:
+        return _Call("GET", f"/v1/runs/{run_id}")
+
+    @staticmethod
+    def runs(filters: Mapping[str, Any]) -> _Call:
+        return _Call("GET", "/v1/runs", params=_drop_none(filters))
+
+    @staticmethod
+    def layers(run_id: str) -> _Call:
+        return _Call("GET", f"/v1/runs/{run_id}/layers")
+
+    @staticmethod
+    def gradients(
+        run_id: str, fmt: Format, *, layer: int | None = None, step_from: int | None = None, step_to: int | None = None
+    ) -> _Call:
+        params = _drop_none({"layer": layer, "step_from": step_from, "step_to": step_to, "format": fmt})
+        return _Call("GET", f"/v1/runs/{run_id}/gradients", params=params, expect="text" if fmt == "csv" else "json")
+
+    @staticmethod
+    def tensorboard(run_id: str) -> _Call:
+        return _Call("GET", f"/v1/runs/{run_id}/tensorboard", expect="bytes")
+
+    @staticmethod
+    def compare(run_ids: tuple[str, ...]) -> _Call:
+        return _Call("GET", "/v1/compare", params=[("run_id", r) for r in run_ids])
+
+    @staticmethod
+    def cancel(run_id: str) -> _Call:
+        return _Call("POST", f"/v1/runs/{run_id}/cancel")
+
+    @staticmethod
+    def delete(run_id: str) -> _Call:
+        return _Call("DELETE", f"/v1/runs/{run_id}", expect="none")
+
+    @staticmethod
+    def sweep(base: SpecLike, grid: Mapping[str, list[Any]]) -> _Call:
+        return _Call("POST", "/v1/sweeps", json={"base": _spec_body(base), "grid": dict(grid)})
+
+    @staticmethod
+    def sweep_status(sweep_id: str) -> _Call:
+        return _Call("GET", f"/v1/sweeps/{sweep_id}")
+
+    @staticmethod
+    def sweep_summary(sweep_id: str) -> _Call:
+        return _Call("GET", f"/v1/sweeps/{sweep_id}/summary")
+
+    @staticmethod
+    def ready() -> _Call:
+        return _Call("GET", "/readyz")
 
 
-def _gradients(run_id: str, layer: int | None, step_from: int | None, step_to: int | None, fmt: Format) -> _Call:
-    params = _drop_none({"layer": layer, "step_from": step_from, "step_to": step_to, "format": fmt})
-    return _Call("GET", f"/v1/runs/{run_id}/gradients", params=params, expect="text" if fmt == "csv" else "json")
+class _Deadline:
+    """The time budget of a wait, for either client: what is left, and how long to sleep before polling again."""
+
+    def __init__(self, timeout: float, poll: float = 0.0) -> None:
+        self._timeout = timeout
+        self._poll = poll
+        self._end = time.monotonic() + timeout
+
+    def left(self) -> float:
+        """Seconds left (0 once past)."""
+        return max(0.0, self._end - time.monotonic())
+
+    def server_wait(self) -> float:
+        """How long to ask the server to hold a submit's answer (it caps one wait at MAX_SERVER_WAIT)."""
+        return min(self._timeout, MAX_SERVER_WAIT)
+
+    def pause(self, still: str) -> float:
+        """The sleep before the next poll; TimeoutError ("<still> after <timeout> s") once time is up."""
+        remaining = self._end - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{still} after {self._timeout} s")
+        return min(self._poll, remaining)
 
 
-def decode_response(response: httpx.Response, expect: Literal["json", "text", "none"]) -> Any:
-    """The body of a successful response as `expect` says; GraddiagError with the problem for an error status."""
-    if response.is_error:
-        try:
-            problem = response.json()
-        except ValueError:
-            problem = None
-        if not isinstance(problem, dict):
-            problem = {
-                "title": response.reason_phrase,
-                "status": response.status_code,
-                "detail": response.text[:500],
-            }
-        raise GraddiagError(response.status_code, problem)
-    if expect == "none":
-        return None
-    return response.text if expect == "text" else response.json()
+_Http = TypeVar("_Http", httpx.Client, httpx.AsyncClient)
+_Transport = TypeVar("_Transport", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
 
-def _timeout(base: httpx.Timeout, extra: float) -> httpx.Timeout:
-    if not extra or base.read is None:
-        return base
-    return httpx.Timeout(base.connect, read=base.read + extra, write=base.write, pool=base.pool)
+class _BaseClient(Generic[_Http, _Transport]):
+    """What both clients are made of: an httpx client for `base_url`, with `token` as a bearer token."""
 
+    _make_http: Callable[..., _Http]
 
-def auth_headers(headers: Mapping[str, str] | None, token: str | None) -> dict[str, str]:
-    """`headers` plus `Authorization: Bearer <token>` (the server's api_token or read_token) when given."""
-    merged = dict(headers or {})
-    if token is not None:
-        merged["Authorization"] = f"Bearer {token}"
-    return merged
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        transport: _Transport | None = None,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        token: str | None = None,
+    ) -> None:
+        merged = dict(headers or {})
+        if token is not None:
+            merged["Authorization"] = f"Bearer {token}"
+        self._http: _Http = self._make_http(base_url=base_url, transport=transport, timeout=timeout, headers=merged)
 
 
 def _finished_or_raise(run: Json) -> Json:
@@ -132,22 +247,11 @@ def _finished_or_raise(run: Json) -> Json:
     return run
 
 
-class Client:
+class Client(_BaseClient[httpx.Client, httpx.BaseTransport]):
     """Synchronous client. `transport` replaces the network (e.g. a mock or WSGI transport); `token` is
     sent as a bearer token (a server with GRADDIAG_API_TOKEN / GRADDIAG_READ_TOKEN needs it)."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_URL,
-        *,
-        transport: httpx.BaseTransport | None = None,
-        timeout: float = 30.0,
-        headers: Mapping[str, str] | None = None,
-        token: str | None = None,
-    ) -> None:
-        self._http = httpx.Client(
-            base_url=base_url, transport=transport, timeout=timeout, headers=auth_headers(headers, token)
-        )
+    _make_http = httpx.Client
 
     def __enter__(self) -> Self:
         return self
@@ -162,149 +266,103 @@ class Client:
         self._http.close()
 
     def _send(self, call: _Call) -> Any:
-        response = self._http.request(
-            call.method,
-            call.path,
-            params=call.params,
-            json=call.json,
-            headers=call.headers,
-            timeout=_timeout(self._http.timeout, call.extra_timeout),
-        )
-        return decode_response(response, call.expect)
+        return call.decode(self._http.send(call.build(self._http)))
 
     def submit(self, spec: SpecLike, *, idempotency_key: str | None = None, wait: float = 0.0) -> Json:
         """Queue a run; with `wait`, the server holds the answer up to that many seconds for the verdict."""
-        result: Json = self._send(_submit(spec, idempotency_key, wait))
+        result: Json = self._send(_Requests.submit(spec, idempotency_key, wait))
         return result
 
     def get(self, run_id: str) -> Json:
         """The run now (status, progress, and the report once succeeded)."""
-        result: Json = self._send(_Call("GET", f"/v1/runs/{run_id}"))
+        result: Json = self._send(_Requests.get(run_id))
         return result
 
     def wait(self, run_id: str, *, timeout: float = 600.0, poll: float = 0.5) -> Json:
         """Poll until the run finishes (whatever the outcome); TimeoutError after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            run = self.get(run_id)
-            if run["status"] in FINISHED:
-                return run
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"run {run_id} still {run['status']} after {timeout} s")
-            time.sleep(min(poll, remaining))
+        deadline = _Deadline(timeout, poll)
+        while (run := self.get(run_id))["status"] not in FINISHED:
+            time.sleep(deadline.pause(f"run {run_id} still {run['status']}"))
+        return run
 
     def run(self, spec: SpecLike, *, timeout: float = 600.0, idempotency_key: str | None = None) -> Json:
         """Submit and wait; the succeeded run with its report, else RunFailed (or TimeoutError)."""
-        start = time.monotonic()
-        run = self.submit(spec, idempotency_key=idempotency_key, wait=min(timeout, MAX_SERVER_WAIT))
+        deadline = _Deadline(timeout)
+        run = self.submit(spec, idempotency_key=idempotency_key, wait=deadline.server_wait())
         if run["status"] not in FINISHED:
-            run = self.wait(run["id"], timeout=max(0.0, timeout - (time.monotonic() - start)))
+            run = self.wait(run["id"], timeout=deadline.left())
         return _finished_or_raise(run)
 
     def runs(self, **filters: Any) -> Json:
         """`{items, total, limit, offset}`; filters are the `GET /v1/runs` query parameters."""
-        result: Json = self._send(_Call("GET", "/v1/runs", params=_drop_none(filters)))
+        result: Json = self._send(_Requests.runs(filters))
         return result
 
     def layers(self, run_id: str) -> list[Json]:
         """The run's layers (index, name, kind, params)."""
-        result: list[Json] = self._send(_Call("GET", f"/v1/runs/{run_id}/layers"))
+        result: list[Json] = self._send(_Requests.layers(run_id))
         return result
 
     @overload
-    def gradients(
-        self,
-        run_id: str,
-        *,
-        layer: int | None = ...,
-        step_from: int | None = ...,
-        step_to: int | None = ...,
-        fmt: Literal["json"] = ...,
-    ) -> list[Json]: ...
+    def gradients(self, run_id: str, *, fmt: Literal["json"] = ..., **filters: Unpack[RecordFilters]) -> list[Json]: ...
     @overload
-    def gradients(
-        self,
-        run_id: str,
-        *,
-        layer: int | None = ...,
-        step_from: int | None = ...,
-        step_to: int | None = ...,
-        fmt: Literal["csv"],
-    ) -> str: ...
-    def gradients(
-        self,
-        run_id: str,
-        *,
-        layer: int | None = None,
-        step_from: int | None = None,
-        step_to: int | None = None,
-        fmt: Format = "json",
-    ) -> list[Json] | str:
+    def gradients(self, run_id: str, *, fmt: Literal["csv"], **filters: Unpack[RecordFilters]) -> str: ...
+    def gradients(self, run_id: str, *, fmt: Format = "json", **filters: Unpack[RecordFilters]) -> list[Json] | str:
         """Per-step, per-layer records: a list of dicts, or the CSV text with `fmt="csv"`."""
-        result: list[Json] | str = self._send(_gradients(run_id, layer, step_from, step_to, fmt))
+        result: list[Json] | str = self._send(_Requests.gradients(run_id, fmt, **filters))
+        return result
+
+    def tensorboard(self, run_id: str) -> bytes:
+        """The succeeded run's TensorBoard events as a tar.gz (one `<run id>/` folder)."""
+        result: bytes = self._send(_Requests.tensorboard(run_id))
         return result
 
     def compare(self, *run_ids: str) -> Json:
         """Per-layer profiles (init and last step) of finished runs, side by side."""
-        result: Json = self._send(_Call("GET", "/v1/compare", params=[("run_id", r) for r in run_ids]))
+        result: Json = self._send(_Requests.compare(run_ids))
         return result
 
     def cancel(self, run_id: str) -> Json:
         """Cancel a queued or running run; GraddiagError (409) if it already finished."""
-        result: Json = self._send(_Call("POST", f"/v1/runs/{run_id}/cancel"))
+        result: Json = self._send(_Requests.cancel(run_id))
         return result
 
     def delete(self, run_id: str) -> None:
         """Delete the run and its records."""
-        self._send(_Call("DELETE", f"/v1/runs/{run_id}", expect="none"))
+        self._send(_Requests.delete(run_id))
 
     def sweep(self, base: SpecLike, grid: Mapping[str, list[Any]]) -> Json:
         """Queue one run per grid point; returns the sweep's status (its `id` included)."""
-        result: Json = self._send(_Call("POST", "/v1/sweeps", json={"base": _spec_body(base), "grid": dict(grid)}))
+        result: Json = self._send(_Requests.sweep(base, grid))
         return result
 
     def sweep_status(self, sweep_id: str) -> Json:
         """Counts by status and every run's grid values, status and verdict."""
-        result: Json = self._send(_Call("GET", f"/v1/sweeps/{sweep_id}"))
+        result: Json = self._send(_Requests.sweep_status(sweep_id))
         return result
 
     def wait_sweep(self, sweep_id: str, *, timeout: float = 3600.0, poll: float = 1.0) -> Json:
         """Poll until every run of the sweep has finished; TimeoutError after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
+        deadline = _Deadline(timeout, poll)
         while not (status := self.sweep_status(sweep_id))["done"]:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"sweep {sweep_id} not done after {timeout} s")
-            time.sleep(min(poll, remaining))
+            time.sleep(deadline.pause(f"sweep {sweep_id} not done"))
         return status
 
     def sweep_summary(self, sweep_id: str) -> Json:
         """Per non-depth configuration: the verdict along depth and the critical depth."""
-        result: Json = self._send(_Call("GET", f"/v1/sweeps/{sweep_id}/summary"))
+        result: Json = self._send(_Requests.sweep_summary(sweep_id))
         return result
 
     def ready(self) -> Json:
         """The `/readyz` body; GraddiagError (503) when not ready."""
-        result: Json = self._send(_Call("GET", "/readyz"))
+        result: Json = self._send(_Requests.ready())
         return result
 
 
-class AsyncClient:
+class AsyncClient(_BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     """The asyncio twin of :class:`Client`; pass `httpx.ASGITransport(app)` to call an app in-process."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_URL,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-        timeout: float = 30.0,
-        headers: Mapping[str, str] | None = None,
-        token: str | None = None,
-    ) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=base_url, transport=transport, timeout=timeout, headers=auth_headers(headers, token)
-        )
+    _make_http = httpx.AsyncClient
 
     async def __aenter__(self) -> Self:
         return self
@@ -319,131 +377,98 @@ class AsyncClient:
         await self._http.aclose()
 
     async def _send(self, call: _Call) -> Any:
-        response = await self._http.request(
-            call.method,
-            call.path,
-            params=call.params,
-            json=call.json,
-            headers=call.headers,
-            timeout=_timeout(self._http.timeout, call.extra_timeout),
-        )
-        return decode_response(response, call.expect)
+        return call.decode(await self._http.send(call.build(self._http)))
 
     async def submit(self, spec: SpecLike, *, idempotency_key: str | None = None, wait: float = 0.0) -> Json:
         """See :meth:`Client.submit`."""
-        result: Json = await self._send(_submit(spec, idempotency_key, wait))
+        result: Json = await self._send(_Requests.submit(spec, idempotency_key, wait))
         return result
 
     async def get(self, run_id: str) -> Json:
         """See :meth:`Client.get`."""
-        result: Json = await self._send(_Call("GET", f"/v1/runs/{run_id}"))
+        result: Json = await self._send(_Requests.get(run_id))
         return result
 
     async def wait(self, run_id: str, *, timeout: float = 600.0, poll: float = 0.5) -> Json:
         """See :meth:`Client.wait`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            run = await self.get(run_id)
-            if run["status"] in FINISHED:
-                return run
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"run {run_id} still {run['status']} after {timeout} s")
-            await asyncio.sleep(min(poll, remaining))
+        deadline = _Deadline(timeout, poll)
+        while (run := await self.get(run_id))["status"] not in FINISHED:
+            await asyncio.sleep(deadline.pause(f"run {run_id} still {run['status']}"))
+        return run
 
     async def run(self, spec: SpecLike, *, timeout: float = 600.0, idempotency_key: str | None = None) -> Json:
         """See :meth:`Client.run`."""
-        start = time.monotonic()
-        run = await self.submit(spec, idempotency_key=idempotency_key, wait=min(timeout, MAX_SERVER_WAIT))
+        deadline = _Deadline(timeout)
+        run = await self.submit(spec, idempotency_key=idempotency_key, wait=deadline.server_wait())
         if run["status"] not in FINISHED:
-            run = await self.wait(run["id"], timeout=max(0.0, timeout - (time.monotonic() - start)))
+            run = await self.wait(run["id"], timeout=deadline.left())
         return _finished_or_raise(run)
 
     async def runs(self, **filters: Any) -> Json:
         """See :meth:`Client.runs`."""
-        result: Json = await self._send(_Call("GET", "/v1/runs", params=_drop_none(filters)))
+        result: Json = await self._send(_Requests.runs(filters))
         return result
 
     async def layers(self, run_id: str) -> list[Json]:
         """See :meth:`Client.layers`."""
-        result: list[Json] = await self._send(_Call("GET", f"/v1/runs/{run_id}/layers"))
+        result: list[Json] = await self._send(_Requests.layers(run_id))
         return result
 
     @overload
     async def gradients(
-        self,
-        run_id: str,
-        *,
-        layer: int | None = ...,
-        step_from: int | None = ...,
-        step_to: int | None = ...,
-        fmt: Literal["json"] = ...,
+        self, run_id: str, *, fmt: Literal["json"] = ..., **filters: Unpack[RecordFilters]
     ) -> list[Json]: ...
     @overload
+    async def gradients(self, run_id: str, *, fmt: Literal["csv"], **filters: Unpack[RecordFilters]) -> str: ...
     async def gradients(
-        self,
-        run_id: str,
-        *,
-        layer: int | None = ...,
-        step_from: int | None = ...,
-        step_to: int | None = ...,
-        fmt: Literal["csv"],
-    ) -> str: ...
-    async def gradients(
-        self,
-        run_id: str,
-        *,
-        layer: int | None = None,
-        step_from: int | None = None,
-        step_to: int | None = None,
-        fmt: Format = "json",
+        self, run_id: str, *, fmt: Format = "json", **filters: Unpack[RecordFilters]
     ) -> list[Json] | str:
         """See :meth:`Client.gradients`."""
-        result: list[Json] | str = await self._send(_gradients(run_id, layer, step_from, step_to, fmt))
+        result: list[Json] | str = await self._send(_Requests.gradients(run_id, fmt, **filters))
+        return result
+
+    async def tensorboard(self, run_id: str) -> bytes:
+        """See :meth:`Client.tensorboard`."""
+        result: bytes = await self._send(_Requests.tensorboard(run_id))
         return result
 
     async def compare(self, *run_ids: str) -> Json:
         """See :meth:`Client.compare`."""
-        params = [("run_id", r) for r in run_ids]
-        result: Json = await self._send(_Call("GET", "/v1/compare", params=params))
+        result: Json = await self._send(_Requests.compare(run_ids))
         return result
 
     async def cancel(self, run_id: str) -> Json:
         """See :meth:`Client.cancel`."""
-        result: Json = await self._send(_Call("POST", f"/v1/runs/{run_id}/cancel"))
+        result: Json = await self._send(_Requests.cancel(run_id))
         return result
 
     async def delete(self, run_id: str) -> None:
         """See :meth:`Client.delete`."""
-        await self._send(_Call("DELETE", f"/v1/runs/{run_id}", expect="none"))
+        await self._send(_Requests.delete(run_id))
 
     async def sweep(self, base: SpecLike, grid: Mapping[str, list[Any]]) -> Json:
         """See :meth:`Client.sweep`."""
-        body = {"base": _spec_body(base), "grid": dict(grid)}
-        result: Json = await self._send(_Call("POST", "/v1/sweeps", json=body))
+        result: Json = await self._send(_Requests.sweep(base, grid))
         return result
 
     async def sweep_status(self, sweep_id: str) -> Json:
         """See :meth:`Client.sweep_status`."""
-        result: Json = await self._send(_Call("GET", f"/v1/sweeps/{sweep_id}"))
+        result: Json = await self._send(_Requests.sweep_status(sweep_id))
         return result
 
     async def wait_sweep(self, sweep_id: str, *, timeout: float = 3600.0, poll: float = 1.0) -> Json:
         """See :meth:`Client.wait_sweep`."""
-        deadline = time.monotonic() + timeout
+        deadline = _Deadline(timeout, poll)
         while not (status := await self.sweep_status(sweep_id))["done"]:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"sweep {sweep_id} not done after {timeout} s")
-            await asyncio.sleep(min(poll, remaining))
+            await asyncio.sleep(deadline.pause(f"sweep {sweep_id} not done"))
         return status
 
     async def sweep_summary(self, sweep_id: str) -> Json:
         """See :meth:`Client.sweep_summary`."""
-        result: Json = await self._send(_Call("GET", f"/v1/sweeps/{sweep_id}/summary"))
+        result: Json = await self._send(_Requests.sweep_summary(sweep_id))
         return result
 
     async def ready(self) -> Json:
         """See :meth:`Client.ready`."""
-        result: Json = await self._send(_Call("GET", "/readyz"))
+        result: Json = await self._send(_Requests.ready())
         return result

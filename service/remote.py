@@ -29,7 +29,7 @@ import httpx
 from pydantic import ValidationError
 
 from graddiag.models.spec import Spec
-from graddiag.service.client import DEFAULT_URL, FINISHED, Client, GraddiagError, Json, auth_headers, decode_response
+from graddiag.service.client import DEFAULT_URL, FINISHED, Client, GraddiagError, Json
 from graddiag.service.engine.report import Report
 from graddiag.service.flags import EXIT_INVALID, add_model_flags, format_validation_error, given_values, load_spec
 from graddiag.service.render import render_report
@@ -388,15 +388,6 @@ def unpack_events(data: bytes, out_dir: Path) -> Path:
     return out_dir / roots.pop()
 
 
-def download_events(base_url: str, run_id: str, timeout: float, token: str | None) -> bytes:
-    """The run's events tar.gz from the server (GraddiagError with the problem on an error status)."""
-    # Client's methods all decode JSON or text; this one download is bytes.
-    with httpx.Client(base_url=base_url, timeout=timeout, headers=auth_headers(None, token)) as http:
-        response = http.get(f"/v1/runs/{run_id}/tensorboard")
-    decode_response(response, "none")  # raises GraddiagError for an error status, as every Client call does
-    return response.content
-
-
 def cmd_tensorboard_export(args: argparse.Namespace) -> int:
     """Write a succeeded run's TensorBoard events into DIR/<run id>, from --db or from the server."""
     if args.db and args.url:
@@ -405,9 +396,8 @@ def cmd_tensorboard_export(args: argparse.Namespace) -> int:
     if args.db:
         return _export_from_db(args)
 
-    def from_server(args: argparse.Namespace, _client: Client) -> int:
-        data = download_events(server_url(args), args.run_id, args.http_timeout, server_token(args))
-        return _report_export(unpack_events(data, Path(args.dir)), Path(args.dir))
+    def from_server(args: argparse.Namespace, client: Client) -> int:
+        return _report_export(unpack_events(client.tensorboard(args.run_id), Path(args.dir)), Path(args.dir))
 
     return _guarded(from_server)(args)
 
