@@ -4,7 +4,7 @@ Every app gets its own CollectorRegistry (made by :func:`install_metrics`), neve
 default one: several apps in one process (tests, embedding) keep separate counts and never collide.
 
 The store figures are computed from the database at scrape time by :class:`StoreCollector`, a few
-GROUP BY queries over `runs`: the API process does not see runs start or finish (workers are other
+GROUP BY queries over `runs` (store/stats.py): the API process does not see runs start or finish (workers are other
 processes), so the database is the one honest source. Request latency is measured by
 :class:`LatencyMiddleware` in this process.
 """
@@ -22,14 +22,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from graddiag.service.api.health import WorkerProbe
 from graddiag.service.engine.report import Label
-from graddiag.service.store.tables import FINISHED, STATUSES, Run
+from graddiag.service.store.stats import Durations, counts_by_status_and_verdict, durations_by_status, lease_stats
+from graddiag.service.store.tables import FINISHED, STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,7 @@ def _store_families(session: Session, now: float, lease_seconds: float) -> list[
     """Three queries: counts by (status, verdict), duration buckets by status, lease state."""
     by_status: dict[str, int] = dict.fromkeys(STATUSES, 0)
     by_verdict: dict[str, int] = dict.fromkeys(LABELS, 0)
-    for status, verdict, count in session.execute(
-        select(Run.status, Run.verdict, func.count()).group_by(Run.status, Run.verdict)
-    ):
+    for status, verdict, count in counts_by_status_and_verdict(session):
         by_status[status] = by_status.get(status, 0) + count
         if status == "succeeded" and verdict is not None:
             by_verdict[verdict] = by_verdict.get(verdict, 0) + count
@@ -174,43 +172,28 @@ def _store_families(session: Session, now: float, lease_seconds: float) -> list[
 
 
 def _duration_family(session: Session) -> HistogramMetricFamily:
-    # One pass over the finished runs: a cumulative count per bucket bound (SUM of CASE), the count and the sum.
-    duration = Run.finished_epoch - Run.started_epoch
-    bucket_counts = [func.sum(case((duration <= bound, 1), else_=0)) for bound in RUN_DURATION_BUCKETS]
-    query = (
-        select(Run.status, func.count(), func.sum(duration), *bucket_counts)
-        .where(Run.status.in_(FINISHED), Run.started_epoch.is_not(None), Run.finished_epoch.is_not(None))
-        .group_by(Run.status)
-    )
     family = _durations()
-    rows = {row[0]: row[1:] for row in session.execute(query)}
+    by_status = durations_by_status(session, RUN_DURATION_BUCKETS)
+    none = Durations(0, 0.0, [0] * len(RUN_DURATION_BUCKETS))
     bounds = [floatToGoString(bound) for bound in RUN_DURATION_BUCKETS]
     for status in sorted(FINISHED):
-        count, total, *cumulative = rows.get(status, (0, 0.0, *(0 for _ in RUN_DURATION_BUCKETS)))
-        buckets = [(bound, int(n or 0)) for bound, n in zip(bounds, cumulative, strict=True)]
-        family.add_metric([status], [*buckets, ("+Inf", int(count))], sum_value=float(total or 0.0))
+        durations = by_status.get(status, none)
+        buckets = list(zip(bounds, durations.cumulative, strict=True))
+        family.add_metric([status], [*buckets, ("+Inf", durations.count)], sum_value=durations.total_seconds)
     return family
 
 
 def _lease_families(session: Session, now: float, lease_seconds: float) -> list[Metric]:
-    live = Run.lease_expires_epoch > now
-    live_count, expired_count, busy, latest_expiry = session.execute(
-        select(
-            func.sum(case((live, 1), else_=0)),
-            func.sum(case((live, 0), else_=1)),  # NULL or past expiry
-            func.count(func.distinct(case((live, Run.lease_owner)))),
-            func.max(Run.lease_expires_epoch),
-        ).where(Run.status == "running")
-    ).one()
+    stats = lease_stats(session, now)
     leases = _leases()
-    leases.add_metric(["live"], int(live_count or 0))
-    leases.add_metric(["expired"], int(expired_count or 0))
+    leases.add_metric(["live"], stats.live)
+    leases.add_metric(["expired"], stats.expired)
     workers = _busy_workers()
-    workers.add_metric([], int(busy or 0))
+    workers.add_metric([], stats.busy_workers)
     age = _heartbeat_age()
-    if latest_expiry is not None:
+    if stats.latest_expiry is not None:
         # Each heartbeat sets expiry = beat time + lease_seconds: the freshest beat is the latest expiry less that.
-        age.add_metric([], max(0.0, now - (float(latest_expiry) - lease_seconds)))
+        age.add_metric([], max(0.0, now - (stats.latest_expiry - lease_seconds)))
     return [leases, workers, age]
 
 
