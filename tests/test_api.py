@@ -26,6 +26,7 @@ from graddiag.service.store.db import make_engine, make_sessionmaker, upgrade
 from graddiag.service.store.runs import create_run
 from graddiag.service.store.tables import SPEC_COLUMNS, RunRecord
 from graddiag.service.worker.worker import run_worker
+from tests.reports import plain_report, store_report, succeed, with_findings
 
 pytestmark = pytest.mark.anyio
 
@@ -558,6 +559,108 @@ async def test_sweep_body_is_validated(api: httpx.AsyncClient) -> None:
         await api.post("/v1/sweeps", json={"grid": {"depth": [2]}, "extra": 1}), 422, "validation_error"
     )
     assert body["errors"][0]["loc"] == ["body", "extra"]
+
+
+# --- findings -------------------------------------------------------------------------------------
+
+
+async def test_runs_filter_by_finding_and_list_their_kinds(api: httpx.AsyncClient, settings: Settings) -> None:
+    spec = Spec.model_validate(TINY)
+    engine = make_engine(settings.db_url)
+    try:
+        step = store_report(engine, with_findings(plain_report(spec), "step_size"))
+        both = store_report(engine, with_findings(plain_report(spec, "vanishing"), "forward_signal", "step_size"))
+        clean = store_report(engine, plain_report(spec))
+    finally:
+        engine.dispose()
+    (queued,) = _seed_runs(settings, [TINY])
+
+    async def ids(*findings: str, **params: Any) -> list[str]:
+        page = (await api.get("/v1/runs", params=[*(("finding", f) for f in findings), *params.items()])).json()
+        assert page["total"] == len(page["items"])
+        return sorted(r["id"] for r in page["items"])
+
+    assert await ids("step_size") == sorted([step, both])
+    assert await ids("step_size", "forward_signal") == [both]  # repeated: runs with all of them
+    assert await ids("forward_signal", verdict="healthy") == []
+    assert await ids("nonfinite") == []
+    kinds = {r["id"]: r["finding_kinds"] for r in (await api.get("/v1/runs")).json()["items"]}
+    assert kinds == {step: ["step_size"], both: ["forward_signal", "step_size"], clean: [], queued: None}
+
+    problem = assert_problem(await api.get("/v1/runs", params={"finding": "step-size"}), 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["query", "finding", 0]
+    assert "'step_size'" in problem["errors"][0]["msg"] and "'gradient_profile'" in problem["errors"][0]["msg"]
+
+
+async def test_run_serves_findings_and_the_new_record_fields(api: httpx.AsyncClient, settings: Settings) -> None:
+    report = with_findings(plain_report(Spec.model_validate(TINY)), "forward_signal", "structural_zero_bias")
+    engine = make_engine(settings.db_url)
+    try:
+        run_id = store_report(engine, report)
+    finally:
+        engine.dispose()
+    run = (await api.get(f"/v1/runs/{run_id}")).json()
+    assert Report.model_validate(run["report"]) == report
+    assert run["finding_kinds"] == ["forward_signal", "structural_zero_bias"]
+    first = run["report"]["verdict"]["findings"][0]
+    assert (first["kind"], first["severity"], first["phase"]) == ("forward_signal", "critical", "init")
+    assert first["evidence"]["span_decades"] == 2.5 and first["advice"][0].endswith("(finding: forward_signal).")
+    layers = (await api.get(f"/v1/runs/{run_id}/layers")).json()
+    assert [layer["structural_zero_bias"] for layer in layers] == [True, False, False, False]
+
+    rows = (await api.get(f"/v1/runs/{run_id}/gradients")).json()
+    assert {"act_norm", "penalty_grad_norm"} <= set(rows[0])
+    assert [r["act_norm"] for r in rows if r["step"] == 0] == [1.0, 2.0, 4.0, 8.0]
+    reader = csv.DictReader(io.StringIO((await api.get(f"/v1/runs/{run_id}/gradients?format=csv")).text))
+    assert reader.fieldnames == RECORD_FIELDS and reader.fieldnames[-2:] == ["act_norm", "penalty_grad_norm"]
+    csv_rows = list(reader)
+    assert [float(r["act_norm"]) for r in csv_rows if r["step"] == "0"] == [1.0, 2.0, 4.0, 8.0]
+    assert csv_rows[0]["penalty_grad_norm"] == "0.001" and csv_rows[-1]["penalty_grad_norm"] == ""
+
+
+async def test_sweep_shows_findings_per_run_and_cell_and_filters(api: httpx.AsyncClient, settings: Settings) -> None:
+    body = {"base": TINY, "grid": {"norm": ["none", "batch"], "depth": [2, 4]}}
+    sweep = (await api.post("/v1/sweeps", json=body)).json()
+    point = {(r["grid"]["norm"], r["grid"]["depth"]): r["run_id"] for r in sweep["runs"]}
+    engine = make_engine(settings.db_url)
+    try:
+        for (norm, depth), kinds in {
+            ("batch", 2): ("structural_zero_bias",),
+            ("batch", 4): ("gradient_profile", "structural_zero_bias"),
+            ("none", 2): (),
+        }.items():
+            spec = Spec.model_validate({**TINY, "norm": norm, "depth": depth})
+            succeed(engine, point[(norm, depth)], with_findings(plain_report(spec, "exploding"), *kinds))
+    finally:
+        engine.dispose()
+    sweep_url = f"/v1/sweeps/{sweep['id']}"
+
+    status = (await api.get(sweep_url)).json()
+    findings = {r["run_id"]: r["findings"] for r in status["runs"]}
+    assert findings[point[("none", 4)]] is None and findings[point[("none", 2)]] == []
+    assert [(f["kind"], f["severity"]) for f in findings[point[("batch", 4)]]] == [
+        ("gradient_profile", "critical"),
+        ("structural_zero_bias", "warning"),
+    ]
+    filtered = (await api.get(sweep_url, params={"finding": "gradient_profile"})).json()
+    assert [r["run_id"] for r in filtered["runs"]] == [point[("batch", 4)]]
+    assert filtered["total"] == 4 and filtered["counts"] == status["counts"]
+
+    summary = (await api.get(f"{sweep_url}/summary")).json()
+    configs = {c["config"]["norm"]: c for c in summary["configs"]}
+    assert summary["finding"] is None
+    assert [[f["kind"] for f in cell] for cell in configs["batch"]["findings"]] == [
+        ["structural_zero_bias"],
+        ["gradient_profile", "structural_zero_bias"],
+    ]
+    assert configs["batch"]["finding_depths"] == {"structural_zero_bias": 2, "gradient_profile": 4}
+    assert configs["none"]["findings"] == [[], None] and configs["none"]["finding_depths"] == {}
+    only = (await api.get(f"{sweep_url}/summary", params={"finding": "gradient_profile"})).json()
+    assert only["finding"] == "gradient_profile" and [c["config"] for c in only["configs"]] == [{"norm": "batch"}]
+
+    for path in (sweep_url, f"{sweep_url}/summary"):
+        problem = assert_problem(await api.get(path, params={"finding": "bogus"}), 422, "validation_error")
+        assert problem["errors"][0]["loc"] == ["query", "finding"] and "'dead_units'" in problem["errors"][0]["msg"]
 
 
 # --- health, readiness, OpenAPI ---------------------------------------------------------------------

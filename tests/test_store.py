@@ -22,7 +22,6 @@ from graddiag.models.spec import Spec, SpecCaps
 from graddiag.service.engine.report import (
     EvalResult,
     Evidence,
-    Finding,
     FindingKind,
     Label,
     LayerInfo,
@@ -54,6 +53,7 @@ from graddiag.service.store.runs import (
 )
 from graddiag.service.store.sweeps import SweepInvalid, SweepNotFound, create_sweep, sweep_status, sweep_summary
 from graddiag.service.store.tables import FINDING_KINDS_LENGTH, Run, RunLayer, RunRecord, RunStep, stamp
+from tests.reports import with_findings
 
 TINY = Spec(dataset="synthetic", depth=3, width=16, steps=5, batch_size=16, record_every=1)
 
@@ -119,33 +119,6 @@ def sample_report(spec: Spec, *, label: Label = "healthy", interior_ratio: float
         ),
         timing=Timing(device="cpu", data_s=0.1, train_s=0.2, eval_s=0.01, total_s=0.31, step_ms=40.0, steps_run=5),
     )
-
-
-def with_findings(report: Report, *kinds: FindingKind) -> Report:
-    """`report` with one finding per kind (severities cycling critical, warning, info), forward-signal RMS
-    and penalty gradients in its records, and its first layer's bias flagged structurally zero."""
-    severities = ("critical", "warning", "info")
-    findings = [
-        Finding(
-            kind=kind,
-            severity=severities[i % 3],
-            phase="init" if i % 2 == 0 else "training",
-            message=f"{kind} seen",
-            evidence={"span_decades": 2.5 + i, "interior_layers": 7, "note": "x", "missing": None},
-            layers=[0, i],
-            advice=[f"Change something (finding: {kind})."],
-        )
-        for i, kind in enumerate(kinds)
-    ]
-    verdict = report.verdict.model_copy(
-        update={"findings": findings, "advice": [a for f in findings for a in f.advice]}
-    )
-    records = [
-        r.model_copy(update={"act_norm": 0.5 + r.layer, "penalty_grad_norm": None if r.step else 1e-3 * (r.layer + 1)})
-        for r in report.records
-    ]
-    layers = [report.layers[0].model_copy(update={"structural_zero_bias": True}), *report.layers[1:]]
-    return report.model_copy(update={"verdict": verdict, "records": records, "layers": layers})
 
 
 def succeed(session: Session, run_id: str, report: Report) -> None:

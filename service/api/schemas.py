@@ -9,10 +9,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from graddiag.models.spec import Spec
-from graddiag.service.engine.report import Label, LayerKind, Report
+from graddiag.service.engine.report import FindingKind, Label, LayerKind, Report
+from graddiag.service.store.runs import decode_finding_kinds
 from graddiag.service.store.tables import RunStatus
 
 
@@ -54,6 +55,9 @@ class RunSummary(BaseModel):
     id: str
     status: RunStatus
     verdict: Label | None = Field(None, description="The verdict label once the run succeeded.")
+    finding_kinds: list[FindingKind] | None = Field(
+        None, description="The distinct kinds of the verdict's findings, sorted; null until the run succeeded."
+    )
     spec: Spec
     sweep_id: str | None = None
     grid: dict[str, Any] | None = Field(None, description="This run's grid point within its sweep.")
@@ -62,6 +66,12 @@ class RunSummary(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+    @field_validator("finding_kinds", mode="before")
+    @classmethod
+    def _stored_kinds(cls, value: Any) -> Any:
+        # Read from a Run row, the kinds are the store's delimited column; given as a list, they pass as is.
+        return decode_finding_kinds(value) if isinstance(value, str) else value
 
 
 class RunDetail(RunSummary):

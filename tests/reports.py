@@ -1,0 +1,140 @@
+"""Reports with findings for the tests of everything that shows them (store, API, client, CLI, dashboard).
+
+A helper module, not a test module: the engine decides which findings a real run has, so the tests of the
+display side build reports with known findings here and store them as a worker would.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, update
+
+from graddiag.models.spec import Spec
+from graddiag.service.engine.report import (
+    EvalResult,
+    Evidence,
+    Finding,
+    FindingKind,
+    Label,
+    LayerInfo,
+    LayerRecord,
+    Report,
+    Severity,
+    StepMetrics,
+    Theory,
+    Timing,
+    Verdict,
+)
+from graddiag.service.store.db import make_sessionmaker
+from graddiag.service.store.runs import create_run, insert_report_rows, report_columns, report_rows
+from graddiag.service.store.tables import Run, stamp
+
+SEVERITIES: tuple[Severity, ...] = ("critical", "warning", "info")
+
+
+def plain_report(spec: Spec, label: Label = "healthy") -> Report:
+    """A deterministic report shaped like the engine's, without findings: depth + 1 linear layers, every
+    step, records at the recorded steps; the gradient norm falls 10× per layer toward the input and the
+    forward RMS (`act_norm`) doubles per layer, so charts and tables have known values to show."""
+    names = ["input.linear", *(f"hidden{j}.linear" for j in range(1, spec.depth)), "output.linear"]
+    layers = [LayerInfo(index=i, name=name, kind="linear", params=100 * (i + 1)) for i, name in enumerate(names)]
+    last = len(layers) - 1
+    recorded = [s for s in range(spec.steps) if s % spec.record_every == 0 or s == spec.steps - 1]
+    records = [
+        LayerRecord(
+            step=s,
+            layer=i,
+            grad_norm=10.0 ** (i - last) * (1 + s),
+            bias_grad_norm=0.1,
+            weight_norm=2.0,
+            rel_grad=10.0 ** (i - last) / 2,
+            update_ratio=None if s == 0 else 1e-3,
+            act_grad_norm=10.0 ** (i - last),
+            zero_grad_frac=0.0,
+            saturation_frac=None,
+            act_norm=2.0**i * (1 + s),
+            penalty_grad_norm=None,
+        )
+        for s in recorded
+        for i in range(len(layers))
+    ]
+    steps = [
+        StepMetrics(step=s, loss=2.3 - 0.01 * s, accuracy=0.1, grad_norm_total_pre=1.0, grad_norm_total_post=1.0)
+        for s in range(spec.steps)
+    ]
+    verdict = Verdict(
+        label=label,
+        at_init=label,
+        trained=label,
+        evidence=Evidence(decades_per_layer=-1.0, interior_ratio=10.0 ** -(last - 2), interior_layers=last - 1),
+        reasons=["The gradient falls 1 decade per layer toward the input."],
+        advice=[],
+        theory=Theory(applicable=False, reason="Not derived for this test report."),
+    )
+    return Report(
+        spec=spec,
+        layers=layers,
+        steps=steps,
+        records=records,
+        verdict=verdict,
+        eval=EvalResult(
+            loss=2.2, accuracy=0.1, samples=10, train_loss=2.25, train_accuracy=0.12, generalization_gap=-0.05
+        ),
+        timing=Timing(
+            device="cpu", data_s=0.0, train_s=0.1, eval_s=0.0, total_s=0.1, step_ms=20.0, steps_run=spec.steps
+        ),
+    )
+
+
+def finding(kind: FindingKind, index: int = 0) -> Finding:
+    """A finding of `kind` whose severity cycles critical, warning, info with `index`, with evidence
+    numbers of every type (float, int, str, null), two layers and one advice item naming it."""
+    return Finding(
+        kind=kind,
+        severity=SEVERITIES[index % 3],
+        phase="init" if index % 2 == 0 else "training",
+        message=f"The {kind.replace('_', ' ')} finding, number {index}.",
+        evidence={"span_decades": 2.5 + index, "interior_layers": 7, "note": "x", "missing": None},
+        layers=[0, index],
+        advice=[f"Change something about {kind} (finding: {kind})."],
+    )
+
+
+def with_findings(report: Report, *kinds: FindingKind) -> Report:
+    """`report` with one finding per kind (see `finding`) whose advice is the verdict's, forward-signal
+    RMS in every record (0.5 + layer index where the report has none), a penalty gradient at step 0, and its first layer's bias
+    flagged structurally zero."""
+    findings = [finding(kind, i) for i, kind in enumerate(kinds)]
+    verdict = report.verdict.model_copy(
+        update={"findings": findings, "advice": [item for f in findings for item in f.advice]}
+    )
+    records = [
+        r.model_copy(
+            update={
+                "act_norm": 0.5 + r.layer if r.act_norm is None else r.act_norm,
+                "penalty_grad_norm": None if r.step else 1e-3 * (r.layer + 1),
+            }
+        )
+        for r in report.records
+    ]
+    layers = [report.layers[0].model_copy(update={"structural_zero_bias": True}), *report.layers[1:]]
+    return report.model_copy(update={"verdict": verdict, "records": records, "layers": layers})
+
+
+def succeed(engine: Engine, run_id: str, report: Report) -> None:
+    """Store `report` as the run's result, as a worker's completion does (minus the lease checks)."""
+    with make_sessionmaker(engine)() as session:
+        session.execute(
+            update(Run)
+            .where(Run.id == run_id)
+            .values(status="succeeded", **report_columns(report), **stamp("finished"))
+        )
+        insert_report_rows(session, report_rows(run_id, report))
+        session.commit()
+
+
+def store_report(engine: Engine, report: Report) -> str:
+    """Id of a new succeeded run of `report.spec` holding `report`."""
+    with make_sessionmaker(engine)() as session:
+        run_id = create_run(session, Spec.model_validate(report.spec))[0].id
+    succeed(engine, run_id, report)
+    return run_id
