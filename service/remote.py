@@ -404,8 +404,7 @@ def cmd_tensorboard_export(args: argparse.Namespace) -> int:
 
 def _export_from_db(args: argparse.Namespace) -> int:
     # Imported here: the other client commands need neither the store nor the API.
-    from graddiag.service.api.errors import ApiProblem
-    from graddiag.service.api.tensorboard import events_archive
+    from graddiag.service.export.archive import RunNotSucceeded, TensorBoardUnavailable, events_archive
     from graddiag.service.store.db import make_engine, make_sessionmaker
     from graddiag.service.store.runs import RunNotFound
 
@@ -419,11 +418,8 @@ def _export_from_db(args: argparse.Namespace) -> int:
     try:
         with make_sessionmaker(engine)() as session:
             archive = events_archive(session, settings, args.run_id)
-    except RunNotFound as exc:
+    except (RunNotFound, RunNotSucceeded, TensorBoardUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except ApiProblem as exc:
-        print(f"error: {exc.detail}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         engine.dispose()

@@ -44,7 +44,6 @@ except ImportError as exc:  # torch.utils.tensorboard raises this when the tenso
         "TensorBoard export needs the 'tensorboard' package: install the extra with pip install 'graddiag[tensorboard]'"
     ) from exc
 
-EXTRA: Final = "graddiag[tensorboard]"
 
 # Per-layer report fields written as scalars, tag prefix = field name.
 LAYER_SCALARS: Final = ("grad_norm", "act_grad_norm", "rel_grad", "update_ratio")
@@ -163,7 +162,7 @@ def write_events(report: Report, log_dir: Path, *, histograms: Histograms | None
 def export_run(report: Report, out_dir: Path, *, name: str | None = None, histograms: Histograms | None = None) -> Path:
     """Write the report as the run ``out_dir/<name>`` (for ``tensorboard --logdir out_dir``); return that path.
 
-    ``name`` defaults to :func:`run_name` (the spec's shape and fingerprint); the CLI passes the run id.
+    ``name`` defaults to :func:`run_name` (the spec's shape and fingerprint), e.g. a run id for a stored run.
     It must be a single path component. Exporting the same name again replaces that run's events.
     """
     name = run_name(report) if name is None else name
