@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import math
+import textwrap
+from typing import Final
 
-from graddiag.service.engine.report import LayerRecord, Report
+from graddiag.service.engine.report import Finding, LayerRecord, Report
+
+# The report fits a 120-column terminal: the layer table is 99 columns, prose wraps at this width.
+WIDTH: Final = 120
+_SEVERITY_ORDER: Final = {"critical": 0, "warning": 1, "info": 2}
+_PHASE: Final = {"init": "at init", "training": "during training"}
+# Marks a layer whose bias gradient is zero by construction (a bias followed by batch norm).
+ZERO_BIAS_MARK: Final = "†"
 
 
 def _fmt(value: float | None) -> str:
@@ -13,23 +22,57 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def _wrap(text: str, indent: str, first: str | None = None) -> list[str]:
+    return textwrap.wrap(
+        text, WIDTH, initial_indent=indent if first is None else first, subsequent_indent=indent, break_on_hyphens=False
+    )
+
+
+def _evidence(finding: Finding) -> str:
+    return ", ".join(
+        f"{key}={_fmt(value) if isinstance(value, float) else value}"
+        for key, value in finding.evidence.items()
+        if value is not None
+    )
+
+
+def render_findings(findings: list[Finding]) -> list[str]:
+    """The findings section, most severe first: severity, phase, kind and sentence, evidence, advice."""
+    out = ["findings:"] if findings else []
+    for finding in sorted(findings, key=lambda item: _SEVERITY_ORDER[item.severity]):
+        phase = f" ({_PHASE[finding.phase]})" if finding.phase else ""
+        out += _wrap(f"{finding.severity.upper()} {finding.kind}{phase}: {finding.message}", "    ", "  - ")
+        evidence = _evidence(finding)
+        if evidence:
+            out += _wrap(f"evidence: {evidence}", "      ", "    ")
+        for item in finding.advice:
+            out += _wrap(f"advice: {item}", "      ", "    ")
+    return out
+
+
 def render_report(report: Report) -> str:
-    """The human-readable report: per-layer table at init and at the end, verdict, theory, advice."""
+    """The human-readable report: per-layer table at init and at the end, verdict, findings, theory, advice."""
     by_step: dict[int, dict[int, LayerRecord]] = {}
     for record in report.records:
         by_step.setdefault(record.step, {})[record.layer] = record
     first, last = min(by_step), max(by_step)
     out = [
         f"{'#':>3} {'layer':<22} {'kind':<6} {'grad@init':>10} {'grad@end':>10} {'act∂@init':>10} "
-        f"{'rel@init':>10} {'update':>10}"
+        f"{'rel@init':>10} {'update':>10} {'rms@init':>10}"
     ]
     for layer in report.layers:
         a, b = by_step[first].get(layer.index), by_step[last].get(layer.index)
+        name = f"{layer.name}{ZERO_BIAS_MARK}" if layer.structural_zero_bias else layer.name
         out.append(
-            f"{layer.index:>3} {layer.name:<22} {layer.kind:<6} "
+            f"{layer.index:>3} {name:<22} {layer.kind:<6} "
             f"{_fmt(a.grad_norm if a else None):>10} {_fmt(b.grad_norm if b else None):>10} "
             f"{_fmt(a.act_grad_norm if a else None):>10} {_fmt(a.rel_grad if a else None):>10} "
-            f"{_fmt(b.update_ratio if b else None):>10}"
+            f"{_fmt(b.update_ratio if b else None):>10} {_fmt(a.act_norm if a else None):>10}"
+        )
+    out.append("rms@init: RMS of the layer's output at init (the forward signal)")
+    if any(layer.structural_zero_bias for layer in report.layers):
+        out.append(
+            f"{ZERO_BIAS_MARK} bias gradient zero by construction (the bias feeds batch norm): recorded, not judged"
         )
     verdict = report.verdict
     out += [
@@ -37,6 +80,7 @@ def render_report(report: Report) -> str:
         f"verdict: {verdict.label.upper()}  (at init: {verdict.at_init}, during training: {verdict.trained or '—'})",
     ]
     out += [f"  - {reason}" for reason in verdict.reasons]
+    out += render_findings(verdict.findings)
     if verdict.theory.applicable:
         theory = verdict.theory
         out.append(

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from graddiag.models.spec import Spec
+from graddiag.service.render import WIDTH, render_report
+from tests.reports import finding, plain_report, with_findings
+
 TINY = ["--dataset", "synthetic", "--depth", "3", "--width", "8", "--steps", "3", "--batch-size", "8"]
 
 
@@ -23,13 +27,13 @@ def test_probe_json_has_the_report_keys() -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report) == {"spec", "layers", "steps", "records", "verdict", "eval", "timing"}
-    assert set(report["layers"][0]) == {"index", "name", "kind", "params"}
+    assert set(report["layers"][0]) == {"index", "name", "kind", "params", "structural_zero_bias"}
     assert set(report["steps"][0]) == {"step", "loss", "accuracy", "grad_norm_total_pre", "grad_norm_total_post"}
     assert set(report["records"][0]) == {
         "step", "layer", "grad_norm", "bias_grad_norm", "weight_norm", "rel_grad",
-        "update_ratio", "act_grad_norm", "zero_grad_frac", "saturation_frac",
+        "update_ratio", "act_grad_norm", "zero_grad_frac", "saturation_frac", "act_norm", "penalty_grad_norm",
     }  # fmt: skip
-    assert {"label", "at_init", "evidence", "reasons", "advice", "theory"} <= set(report["verdict"])
+    assert {"label", "at_init", "evidence", "reasons", "advice", "theory", "findings"} <= set(report["verdict"])
     assert {"decades_per_layer", "nonfinite_step", "nonfinite_layer"} <= set(report["verdict"]["evidence"])
     assert report["spec"]["depth"] == 3 and len(report["records"]) == 3 * len(report["layers"])
 
@@ -40,6 +44,46 @@ def test_probe_table_shows_layers_verdict_and_theory() -> None:
     out = result.stdout
     assert "input.linear" in out and "output.linear" in out
     assert "verdict:" in out and "theory:" in out and "held-out" in out
+
+
+def test_report_text_shows_findings_forward_rms_and_zero_bias_layers() -> None:
+    report = with_findings(
+        plain_report(Spec(dataset="synthetic", depth=4, width=8, steps=3, record_every=1, norm="batch")),
+        "forward_signal",
+        "step_size",
+    )
+    long = finding("nonfinite").model_copy(
+        update={"severity": "info", "phase": None, "message": "A sentence long enough to wrap. " * 8}
+    )
+    report.verdict.findings.insert(0, long)
+    lines = render_report(report).splitlines()
+    assert max(len(line) for line in lines) <= WIDTH
+
+    # The table: the forward RMS at init in the last column, the zero-bias layer marked and explained.
+    assert lines[0].split()[-1] == "rms@init"
+    rows = {line.split()[1]: line.split() for line in lines[1:6]}
+    assert rows["input.linear†"][-1] == "1" and rows["hidden3.linear"][-1] == "8"
+    assert any(line.startswith("† bias gradient zero by construction") for line in lines)
+
+    # Findings, most severe first; each with its phase, evidence and advice.
+    section = lines[lines.index("findings:") + 1 : lines.index("advice:")]
+    heads = [line for line in section if line.startswith("  - ")]
+    assert heads == [
+        "  - CRITICAL forward_signal (at init): The forward signal finding, number 0.",
+        "  - WARNING step_size (during training): The step size finding, number 1.",
+        "  - INFO nonfinite: A sentence long enough to wrap. A sentence long enough to wrap. A sentence long enough to "
+        "wrap. A",
+    ]
+    wrapped = section[section.index(heads[2]) + 1]
+    assert wrapped.startswith("    sentence long enough to wrap.")
+    assert "    evidence: span_decades=2.5, interior_layers=7, note=x" in section
+    assert "    advice: Change something about step_size (finding: step_size)." in section
+    # The advice list stays, each item naming its finding.
+    advice = lines[lines.index("advice:") + 1 :]
+    assert advice[:2] == [
+        "  - Change something about forward_signal (finding: forward_signal).",
+        "  - Change something about step_size (finding: step_size).",
+    ]
 
 
 def test_spec_file_with_flag_override(tmp_path: Path) -> None:
