@@ -77,6 +77,33 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     return create_app(Settings(db_url=url, cache_dir=tmp / "cache", max_sweep_size=8))
 
 
+# Sweep bodies are objects of arbitrary keys, which generation would rarely make spec field names or lone
+# surrogates (hypothesis's text leaves them out): both are mixed into the generated `base` and `grid`.
+LONE_SURROGATES = st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2)
+SWEEP_KEYS = st.one_of(
+    st.sampled_from(sorted(Spec.model_fields)),
+    LONE_SURROGATES,
+    st.builds("{}{}".format, st.sampled_from(sorted(Spec.model_fields)), LONE_SURROGATES),
+)
+SWEEP_VALUES = st.one_of(
+    st.integers(-3, 300), st.floats(allow_nan=False), st.text(max_size=4), st.booleans(), st.none()
+)
+
+
+@schema.hook
+def flatmap_body(context: Any, body: Any) -> st.SearchStrategy[Any]:
+    """POST /v1/sweeps bodies also get spec field names and lone surrogates as `base` and `grid` keys."""
+    operation = context.operation
+    if operation is None or operation.method.upper() != "POST" or operation.path != "/v1/sweeps":
+        return st.just(body)
+    if not isinstance(body, dict):
+        return st.just(body)
+    base = st.dictionaries(SWEEP_KEYS, SWEEP_VALUES, max_size=3)
+    grid = st.dictionaries(SWEEP_KEYS, st.lists(SWEEP_VALUES, min_size=1, max_size=3), min_size=1, max_size=2)
+    mixed = st.builds(lambda b, g: {**body, "base": b, "grid": g}, base, grid)
+    return st.one_of(st.just(body), mixed)
+
+
 def _short_wait(case: Any) -> None:
     wait = (case.query or {}).get("wait")
     try:
@@ -103,6 +130,14 @@ def test_operation_never_fails_and_matches_its_schema(case: Any, app: FastAPI) -
 def test_every_router_is_in_the_fuzzed_schema() -> None:
     paths = set(schema.raw_schema["paths"])
     assert {"/v1/runs", "/v1/runs/{run_id}/gradients", "/v1/sweeps", "/v1/compare", "/healthz", "/readyz"} <= paths
+
+
+def test_sweep_keys_are_fuzzed_with_spec_fields_and_lone_surrogates(app: FastAPI) -> None:
+    # The raw bytes of issue 12's report: a lone surrogate as a grid key, and as a base key.
+    operation = schema["/v1/sweeps"]["POST"]
+    for body in ({"grid": {"\ud800": [1]}}, {"base": {"\ud800": 1}, "grid": {"depth": [1]}}):
+        response = operation.Case(body=body).call_and_validate(app=app, checks=CHECKS)
+        assert response.status_code == 422
 
 
 def test_seeded_rows_give_real_bodies(app: FastAPI) -> None:

@@ -43,29 +43,52 @@ class ApiProblem(Exception):
         self.errors = list(errors) if errors is not None else None
 
 
-def field_errors(raw: Sequence[Any]) -> list[FieldError]:
-    """Normalise pydantic/FastAPI error dicts to ``{loc, msg, type}`` (drops ``input``/``ctx``,
-    which may echo large bodies or hold unserialisable exception objects)."""
+# An error body names at most this many fields, each location part and message cut to these lengths:
+# the body stays a few KB whatever the input (95,000 unknown keys, a megabyte-long key or value).
+MAX_FIELD_ERRORS = 20
+MAX_LOC_CHARS = 64
+MAX_MSG_CHARS = 400
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` cut to `limit` characters, with lone surrogates escaped (``\\ud800``) so it encodes as UTF-8.
+
+    JSON input may carry a lone surrogate (``"\\ud800"``) that Python decodes but cannot encode back:
+    echoed in a key or message, it would make the response fail to render (a 500).
+    """
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}… ({len(text)} characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def field_errors(raw: Sequence[Any], limit: int = MAX_FIELD_ERRORS) -> list[FieldError]:
+    """Normalise pydantic/FastAPI error dicts to ``{loc, msg, type}``, the first `limit` of them.
+
+    Drops ``input``/``ctx`` (they may echo large bodies or hold unserialisable exception objects), cuts
+    long location parts and messages and escapes lone surrogates, so the body is bounded and encodable.
+    """
     return [
         FieldError(
-            loc=[p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
-            msg=str(e.get("msg", "")),
-            type=str(e.get("type", "value_error")),
+            loc=[p if isinstance(p, int) else printable(str(p), MAX_LOC_CHARS) for p in e.get("loc", ())],
+            msg=printable(str(e.get("msg", "")), MAX_MSG_CHARS),
+            type=printable(str(e.get("type", "value_error")), MAX_LOC_CHARS),
         )
-        for e in raw
+        for e in raw[:limit]
     ]
 
 
-def _describe(errors: Sequence[FieldError]) -> str:
+def _describe(errors: Sequence[FieldError], total: int | None = None) -> str:
     """'depth: Input should be …; activation: …' — where the location prefix (body/query/path)
-    is dropped because the field name alone is what a user recognises."""
+    is dropped because the field name alone is what a user recognises. `total`: how many errors there
+    were before `errors` was cut."""
     parts = []
     for err in errors[:5]:
         loc = [str(p) for p in err.loc]
         if loc and loc[0] in ("body", "query", "path", "header"):
             loc = loc[1:]
         parts.append(f"{'.'.join(loc) or 'request'}: {err.msg}")
-    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    total = max(len(errors), total or 0)
+    more = f" (and {total - 5} more)" if total > 5 else ""
     return "; ".join(parts) + more
 
 
@@ -82,8 +105,8 @@ def problem_response(
     body = Problem(
         title=HTTPStatus(status).phrase,
         status=status,
-        detail=detail,
-        instance=request.url.path,
+        detail=printable(detail),
+        instance=printable(request.url.path, MAX_MSG_CHARS),
         code=code,
         errors=list(errors) if errors is not None else None,
     )
@@ -97,8 +120,9 @@ def problem_response(
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = field_errors(exc.errors())
-    return problem_response(request, 422, "validation_error", _describe(errors), errors=errors)
+    raw = exc.errors()
+    errors = field_errors(raw)
+    return problem_response(request, 422, "validation_error", _describe(errors, len(raw)), errors=errors)
 
 
 async def _sweep_invalid(request: Request, exc: Exception) -> JSONResponse:

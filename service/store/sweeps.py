@@ -17,8 +17,12 @@ from graddiag.service.engine.report import FindingKind, Label, Severity
 from graddiag.service.store.runs import build_run
 from graddiag.service.store.tables import FINISHED, STATUSES, Run, RunStatus, Sweep, stamp
 
-# At most this many per-point errors are reported: a bad axis would otherwise repeat one message per point.
+# At most this many errors are reported, and validation stops once it has them: a bad axis would otherwise
+# repeat one message per point (200 points), and 95,000 unknown keys would make 95,000 errors.
 _MAX_ERRORS = 20
+# Values and keys quoted in a message are cut to this many characters, so a 1 MB value cannot make a
+# 1 MB message (let alone one per grid point).
+_MAX_QUOTED_CHARS = 40
 
 
 class SweepInvalid(ValueError):
@@ -96,67 +100,131 @@ class SweepSummary(BaseModel):
     configs: list[SweepConfig]
 
 
+def quoted(value: Any, limit: int = _MAX_QUOTED_CHARS) -> str:
+    """`repr(value)` cut to about `limit` characters, for error messages that quote user input.
+
+    The repr of a huge container is never built whole: a list or dict is summarised by its length.
+    """
+    if isinstance(value, list | dict):
+        text = f"<{type(value).__name__} of {len(value)}>"
+    elif isinstance(value, int) and value.bit_length() > 64:
+        text = f"<integer of {value.bit_length()} bits>"  # repr of a huge int is slow, or refused past 4300 digits
+    elif isinstance(value, str) and len(value) > limit:
+        text = repr(value[:limit]) + f"… ({len(value)} characters)"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit + 40 else text[:limit] + "…"
+
+
+def cut(text: str, limit: int = _MAX_QUOTED_CHARS) -> str:
+    """`text` cut to `limit` characters (a key named in an error's location may be megabytes long)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _point_label(point: dict[str, Any]) -> str:
-    return ", ".join(f"{field}={value!r}" for field, value in point.items())
+    # Bounded however many axes: every error of a point repeats its label.
+    return cut(", ".join(f"{cut(field)}={quoted(value)}" for field, value in point.items()), 4 * _MAX_QUOTED_CHARS)
+
+
+class _Errors:
+    """Collects up to _MAX_ERRORS errors; `full` tells the caller to stop validating."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= _MAX_ERRORS
+
+    def add(self, loc: list[str | int], msg: str) -> None:
+        if not self.full:
+            self.items.append({"loc": [cut(part) if isinstance(part, str) else part for part in loc], "msg": msg})
 
 
 def _check_shape(base: dict[str, Any], grid: dict[str, list[Any]], max_size: int) -> list[dict[str, Any]]:
-    errors: list[dict[str, Any]] = []
+    errors = _Errors()
     known = Spec.model_fields
-    errors += [{"loc": ["base", field], "msg": "not a spec field"} for field in base if field not in known]
-    if not grid:
-        errors.append({"loc": ["grid"], "msg": "name at least one spec field to vary"})
-    for field, values in grid.items():
+    for field in base:
+        if errors.full:
+            break
         if field not in known:
-            errors.append({"loc": ["grid", field], "msg": "not a spec field"})
+            errors.add(["base", field], "not a spec field")
+    if not grid:
+        errors.add(["grid"], "name at least one spec field to vary")
+    for field, values in grid.items():
+        if errors.full:
+            break
+        if field not in known:
+            errors.add(["grid", field], "not a spec field")
         elif not isinstance(values, list) or not values:
-            errors.append({"loc": ["grid", field], "msg": "give a non-empty list of values"})
-        elif len({repr(v) for v in values}) != len(values):
-            errors.append({"loc": ["grid", field], "msg": "values repeat; each grid point must be distinct"})
-    if not errors:
+            errors.add(["grid", field], "give a non-empty list of values")
+    if not errors.items:
         size = math.prod(len(values) for values in grid.values())
         if size > max_size:
-            errors.append({"loc": ["grid"], "msg": f"{size} grid points exceed this server's sweep cap of {max_size}"})
-    return errors
+            errors.add(["grid"], f"{size} grid points exceed this server's sweep cap of {max_size}")
+    return errors.items
 
 
 def _grid_specs(
     base: dict[str, Any], grid: dict[str, list[Any]], caps: SpecCaps
 ) -> tuple[list[tuple[Spec, dict[str, Any]]], list[dict[str, Any]]]:
-    specs: list[tuple[Spec, dict[str, Any]]] = []
-    errors: list[dict[str, Any]] = []
+    """The distinct validated specs of the grid's points (with their normalised grid values), or errors.
+
+    Points are compared after validation, so `[2, 2.0, "2"]` (one depth, written three ways) is one
+    point and one run. Stops at the first _MAX_ERRORS errors.
+    """
+    specs: dict[str, tuple[Spec, dict[str, Any]]] = {}
+    errors = _Errors()
     fields = list(grid)
     for index, values in enumerate(itertools.product(*grid.values())):
+        if errors.full:
+            break
         point = dict(zip(fields, values, strict=True))
-        where = f"grid point {index} ({_point_label(point)})"
         try:
             spec = Spec.model_validate({**base, **point})
         except ValidationError as exc:
-            for error in exc.errors():
+            where = f"grid point {index} ({_point_label(point)})"
+            # include_input=False: pydantic would otherwise copy every offending value into each error.
+            for error in exc.errors(include_url=False, include_context=False, include_input=False):
                 field = error["loc"][0] if error["loc"] else "spec"
-                errors.append({"loc": ["grid", index, field], "msg": f"{where}: {error['msg']}"})
+                errors.add(["grid", index, field], f"{where}: {error['msg']}")
             continue
-        for field, message in caps.violations(spec):
-            errors.append({"loc": ["grid", index, field], "msg": f"{where}: {message}"})
-        # The grid values as the spec normalised them (e.g. 1 → 1.0 for lr), for filters and summaries.
-        specs.append((spec, {field: getattr(spec, field) for field in fields}))
-    return specs, errors
+        violations = caps.violations(spec)
+        for field, message in violations:
+            errors.add(["grid", index, field], f"grid point {index} ({_point_label(point)}): {message}")
+        if not violations and not errors.items:
+            # The grid values as the spec normalised them (e.g. 1 → 1.0 for lr), for filters and summaries.
+            specs.setdefault(spec.fingerprint(), (spec, {field: getattr(spec, field) for field in fields}))
+    return list(specs.values()), errors.items
+
+
+def _distinct_grid(points: list[dict[str, Any]], fields: list[str]) -> dict[str, list[Any]]:
+    """Each axis's distinct normalised values in the order first met: the grid the sweep really runs."""
+    grid: dict[str, list[Any]] = {field: [] for field in fields}
+    for point in points:
+        for field in fields:
+            if point[field] not in grid[field]:
+                grid[field].append(point[field])
+    return grid
 
 
 def create_sweep(
     session: Session, base: dict[str, Any], grid: dict[str, list[Any]], *, caps: SpecCaps, max_size: int
 ) -> Sweep:
-    """Validate every grid point (spec rules and caps), then queue one run per point and commit.
+    """Validate every grid point (spec rules and caps), then queue one run per distinct point and commit.
 
-    Raises SweepInvalid, creating nothing, when any point is invalid or the grid exceeds `max_size`.
+    Points equal once validated (`depth` 2, 2.0 and "2") make one run. Raises SweepInvalid, creating
+    nothing, when any point is invalid or the grid exceeds `max_size`; it names at most _MAX_ERRORS
+    problems, each message bounded whatever the size of the input.
     """
     errors = _check_shape(base, grid, max_size)
     if errors:
         raise SweepInvalid(errors)
     specs, errors = _grid_specs(base, grid, caps)
     if errors:
-        raise SweepInvalid(errors[:_MAX_ERRORS])
-    sweep = Sweep(id=uuid.uuid4().hex, base=base, grid=grid, size=len(specs), **stamp("created"))
+        raise SweepInvalid(errors)
+    ran = _distinct_grid([point for _, point in specs], list(grid))
+    sweep = Sweep(id=uuid.uuid4().hex, base=base, grid=ran, size=len(specs), **stamp("created"))
     session.add(sweep)
     session.flush()  # the runs' foreign key needs the sweep row first
     session.add_all(build_run(spec, sweep_id=sweep.id, grid=point) for spec, point in specs)

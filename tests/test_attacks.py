@@ -1,0 +1,204 @@
+"""Issue 12's attacks, each reproduced against the API, the store or a real `serve`, and now held.
+
+One section per item of the issue; each test fails on the code the issue was filed against.
+"""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.orm import Session
+
+from graddiag.models.spec import SpecCaps
+from graddiag.service.api import create_app
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine, make_sessionmaker, upgrade
+from graddiag.service.store.runs import RunFilters, list_runs
+from graddiag.service.store.sweeps import SweepInvalid, create_sweep
+
+pytestmark = pytest.mark.anyio
+
+TINY: dict[str, Any] = {"dataset": "synthetic", "depth": 2, "width": 8, "batch_size": 8, "steps": 3, "record_every": 1}
+# What "a few KB" means for an error body, whatever the request.
+MAX_ERROR_BODY_BYTES = 8 * 1024
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    url = f"sqlite:///{tmp_path / 'graddiag.db'}"
+    upgrade(url)
+    return Settings(db_url=url, cache_dir=tmp_path / "cache", eval_samples=10, lease_seconds=2, poll_seconds=0.02)
+
+
+@pytest.fixture
+def session(settings: Settings) -> Any:
+    engine = make_engine(settings.db_url)
+    with make_sessionmaker(engine)() as session:
+        yield session
+    engine.dispose()
+
+
+@asynccontextmanager
+async def _api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://graddiag.test") as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with _api(settings) as client:
+        yield client
+
+
+def _problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text[:2000]
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["code"] == code and body["detail"]
+    return body
+
+
+# --- 3. sweep error bodies are bounded and validation stops early -------------------------------------
+
+HUGE_VALUE = "x" * 1_040_000  # just under the 1 MiB body cap
+KEYS = 95_000
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _key(i: int) -> str:
+    """A short distinct key per i (3 characters up to 238,328), so 95,000 of them fit in the body cap."""
+    return "".join(_ALPHABET[i // 62**p % 62] for p in (2, 1, 0))
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _hostile_sweeps() -> dict[str, dict[str, Any]]:
+    return {
+        "200 points x a 1 MB activation": {
+            "base": {"dataset": "synthetic"},
+            "grid": {"seed": list(range(200)), "activation": [HUGE_VALUE]},
+        },
+        "95,000 unknown grid keys": {"grid": {_key(i): [1] for i in range(KEYS)}},
+        "95,000 unknown base keys": {"base": {_key(i): 1 for i in range(KEYS)}, "grid": {"depth": [2]}},
+        "95,000 grid keys that are not lists": {"grid": {_key(i): 1 for i in range(KEYS)}},
+        "a 1 MB unknown key": {"grid": {HUGE_VALUE: [1]}},
+        "a 4000-digit depth": {"grid": {"depth": [10**4000, 2]}},
+        "a 100,000-item nested value": {"grid": {"depth": [list(range(100_000))]}},
+    }
+
+
+@pytest.mark.parametrize("case", list(_hostile_sweeps()))
+async def test_sweep_error_bodies_are_bounded(api: httpx.AsyncClient, case: str) -> None:
+    body = _compact(_hostile_sweeps()[case])
+    assert len(body) < 1024 * 1024  # under the body cap: these reach validation
+    response = await api.post("/v1/sweeps", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text[:2000]
+    problem = response.json()
+    assert problem["code"] in ("sweep_invalid", "validation_error")
+    assert 1 <= len(problem["errors"]) <= 20
+    # Was 26 MB for the first case (every error repeated the 1 MB value) and 6.7 MB for the key floods.
+    assert len(response.content) <= MAX_ERROR_BODY_BYTES, (case, len(response.content))
+    assert (await api.get("/v1/runs")).json()["total"] == 0
+
+
+def test_sweep_validation_stops_early_and_keeps_memory_flat(session: Session) -> None:
+    grid = {"seed": list(range(200)), "activation": [HUGE_VALUE]}
+    tracemalloc.start()
+    try:
+        with pytest.raises(SweepInvalid) as refused:
+            create_sweep(session, {"dataset": "synthetic"}, grid, caps=SpecCaps(), max_size=200)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    errors = refused.value.errors
+    assert len(errors) == 20 and errors[0]["loc"] == ["grid", 0, "activation"]
+    assert "activation='xxxx" in errors[0]["msg"] and "(1040000 characters)" in errors[0]["msg"]
+    assert len(str(refused.value)) < MAX_ERROR_BODY_BYTES
+    # Was 288 MB added to the API's peak: 200 errors each holding copies of the 1 MB value.
+    assert peak < 2 * 1024 * 1024, peak
+
+    keys = {_key(i): [1] for i in range(KEYS)}
+    with pytest.raises(SweepInvalid) as refused:
+        create_sweep(session, {}, keys, caps=SpecCaps(), max_size=200)
+    assert [e["loc"] for e in refused.value.errors] == [["grid", _key(i)] for i in range(20)]
+    assert list_runs(session, RunFilters())[1] == 0
+
+
+async def test_run_error_body_is_bounded_too(api: httpx.AsyncClient) -> None:
+    flood = _compact({_key(i): 1 for i in range(KEYS)})
+    body = _problem(
+        await api.post("/v1/runs", content=flood, headers={"content-type": "application/json"}),
+        422,
+        "validation_error",
+    )
+    assert len(body["errors"]) == 20 and body["detail"].endswith(f"(and {KEYS - 5} more)")
+    assert len(json.dumps(body)) <= MAX_ERROR_BODY_BYTES
+
+
+# --- 4. a lone surrogate in a sweep key is a 422, not a 500 --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/v1/sweeps", b'{"grid":{"\\ud800":[1]}}'),
+        ("/v1/sweeps", b'{"base":{"\\ud800":1},"grid":{"depth":[2]}}'),
+        ("/v1/sweeps", b'{"base":{"dataset":"synthetic"},"grid":{"activation":["\\udfff"]}}'),
+        ("/v1/runs", b'{"\\ud800":1}'),
+    ],
+)
+async def test_lone_surrogate_keys_are_a_422(api: httpx.AsyncClient, path: str, raw: bytes) -> None:
+    response = await api.post(path, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text[:2000]
+    problem = response.json()
+    assert problem["errors"] and problem["code"] in ("sweep_invalid", "validation_error")
+    if path == "/v1/sweeps":
+        # Named, escaped: the client can still see which key or value it was. (/v1/runs parses its body
+        # with pydantic's JSON parser, which refuses the surrogate itself: "unable to parse raw data".)
+        named = json.dumps(problem["errors"])
+        assert "\\\\ud800" in named or "\\\\udfff" in named
+    assert (await api.get("/v1/runs")).json()["total"] == 0
+
+
+# --- 6. sweep points are compared by their validated values --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("grid", "runs"),
+    [
+        ({"depth": [2, 2.0, "2"]}, 1),
+        ({"depth": [2, 2]}, 1),
+        ({"depth": [2, "3", 2.0], "lr": [1, 1.0, "1e0"]}, 2),
+        ({"residual": [True, "true", 1, False]}, 2),
+    ],
+)
+async def test_sweep_points_equal_once_validated_make_one_run(
+    api: httpx.AsyncClient, grid: dict[str, list[Any]], runs: int
+) -> None:
+    response = await api.post("/v1/sweeps", json={"base": TINY, "grid": grid})
+    assert response.status_code == 202, response.text
+    sweep = response.json()
+    assert sweep["total"] == runs
+    points = [point["grid"] for point in sweep["runs"]]
+    assert len({json.dumps(point, sort_keys=True) for point in points}) == runs  # all distinct
+    assert (await api.get("/v1/runs")).json()["total"] == runs
+
+
+def test_sweep_stores_the_grid_it_runs(session: Session) -> None:
+    grid = {"depth": [2, 2.0, "2", 3], "lr": [1, "1.0"]}
+    sweep = create_sweep(session, TINY, grid, caps=SpecCaps(), max_size=16)
+    assert sweep.size == 2 and sweep.grid == {"depth": [2, 3], "lr": [1.0]}
+    assert list_runs(session, RunFilters())[1] == 2
