@@ -5,7 +5,12 @@ One section per item of the issue; each test fails on the code the issue was fil
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import socket
+import threading
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,10 +19,13 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from sqlalchemy.orm import Session
+from uvicorn.logging import AccessFormatter
 
 from graddiag.models.spec import SpecCaps
 from graddiag.service.api import create_app
+from graddiag.service.api.security import RedactTokens, redact_server_logs
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine, make_sessionmaker, upgrade
 from graddiag.service.store.runs import RunFilters, list_runs
@@ -202,3 +210,75 @@ def test_sweep_stores_the_grid_it_runs(session: Session) -> None:
     sweep = create_sweep(session, TINY, grid, caps=SpecCaps(), max_size=16)
     assert sweep.size == 2 and sweep.grid == {"depth": [2, 3], "lr": [1.0]}
     assert list_runs(session, RunFilters())[1] == 2
+
+
+# --- 5. the access log redacts the token on the decoded query and keeps its line -----------------------
+
+READ = "r-5b0e61d2-read-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_redaction_keeps_uvicorns_access_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # A record exactly as uvicorn's protocol emits it, through the filter and uvicorn's own formatter.
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False))
+    logger = logging.getLogger("graddiag.test.access")
+    logger.addHandler(handler)
+    logger.addFilter(RedactTokens())
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        for path in ("/v1/runs?token=SECRET&limit=5", "/v1/runs?limit=5&to%6Ben=SECRET", "/?%74oken=SECRET"):
+            logger.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", path, "1.1", 200)
+    finally:
+        logger.removeHandler(handler)
+    assert out.getvalue().splitlines() == [
+        '127.0.0.1:5000 - "GET /v1/runs?token=***&limit=5 HTTP/1.1" 200 OK',
+        '127.0.0.1:5000 - "GET /v1/runs?limit=5&to%6Ben=*** HTTP/1.1" 200 OK',
+        '127.0.0.1:5000 - "GET /?%74oken=*** HTTP/1.1" 200 OK',
+    ]
+    assert "Logging error" not in capsys.readouterr().err
+
+
+def test_served_access_log_redacts_encoded_token_keys(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    configured = Settings(**{**settings.model_dump(), "read_token": READ})
+    redact_server_logs()  # as serve() does, before uvicorn configures its loggers
+    port = _free_port()
+    config = uvicorn.Config(create_app(configured), host="127.0.0.1", port=port, log_level="info")
+    server = uvicorn.Server(config)
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False))
+    access = logging.getLogger("uvicorn.access")
+    access.addHandler(handler)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        # The app decodes the key: `to%6Ben` is `token`, and authenticates (that is why it must be redacted).
+        assert httpx.get(f"{url}/v1/runs?to%6Ben={READ}").status_code == 200
+        assert httpx.get(f"{url}/v1/runs?token={READ}&limit=1").status_code == 200
+        assert httpx.get(f"{url}/v1/runs?%74oken=wrong-guess").status_code == 401
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        access.removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    # One intact access line per request (the client's port varies).
+    assert [line.split(" - ", 1)[1] for line in lines] == [
+        '"GET /v1/runs?to%6Ben=*** HTTP/1.1" 200 OK',
+        '"GET /v1/runs?token=***&limit=1 HTTP/1.1" 200 OK',
+        '"GET /v1/runs?%74oken=*** HTTP/1.1" 401 Unauthorized',
+    ], lines
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and READ not in err and "wrong-guess" not in err

@@ -28,7 +28,7 @@ import logging
 import re
 from collections.abc import Sequence
 from typing import Annotated, Final, Literal
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -222,18 +222,50 @@ def login(
     return response
 
 
-# uvicorn's access log prints the request line, query string included.
-_TOKEN_IN_QUERY = re.compile(rf"([?&]{TOKEN_QUERY}=)[^&\s\"]*")
+# uvicorn's access log prints the request line, query string included, still percent-encoded. A query
+# parameter is `key=value` after `?` or `&`; its key is judged decoded, as the app reads it, so
+# `?to%6Ben=…` (which authenticates: the app decodes it to `token`) is redacted too.
+_QUERY_PARAMETER = re.compile(r"(?<=[?&])([^=&#\s\"]*)=([^&#\s\"]*)")
+REDACTED: Final = "***"
+
+
+def _is_token_key(key: str) -> bool:
+    # Decoded until stable (a doubly encoded key is redacted too; that costs nothing) and compared loosely.
+    for _ in range(3):
+        decoded = unquote_plus(key)
+        if decoded == key:
+            break
+        key = decoded
+    return key.strip().casefold() == TOKEN_QUERY
+
+
+def redact_query_tokens(text: str) -> str:
+    """`text` with the value of every query parameter whose decoded key is `token` replaced by ***."""
+    if "=" not in text:
+        return text
+
+    def redact(match: re.Match[str]) -> str:
+        key = match.group(1)
+        return f"{key}={REDACTED}" if _is_token_key(key) else match.group(0)
+
+    return _QUERY_PARAMETER.sub(redact, text)
 
 
 class RedactTokens(logging.Filter):
-    """A log filter replacing `?token=<value>` in a record's message with `?token=***`."""
+    """A log filter replacing the value of a `?token=` query parameter (its key decoded) with ``***``.
+
+    The redaction is applied to the record's message and to each of its string arguments, leaving the
+    arguments a tuple of the same length: uvicorn's access formatter unpacks exactly five of them, so
+    merging them into the message (``args = None``) would break every line that carried a token.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = _TOKEN_IN_QUERY.sub(r"\1***", message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
+        if isinstance(record.msg, str):
+            record.msg = redact_query_tokens(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_query_tokens(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: redact_query_tokens(v) if isinstance(v, str) else v for k, v in record.args.items()}
         return True
 
 
