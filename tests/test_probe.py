@@ -74,9 +74,14 @@ def _direct_step0(spec: Spec) -> dict[str, object]:
                 lambda _m, _i, out, index=layer.index: activations.__setitem__(index, out)
             )
     loss = F.cross_entropy(model(x), y)
-    objective = loss + spec.l1 * sum(layer.module.weight.abs().sum() for layer in model.layers if layer.kind != "norm")
-    objective.backward()
-    return {"model": model, "loss": loss.item(), "outputs": outputs, "activations": activations}
+    # The recorded per-layer statistics are of the data loss alone; the optimizer sees loss + L1.
+    loss.backward()
+    penalties = {
+        layer.index: spec.l1 * torch.sign(layer.module.weight.detach())
+        for layer in model.layers
+        if layer.kind != "norm"
+    }
+    return {"model": model, "loss": loss.item(), "outputs": outputs, "activations": activations, "penalty": penalties}
 
 
 @pytest.mark.parametrize("l1", [0.0, 0.01])
@@ -86,8 +91,16 @@ def test_recorded_norms_equal_direct_computation(l1: float) -> None:
     ref = _direct_step0(spec)
     model = ref["model"]
     assert report.steps[0].loss == pytest.approx(ref["loss"], rel=1e-5)
-    all_grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert report.steps[0].grad_norm_total_pre == pytest.approx(all_grads.norm().item(), rel=1e-5)
+    penalty = ref["penalty"]
+    # The total is of what the optimizer receives: the data gradient plus the L1 subgradient.
+    full = [
+        (p.grad + penalty[layer.index]) if name == "weight" and layer.index in penalty else p.grad
+        for layer in model.layers
+        for name, p in layer.module.named_parameters()
+    ]
+    assert report.steps[0].grad_norm_total_pre == pytest.approx(
+        torch.cat([g.flatten() for g in full]).norm().item(), rel=1e-5
+    )
     records = {r.layer: r for r in report.records if r.step == 0}
     for layer in model.layers:
         record, module = records[layer.index], layer.module
@@ -95,9 +108,16 @@ def test_recorded_norms_equal_direct_computation(l1: float) -> None:
         assert record.bias_grad_norm == pytest.approx(module.bias.grad.norm().item(), rel=1e-5)
         assert record.weight_norm == pytest.approx(module.weight.norm().item(), rel=1e-5)
         assert record.rel_grad == pytest.approx(record.grad_norm / record.weight_norm, rel=1e-5)
-        # Plain SGD moves W by exactly lr * grad.
-        assert record.update_ratio == pytest.approx(spec.lr * record.grad_norm / record.weight_norm, rel=1e-4)
-        assert record.act_grad_norm == pytest.approx(ref["outputs"][layer.index].grad.norm().item(), rel=1e-5)
+        step = module.weight.grad + penalty.get(layer.index, 0.0)
+        # Plain SGD moves W by exactly lr * (data gradient + penalty gradient).
+        assert record.update_ratio == pytest.approx(spec.lr * step.norm().item() / record.weight_norm, rel=1e-4)
+        if l1 > 0:
+            assert record.penalty_grad_norm == pytest.approx(penalty[layer.index].norm().item(), rel=1e-5)
+        else:
+            assert record.penalty_grad_norm is None
+        output = ref["outputs"][layer.index]
+        assert record.act_grad_norm == pytest.approx(output.grad.norm().item(), rel=1e-5)
+        assert record.act_norm == pytest.approx(output.detach().square().mean().sqrt().item(), rel=1e-5)
         assert record.zero_grad_frac == pytest.approx((module.weight.grad == 0).float().mean().item())
         if layer.activation is not None:
             y = ref["activations"][layer.index]

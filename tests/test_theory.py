@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from typing import get_args
@@ -12,13 +13,19 @@ import torch
 from numpy.polynomial.hermite_e import hermegauss
 from torch import nn
 
+from graddiag.models.init import LEAKY_RELU_SLOPE
+from graddiag.models.networks import make_activation
 from graddiag.models.spec import Activation, Spec
 from graddiag.service.engine.theory import (
-    ACTIVATIONS,
+    activation_function,
+    gaussian_expectations,
     gaussian_moments,
+    kaiming_sigma_w2,
     mean_field,
     measured_variances,
     predicted_decades_per_layer,
+    remedy_span,
+    span_noise_decades,
     theory_for,
 )
 
@@ -33,12 +40,22 @@ DEFAULT_SIGMA_B2_256 = 1 / (3 * 256)
 
 def _derivative(activation: str, x: torch.Tensor) -> torch.Tensor:
     x = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(ACTIVATIONS[activation](x).sum(), x)
+    (grad,) = torch.autograd.grad(activation_function(activation)(x).sum(), x)
     return grad
 
 
-def test_activation_table_matches_the_spec_literal():
-    assert set(ACTIVATIONS) == set(get_args(Activation))
+@pytest.mark.parametrize("activation", sorted(get_args(Activation)))
+def test_theory_integrates_the_networks_own_activation(activation: str):
+    # One definition of each activation: the theory evaluates the very module the network builder makes.
+    x = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    module = make_activation(activation)
+    assert torch.equal(activation_function(activation)(x), module(x))
+    assert activation_function("leaky_relu")(torch.tensor([-1.0])).item() == pytest.approx(-LEAKY_RELU_SLOPE)
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(ValueError, match="unknown activation"):
+        activation_function("swish")
 
 
 # --- closed forms ----------------------------------------------------------------------------
@@ -138,12 +155,12 @@ def normal_samples() -> torch.Tensor:
     return torch.randn(1_000_000, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("activation", sorted(get_args(Activation)))
 @pytest.mark.parametrize("q", [0.25, 30.0])
 def test_quadrature_matches_monte_carlo(activation: str, q: float, normal_samples: torch.Tensor):
     x = math.sqrt(q) * normal_samples
     with torch.no_grad():
-        values = ACTIVATIONS[activation](x) ** 2
+        values = activation_function(activation)(x) ** 2
     slopes = _derivative(activation, x) ** 2
     second, slope2 = gaussian_moments(activation, q)
     n = normal_samples.numel()
@@ -162,7 +179,7 @@ def test_quadrature_matches_gauss_hermite_where_that_is_accurate(activation: str
     w = torch.from_numpy(weights / math.sqrt(2 * math.pi))
     x = math.sqrt(q) * z
     with torch.no_grad():
-        second_gh = float(torch.dot(w, ACTIVATIONS[activation](x) ** 2))
+        second_gh = float(torch.dot(w, activation_function(activation)(x) ** 2))
     slope2_gh = float(torch.dot(w, _derivative(activation, x) ** 2))
     second, slope2 = gaussian_moments(activation, q)
     assert second == pytest.approx(second_gh, rel=1e-6)
@@ -265,15 +282,14 @@ def _uniform_layers(n: int, width: int, sigma_w2: float, sigma_b2: float):
 @pytest.mark.parametrize(
     ("spec", "cause"),
     [
-        (Spec(arch="cnn", width=16), "cnn"),
-        (Spec(norm="batch"), "batch"),
-        (Spec(norm="layer"), "layer"),
-        (Spec(residual=True), "Residual"),
+        (Spec(arch="cnn", width=16, residual=True), "Residual CNNs"),
+        (Spec(residual=True, norm="layer"), "norm='layer'"),
+        (Spec(residual=True, activation="relu"), "non-zero mean"),
     ],
 )
-def test_not_applicable_outside_plain_mlps(spec: Spec, cause: str):
-    weights, biases = _uniform_layers(2, 8, 1.0, 0.0)
-    theory = theory_for(spec, weights, biases, -0.3)
+def test_not_applicable_where_no_derivation_holds(spec: Spec, cause: str):
+    weights, biases = _uniform_layers(6, 8, 1.0, 0.0)
+    theory = theory_for(spec, weights, biases, q_input=1.0, measured_decades_per_layer=-0.3)
     assert theory.applicable is False
     assert cause in theory.reason
     assert theory.reason.endswith(".")
@@ -281,65 +297,154 @@ def test_not_applicable_outside_plain_mlps(spec: Spec, cause: str):
     assert theory.agrees is None
 
 
-def test_not_applicable_without_interior_layers():
-    theory = theory_for(Spec(depth=1), [], [], None)
+def test_not_applicable_without_interior_layers_or_input():
+    theory = theory_for(Spec(depth=1), [], [], q_input=1.0, measured_decades_per_layer=None)
     assert theory.applicable is False
     assert "interior" in theory.reason
+    weights, biases = _uniform_layers(6, 8, 1.0, 0.0)
+    assert theory_for(Spec(), weights, biases, q_input=None, measured_decades_per_layer=None).applicable is False
 
 
-def test_theory_for_sigmoid_default_init():
+def test_theory_for_sigmoid_default_init_at_the_fixed_point():
+    # Starting at the fixed point, every layer has the same χ₁ = 0.0200 (Poole et al. 2016).
     spec = Spec(depth=10, width=256, activation="sigmoid")
-    weights, biases = _uniform_layers(8, 256, DEFAULT_SIGMA_W2, DEFAULT_SIGMA_B2_256)
-    theory = theory_for(spec, weights, biases, -0.83)
+    weights, biases = _uniform_layers(10, 256, DEFAULT_SIGMA_W2, DEFAULT_SIGMA_B2_256)
+    q_star, chi1 = mean_field("sigmoid", DEFAULT_SIGMA_W2, DEFAULT_SIGMA_B2_256)
+    q_input = (q_star - DEFAULT_SIGMA_B2_256) / DEFAULT_SIGMA_W2  # so the input layer lands on q*
+    theory = theory_for(spec, weights, biases, q_input=q_input, measured_decades_per_layer=-0.83)
     assert theory.applicable is True
-    assert theory.sigma_w2 == pytest.approx(DEFAULT_SIGMA_W2, rel=1e-6)
-    assert theory.sigma_b2 == pytest.approx(DEFAULT_SIGMA_B2_256, rel=1e-6)
-    assert theory.q_star == pytest.approx(0.0863613, rel=1e-5)
+    assert theory.model == "plain"
+    # float32 weights carry the second moments to ~1e-7.
+    assert theory.q_star == pytest.approx(q_star, rel=1e-6)
+    assert theory.chi1 == pytest.approx(chi1, rel=1e-6)
+    assert theory.predicted_decades_per_layer == pytest.approx(0.5 * math.log10(chi1), abs=1e-6)
     assert theory.predicted_decades_per_layer == pytest.approx(-0.84953, abs=1e-4)
-    assert theory.measured_decades_per_layer == -0.83
-    assert theory.agrees is True
-    assert theory.reason == (
-        "Mean-field theory predicts -0.85 decades per layer (χ₁ = 0.0200 at q* = 0.0864); "
-        "measured -0.83, within the ±0.21 tolerance."
-    )
+    assert theory.agrees is True  # |−0.83 − (−0.85)| ≤ max(0.05, 0.085)
+    assert "within the ±0.085 tolerance" in theory.reason
+
+
+def test_theory_follows_the_q_trajectory_layer_by_layer():
+    # tanh at σ_w² = 1: q decays toward 0 and χ₁(q_l) = E[φ′²](q_l) rises toward 1 along the way, so the
+    # per-layer factors differ and the mean differs from the χ₁ at the depth-iterated q.
+    spec = Spec(depth=12, width=64, activation="tanh")
+    weights, biases = _uniform_layers(12, 64, 1.0, 0.0)
+    theory = theory_for(spec, weights, biases, q_input=3.0, measured_decades_per_layer=None)
+    chis = theory.chi1_per_layer
+    assert chis is not None and len(chis) == 9  # 10 interior layers, 9 links between them
+    assert all(a is not None and b is not None and a < b < 1 for a, b in itertools.pairwise(chis))
+    q_input_layer = 1.0 * 3.0  # σ_w²·q_input + σ_b²
+    q_first_interior = 1.0 * gaussian_expectations("tanh", q_input_layer).second
+    q = q_first_interior
+    assert chis[0] == pytest.approx(gaussian_expectations("tanh", q).slope2, rel=1e-6)
+    assert theory.agrees is None
+    assert theory.reason.endswith("no finite measured slope to compare.")
 
 
 def test_theory_for_tolerance_rule():
     spec = Spec(depth=10, width=256, activation="sigmoid")
-    weights, biases = _uniform_layers(2, 256, DEFAULT_SIGMA_W2, DEFAULT_SIGMA_B2_256)
-    # |predicted| = 0.8495 ⇒ allowed = 0.25·0.8495 = 0.2124 (above the 0.15 floor).
-    assert theory_for(spec, weights, biases, -0.85 + 0.21).agrees is True
-    assert theory_for(spec, weights, biases, -0.85 + 0.22).agrees is False
-    far = theory_for(spec, weights, biases, -0.4)
-    assert far.agrees is False
-    assert "outside" in far.reason
-    # At criticality the absolute floor governs.
+    weights, biases = _uniform_layers(10, 256, DEFAULT_SIGMA_W2, DEFAULT_SIGMA_B2_256)
+    q_star, _ = mean_field("sigmoid", DEFAULT_SIGMA_W2, DEFAULT_SIGMA_B2_256)
+    q_input = (q_star - DEFAULT_SIGMA_B2_256) / DEFAULT_SIGMA_W2
+
+    def agrees(measured: float, **kwargs: float) -> bool | None:
+        return theory_for(spec, weights, biases, q_input=q_input, measured_decades_per_layer=measured, **kwargs).agrees
+
+    # |predicted| = 0.8495 ⇒ allowed = 10 % of it = 0.085 (above the 0.05 floor).
+    assert agrees(-0.85 + 0.08) is True
+    assert agrees(-0.85 + 0.09) is False
+    # At criticality the absolute floor of 0.05 decades per layer governs.
     relu = Spec(depth=10, width=64, activation="relu")
-    weights, biases = _uniform_layers(2, 64, 2.0, 0.0)
-    assert theory_for(relu, weights, biases, 0.14).agrees is True
-    assert theory_for(relu, weights, biases, -0.16).agrees is False
-    assert theory_for(relu, weights, biases, -0.16, tolerance=0.2).agrees is True
-
-
-def test_theory_for_without_a_finite_measurement():
-    spec = Spec(depth=10, width=64, activation="tanh")
-    weights, biases = _uniform_layers(2, 64, 1.5, 0.05)
-    none = theory_for(spec, weights, biases, None)
-    assert none.applicable is True
-    assert none.agrees is None
-    assert none.chi1 is not None
-    assert none.reason.endswith("no measured slope to compare.")
-    assert theory_for(spec, weights, biases, math.nan).agrees is None
+    weights, biases = _uniform_layers(10, 64, 2.0, 0.0)
+    theory = theory_for(relu, weights, biases, q_input=1.0, measured_decades_per_layer=0.049)
+    assert theory.agrees is True and theory.tolerance == pytest.approx(0.05)
+    assert theory_for(relu, weights, biases, q_input=1.0, measured_decades_per_layer=-0.051).agrees is False
+    loose = theory_for(relu, weights, biases, q_input=1.0, measured_decades_per_layer=-0.16, tolerance=0.2)
+    assert loose.agrees is True
 
 
 def test_theory_for_diverging_forward_signal_serialises():
     spec = Spec(depth=100, width=64, activation="relu")
-    weights, biases = _uniform_layers(2, 64, 25_600.0, 0.0)
-    theory = theory_for(spec, weights, biases, 4.0)
+    weights, biases = _uniform_layers(100, 64, 25_600.0, 0.0)
+    theory = theory_for(spec, weights, biases, q_input=1.0, measured_decades_per_layer=4.0)
     assert theory.q_star == math.inf
-    assert "q* → ∞" in theory.reason
-    assert theory.predicted_decades_per_layer == pytest.approx(0.5 * math.log10(12_800.0))
+    # relu is homogeneous: χ₁ = σ_w²/2 whatever q, until q overflows and the rate is undefined.
+    assert theory.chi1 == pytest.approx(12_800.0)
     assert json.loads(theory.model_dump_json())["q_star"] is None
+
+
+@pytest.mark.parametrize(("activation", "expected"), [("relu", math.pi / (math.pi - 1)), ("identity", 1.0)])
+def test_batch_norm_rate_is_yang_et_al(activation: str, expected: float):
+    # Yang et al. 2019: with batch norm the gradient grows by E[φ′(z)²]/Var[φ(z)] per layer, z ~ N(0, 1),
+    # whatever σ_w: π/(π − 1) for relu (+0.083 decades per layer), 1 for a linear network.
+    spec = Spec(depth=10, width=64, activation=activation, norm="batch")
+    weights, biases = _uniform_layers(10, 64, 0.7, 0.0)
+    theory = theory_for(spec, weights, biases, q_input=1.0, measured_decades_per_layer=None)
+    assert theory.model == "batch_norm"
+    assert theory.chi1 == pytest.approx(expected, rel=1e-6)
+    assert theory.predicted_decades_per_layer == pytest.approx(0.5 * math.log10(expected), abs=1e-6)
+
+
+def test_layer_norm_and_residual_rates():
+    m = gaussian_expectations("tanh", 1.0)
+    weights, biases = _uniform_layers(10, 64, 1.0, 0.0)
+    layer = theory_for(
+        Spec(depth=10, activation="tanh", norm="layer"), weights, biases, q_input=1.0, measured_decades_per_layer=None
+    )
+    assert layer.chi1 == pytest.approx(m.slope2 / m.second, rel=1e-6)
+    # Residual identity network: ‖∂L/∂x‖² grows by 1 + σ_w² per block (Yang & Schoenholz 2017).
+    residual = theory_for(
+        Spec(depth=10, activation="identity", residual=True),
+        weights,
+        biases,
+        q_input=1.0,
+        measured_decades_per_layer=None,
+    )
+    assert residual.model == "residual"
+    assert residual.predicted_decades_per_layer == pytest.approx(0.5 * math.log10(2.0), abs=1e-6)
+
+
+def test_remedy_spans_follow_the_same_maps():
+    assert remedy_span("relu", "kaiming", 20, sigma_w2=1 / 3, q_input=1.0) == pytest.approx(0.0, abs=1e-9)
+    assert remedy_span("relu", "batch_norm", 20, sigma_w2=1 / 3, q_input=1.0) == pytest.approx(
+        19 * 0.5 * math.log10(math.pi / (math.pi - 1)), rel=1e-9
+    )
+    assert remedy_span("relu", "residual", 20, sigma_w2=1 / 3, q_input=1.0) is None  # not derived
+    assert remedy_span("relu", "kaiming", 1, sigma_w2=1.0, q_input=1.0) is None
+    assert kaiming_sigma_w2("relu") == pytest.approx(2.0)
+    assert kaiming_sigma_w2("tanh") == pytest.approx((5 / 3) ** 2)
+
+
+def test_finite_width_noise_is_hanin_nica_for_relu():
+    # Var of ln‖∂L/∂h‖² per layer is 5/n for relu with Gaussian weights: 3·E[φ′⁴]/E[φ′²]² − 1 = 3·2 − 1.
+    sigma = span_noise_decades("relu", [1.0] * 20, 128)
+    assert sigma == pytest.approx(math.sqrt(20 * 5 / 128) / (2 * math.log(10)), rel=1e-9)
+    # Orthogonal weights keep norms: only φ′'s spread is left (2/n less), and none for a linear network.
+    assert span_noise_decades("identity", [1.0] * 20, 128, orthogonal=True) == pytest.approx(0.0, abs=1e-6)
+    assert span_noise_decades("relu", [1.0] * 20, 128, orthogonal=True) < sigma
+
+
+def test_finite_width_noise_matches_independent_draws():
+    # The spread of the measured span over seeds, for a width-32 relu He net of 20 interior layers, is the
+    # random walk the allowance models (to within the spread of 40 samples).
+    spans = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        layers = [nn.Linear(32, 32, bias=False) for _ in range(22)]
+        for layer in layers:
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+        h = torch.randn(64, 32)
+        outs = []
+        for layer in layers[:-1]:
+            z = layer(h)
+            z.retain_grad()
+            outs.append(z)
+            h = torch.relu(z)
+        layers[-1](h).square().sum().backward()
+        log_norms = [math.log10(float(z.grad.norm())) for z in outs[1:-1]]
+        x = np.arange(len(log_norms))
+        spans.append(-np.polyfit(x, log_norms, 1)[0] * (len(log_norms) - 1))
+    predicted = span_noise_decades("relu", [1.0] * 19, 32)
+    assert 0.4 * predicted < float(np.std(spans)) < 1.5 * predicted
 
 
 # --- a real deep MLP -------------------------------------------------------------------------
@@ -357,8 +462,8 @@ def _measured_slope(activation: str, init: str, *, depth: int = 30, width: int =
         for layer in layers:
             nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
             nn.init.zeros_(layer.bias)
-    phi = ACTIVATIONS[activation]
-    h = torch.randn(256, width, requires_grad=True)
+    phi = activation_function(activation)
+    h = h0 = torch.randn(256, width, requires_grad=True)
     pre_activations = []
     for layer in layers[:-1]:
         z = layer(h)
@@ -370,12 +475,13 @@ def _measured_slope(activation: str, init: str, *, depth: int = 30, width: int =
     # float64 norms: sigmoid's gradient falls ~24 decades over 30 layers and its square would
     # underflow float32.
     log_norms = np.log10([float(z.grad.double().norm()) for z in pre_activations])
-    interior = np.arange(1, len(log_norms) - 1)
+    # graddiag's interior: every hidden layer after the first (layers[0] plays the input layer).
+    interior = np.arange(1, len(log_norms))
     slope = np.polyfit(interior, log_norms[interior], 1)[0]
     # Positive slope toward the output is decay toward the input: report decades per layer toward
     # the input, negative meaning vanishing.
-    hidden = layers[1:-1]
-    return -float(slope), [m.weight for m in hidden], [m.bias for m in hidden]
+    q_input = float(h0.detach().double().square().mean())
+    return -float(slope), [m.weight for m in layers], [m.bias for m in layers], q_input
 
 
 @pytest.mark.parametrize(
@@ -383,9 +489,9 @@ def _measured_slope(activation: str, init: str, *, depth: int = 30, width: int =
     [("sigmoid", "default"), ("tanh", "default"), ("relu", "kaiming_normal")],
 )
 def test_theory_matches_a_real_deep_mlp(activation: str, init: str):
-    measured, weights, biases = _measured_slope(activation, init)
+    measured, weights, biases, q_input = _measured_slope(activation, init)
     spec = Spec(depth=29, width=256, activation=activation, init=init)
-    theory = theory_for(spec, weights, biases, measured)
+    theory = theory_for(spec, weights, biases, q_input=q_input, measured_decades_per_layer=measured)
     assert theory.applicable is True
     assert theory.agrees is True, theory.reason
     # Observed gaps are ≤ 0.01 decades per layer; 0.05 still catches a wrong χ₁ or σ_w².

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from graddiag.models.shapes import IMAGE_SHAPE, NUM_CLASSES
 from graddiag.models.spec import Spec
 
 __all__ = [
@@ -69,9 +70,6 @@ CIFAR10_CLASSES: tuple[str, ...] = (
     "ship",
     "truck",
 )
-NUM_CLASSES = 10
-IMAGE_SHAPE: tuple[int, int, int] = (3, 32, 32)
-
 BATCHES_DIR = "cifar-10-batches-py"
 _BATCH_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
 # Bump when the decoded representation changes, so caches written by older code are ignored.

@@ -1,8 +1,10 @@
 """The probe: build the spec's network, train it briefly, record every layer, judge the result.
 
-Read top to bottom: set up, train-and-record loop, held-out evaluation, verdict. Step 0 is the
-gradient at initialisation, measured before any update. The loop never raises on a non-finite
-loss or gradient: it records the step and the layer, stops, and the verdict says exploding.
+Read top to bottom: `_set_up` (network, optimizer, recorder), `_train` (the train-and-record loop,
+one `_train_step` per step), `_finish` (held-out evaluation, evidence, theory, verdict); `run_probe`
+calls the three. Step 0 is the gradient at initialisation, measured before any update. The loop never
+raises on a non-finite loss or gradient: it records the step and the layer, stops, and the verdict says
+exploding.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 
 from graddiag.models.networks import Layer, Network, build_network
 from graddiag.models.spec import Spec
-from graddiag.service.engine.data import ImageSet, make_source
+from graddiag.service.engine.data import BatchSource, ImageSet, make_source
 from graddiag.service.engine.recorder import STAT_COLUMNS, Recorder, locate_nonfinite
 from graddiag.service.engine.report import EvalResult, LayerInfo, LayerRecord, Report, StepMetrics, Timing
 from graddiag.service.engine.theory import theory_for
@@ -80,6 +82,220 @@ def _evaluate(model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[float, 
     return loss_sum / len(labels), correct / len(labels)
 
 
+@dataclass
+class _Probe:
+    """One probe in flight: everything the loop reads and writes, set up once."""
+
+    spec: Spec
+    device: torch.device
+    source: BatchSource
+    model: Network
+    optimizer: torch.optim.Optimizer
+    recorder: Recorder
+    layers: list[LayerInfo]
+    # Whole-model figures stay on the device: (loss, accuracy, total norm pre, total norm post).
+    metrics: Tensor
+    # The weight layers' weights and biases as initialised, for the mean-field prediction.
+    init_weights: list[Tensor]
+    init_biases: list[Tensor | None]
+    # Built once per recorded step, so progress reports do not rebuild every earlier record.
+    records: list[LayerRecord] = field(default_factory=list)
+    input_second_moment: float | None = None
+    nonfinite_step: int | None = None
+    nonfinite_layer: int | None = None
+    steps_run: int = 0
+
+
+def _set_up(spec: Spec, data: tuple[ImageSet, ImageSet] | None, eval_samples: int) -> _Probe:
+    device = resolve_device(spec.device)
+    source = make_source(spec, data=data, device=device, eval_samples=eval_samples)
+    model = build_network(spec).to(device)
+    model.train()
+    weight_layers = [layer for layer in model.layers if layer.kind != "norm"]
+    recorder = Recorder(model.layers, spec.activation)
+    # The recorder's parameters must be every parameter of the model, so its norms give the total.
+    if len(recorder.params) != len(list(model.parameters())):
+        raise RuntimeError("network has parameters outside its recorded layers")
+    return _Probe(
+        spec=spec,
+        device=device,
+        source=source,
+        model=model,
+        optimizer=make_optimizer(spec, list(model.parameters())),
+        recorder=recorder,
+        layers=_layer_infos(model),
+        metrics=torch.full((spec.steps, 4), float("nan"), device=device),
+        init_weights=[layer.weight.detach().clone() for layer in weight_layers],
+        init_biases=[layer.bias.detach().clone() if layer.bias is not None else None for layer in weight_layers],
+    )
+
+
+def _add_l1(probe: _Probe) -> None:
+    """Add the L1 penalty's (sub)gradient l1·sign(W) to every weight layer's gradient, in place.
+
+    Applied after the data-loss gradient was measured, so grad_norm stays the data loss's; sign(0) = 0
+    is the subgradient autograd's abs() gives, so the optimizer sees what ``loss + l1·Σ|W|`` would give.
+    """
+    weights = [layer.weight for layer in probe.model.layers if layer.kind != "norm"]
+    grads = [w.grad for w in weights if w.grad is not None]
+    torch._foreach_add_(
+        grads, torch._foreach_sign([w.detach() for w in weights if w.grad is not None]), alpha=probe.spec.l1
+    )
+
+
+def _coupled_weight_decay(spec: Spec) -> float:
+    """The weight decay the optimizer adds to the gradient itself (all but AdamW's decoupled decay)."""
+    return 0.0 if spec.optimizer == "adamw" else spec.weight_decay
+
+
+def _train_step(probe: _Probe, step: int, record: bool, on_record: Callable[[int, list[Layer]], None] | None) -> bool:
+    """One forward, backward, measurement and update; False when a value went non-finite (stop)."""
+    spec, model, recorder = probe.spec, probe.model, probe.recorder
+    recorder.begin_step(record)
+    inputs, labels = probe.source.batch(step)
+    if step == 0:
+        probe.input_second_moment = float(inputs.detach().double().square().mean())
+    logits = model(inputs)
+    loss = F.cross_entropy(logits, labels)
+    probe.optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+
+    # Every per-layer statistic is of the data loss: measured before the penalty joins the gradient.
+    grad_norms = recorder.param_grad_norms()
+    zero_fracs = recorder.zero_fractions() if record else None
+    penalty_norms = recorder.penalty_grad_norms(spec.l1, _coupled_weight_decay(spec)) if record else None
+    if record and on_record is not None:
+        on_record(step, model.layers)
+    if spec.l1 > 0:
+        _add_l1(probe)
+        # The totals are of the gradient clipping and the optimizer see: data loss plus L1.
+        total_pre = torch.linalg.vector_norm(recorder.param_grad_norms())
+    else:
+        total_pre = torch.linalg.vector_norm(grad_norms)
+    if spec.clip_value is not None:
+        if spec.clip_mode == "norm":
+            nn.utils.clip_grad_norm_(recorder.params, spec.clip_value, foreach=True)
+        else:
+            nn.utils.clip_grad_value_(recorder.params, spec.clip_value, foreach=True)
+        total_post = torch.linalg.vector_norm(recorder.param_grad_norms())
+    else:
+        total_post = total_pre
+    accuracy = (logits.detach().argmax(1) == labels).float().mean()
+    probe.metrics[step] = torch.stack((loss.detach(), accuracy, total_pre, total_post))
+    probe.steps_run = step + 1
+
+    # On the CPU a finiteness check costs nothing; on CUDA it is a sync, so only at recorded steps.
+    if (probe.device.type == "cpu" or record) and not bool(torch.isfinite(probe.metrics[step]).all()):
+        probe.nonfinite_step = step
+        probe.nonfinite_layer = locate_nonfinite(model.layers, model, inputs)
+        zero_fracs = zero_fracs if zero_fracs is not None else recorder.zero_fractions()
+        probe.records += _records(step, recorder.layer_stats(grad_norms, zero_fracs, penalty_norms).cpu().tolist())
+        return False
+
+    if record:
+        recorder.snapshot_weights()
+    probe.optimizer.step()
+    if record:
+        assert zero_fracs is not None
+        probe.records += _records(step, recorder.layer_stats(grad_norms, zero_fracs, penalty_norms).cpu().tolist())
+    return True
+
+
+def _train(
+    probe: _Probe,
+    *,
+    on_progress: Callable[[Progress], None] | None,
+    progress_interval: float,
+    should_stop: Callable[[], bool] | None,
+    deadline: float | None,
+    on_record: Callable[[int, list[Layer]], None] | None,
+) -> None:
+    """The training loop: every step trains, every record_every-th (and the last) also records."""
+    spec = probe.spec
+    last_progress = time.monotonic()
+    try:
+        for step in range(spec.steps):
+            if should_stop is not None and should_stop():
+                raise ProbeCancelled(f"cancelled at step {step}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise ProbeTimeout(f"wall-clock limit reached at step {step} of {spec.steps}")
+            record = step % spec.record_every == 0 or step == spec.steps - 1
+            if not _train_step(probe, step, record, on_record):
+                break
+            if on_progress is not None and time.monotonic() - last_progress >= progress_interval:
+                last_progress = time.monotonic()
+                loss_now = _finite_or_none(float(probe.metrics[step, 0]))
+                steps = _steps(probe.metrics, probe.steps_run)
+                label = decide(spec, measure(probe.layers, probe.records, steps), None).label
+                on_progress(Progress(step + 1, spec.steps, loss_now, label))
+    finally:
+        probe.recorder.close()
+    if probe.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _finish(probe: _Probe, *, started: float, data_s: float, train_s: float) -> Report:
+    """Held-out evaluation, the evidence, the theory and the verdict, assembled into the report."""
+    spec = probe.spec
+    step_metrics = _steps(probe.metrics, probe.steps_run)
+    # A CUDA run checks finiteness only at recorded steps; find the first bad step afterwards.
+    if probe.nonfinite_step is None:
+        bad = [m.step for m in step_metrics if None in (m.loss, m.grad_norm_total_pre)]
+        if bad:
+            probe.nonfinite_step = bad[0]
+
+    eval_started = time.perf_counter()
+    heldout_x, heldout_y = probe.source.heldout()
+    finite = probe.nonfinite_step is None
+    eval_loss, eval_acc = _evaluate(probe.model, heldout_x, heldout_y) if finite else (math.nan, math.nan)
+    eval_s = time.perf_counter() - eval_started
+
+    evidence = measure(
+        probe.layers,
+        probe.records,
+        step_metrics,
+        nonfinite_step=probe.nonfinite_step,
+        nonfinite_layer=probe.nonfinite_layer,
+    )
+    theory = theory_for(
+        spec,
+        probe.init_weights,
+        probe.init_biases,
+        q_input=probe.input_second_moment,
+        measured_decades_per_layer=evidence.act_decades_per_layer,
+    )
+    verdict = decide(spec, evidence, theory, layers=probe.layers, records=probe.records)
+
+    tail = [m for m in step_metrics[-10:] if m.loss is not None]
+    train_loss = sum(m.loss for m in tail if m.loss is not None) / len(tail) if tail else None
+    train_acc = sum(m.accuracy for m in tail if m.accuracy is not None) / len(tail) if tail else None
+    held_loss = _finite_or_none(eval_loss)
+    return Report(
+        spec=spec,
+        layers=probe.layers,
+        steps=step_metrics,
+        records=probe.records,
+        verdict=verdict,
+        eval=EvalResult(
+            loss=held_loss,
+            accuracy=_finite_or_none(eval_acc),
+            samples=len(heldout_y),
+            train_loss=train_loss,
+            train_accuracy=train_acc,
+            generalization_gap=held_loss - train_loss if held_loss is not None and train_loss is not None else None,
+        ),
+        timing=Timing(
+            device=str(probe.device),
+            data_s=round(data_s, 4),
+            train_s=round(train_s, 4),
+            eval_s=round(eval_s, 4),
+            total_s=round(time.perf_counter() - started, 4),
+            step_ms=round(1000 * train_s / max(probe.steps_run, 1), 4),
+            steps_run=probe.steps_run,
+        ),
+    )
+
+
 def run_probe(
     spec: Spec,
     *,
@@ -96,148 +312,47 @@ def run_probe(
     `data` is the decoded CIFAR-10 (train, test) pair, required for dataset='cifar10'. `on_progress`
     is called at most every `progress_interval` seconds; `should_stop` is polled every step and
     raises ProbeCancelled; `deadline` (a time.monotonic() value) raises ProbeTimeout. `on_record`
-    sees the layers at each recorded step, after backward and before clipping (e.g. to capture
-    gradient histograms).
+    sees the layers at each recorded step, after backward and before the penalty and clipping (e.g.
+    to capture gradient histograms).
     """
     started = time.perf_counter()
-    device = resolve_device(spec.device)
-    source = make_source(spec, data=data, device=device, eval_samples=eval_samples)
+    probe = _set_up(spec, data, eval_samples)
     data_s = time.perf_counter() - started
-
-    model = build_network(spec).to(device)
-    model.train()
-    init_weights = [layer.weight.detach().clone() for layer in model.layers if layer.kind == "linear"]
-    init_biases = [
-        layer.bias.detach().clone() if layer.bias is not None else None
-        for layer in model.layers
-        if layer.kind == "linear"
-    ]
-    optimizer = make_optimizer(spec, list(model.parameters()))
-    recorder = Recorder(model.layers, spec.activation)
-    l1_weights = [layer.weight for layer in model.layers if layer.kind != "norm"]
-    # The recorder's parameters are every parameter of the model, so its norms give the total.
-    all_params = recorder.params
-    if len(all_params) != len(list(model.parameters())):
-        raise RuntimeError("network has parameters outside its recorded layers")
-
-    # Whole-model figures stay on the device: (loss, accuracy, total norm pre, total norm post).
-    metrics = torch.full((spec.steps, 4), float("nan"), device=device)
-    layers = _layer_infos(model)
-    # Built once per recorded step, so progress reports do not rebuild every earlier record.
-    records: list[LayerRecord] = []
-    nonfinite_step: int | None = None
-    nonfinite_layer: int | None = None
-    last_progress = time.monotonic()
-    steps_run = 0
-
     train_started = time.perf_counter()
-    for step in range(spec.steps):
-        if should_stop is not None and should_stop():
-            raise ProbeCancelled(f"cancelled at step {step}")
-        if deadline is not None and time.monotonic() > deadline:
-            raise ProbeTimeout(f"wall-clock limit reached at step {step} of {spec.steps}")
-        record = step % spec.record_every == 0 or step == spec.steps - 1
-        recorder.begin_step(record)
-
-        inputs, labels = source.batch(step)
-        logits = model(inputs)
-        loss = F.cross_entropy(logits, labels)
-        objective = loss
-        if spec.l1 > 0:
-            objective = loss + spec.l1 * sum(w.abs().sum() for w in l1_weights)
-        optimizer.zero_grad(set_to_none=False)
-        objective.backward()
-
-        grad_norms = recorder.param_grad_norms()
-        if record and on_record is not None:
-            on_record(step, model.layers)
-        total_pre = torch.linalg.vector_norm(grad_norms)
-        if spec.clip_value is not None:
-            if spec.clip_mode == "norm":
-                nn.utils.clip_grad_norm_(all_params, spec.clip_value, foreach=True)
-            else:
-                nn.utils.clip_grad_value_(all_params, spec.clip_value, foreach=True)
-            total_post = torch.linalg.vector_norm(recorder.param_grad_norms())
-        else:
-            total_post = total_pre
-        accuracy = (logits.detach().argmax(1) == labels).float().mean()
-        metrics[step] = torch.stack((loss.detach(), accuracy, total_pre, total_post))
-        steps_run = step + 1
-
-        # On the CPU a finiteness check costs nothing; on CUDA it is a sync, so only at recorded steps.
-        if device.type == "cpu" or record:
-            finite = bool(torch.isfinite(metrics[step]).all())
-            if not finite:
-                nonfinite_step = step
-                nonfinite_layer = locate_nonfinite(model.layers, model, inputs)
-                records += _records(step, recorder.layer_stats(grad_norms).cpu().tolist())
-                break
-
-        if record:
-            recorder.snapshot_weights()
-        optimizer.step()
-        if record:
-            records += _records(step, recorder.layer_stats(grad_norms).cpu().tolist())
-
-        if on_progress is not None and time.monotonic() - last_progress >= progress_interval:
-            last_progress = time.monotonic()
-            loss_now = _finite_or_none(loss.item())
-            partial_evidence = measure(layers, records, _steps(metrics, steps_run))
-            on_progress(Progress(step + 1, spec.steps, loss_now, decide(spec, partial_evidence, None).label))
-    recorder.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    train_s = time.perf_counter() - train_started
-
-    # A CUDA run checks finiteness only at recorded steps; find the first bad step afterwards.
-    step_metrics = _steps(metrics, steps_run)
-    if nonfinite_step is None:
-        bad = [m.step for m in step_metrics if None in (m.loss, m.grad_norm_total_pre)]
-        if bad:
-            nonfinite_step = bad[0]
-
-    eval_started = time.perf_counter()
-    heldout_x, heldout_y = source.heldout()
-    eval_loss, eval_acc = _evaluate(model, heldout_x, heldout_y) if nonfinite_step is None else (math.nan, math.nan)
-    eval_s = time.perf_counter() - eval_started
-
-    evidence = measure(layers, records, step_metrics, nonfinite_step=nonfinite_step, nonfinite_layer=nonfinite_layer)
-    theory = theory_for(spec, init_weights[1:-1], list(init_biases[1:-1]), evidence.act_decades_per_layer)
-    verdict = decide(spec, evidence, theory)
-
-    tail = [m for m in step_metrics[-10:] if m.loss is not None]
-    train_loss = sum(m.loss for m in tail if m.loss is not None) / len(tail) if tail else None
-    train_acc = sum(m.accuracy for m in tail if m.accuracy is not None) / len(tail) if tail else None
-    held_loss = _finite_or_none(eval_loss)
-    return Report(
-        spec=spec,
-        layers=layers,
-        steps=step_metrics,
-        records=records,
-        verdict=verdict,
-        eval=EvalResult(
-            loss=held_loss,
-            accuracy=_finite_or_none(eval_acc),
-            samples=len(heldout_y),
-            train_loss=train_loss,
-            train_accuracy=train_acc,
-            generalization_gap=held_loss - train_loss if held_loss is not None and train_loss is not None else None,
-        ),
-        timing=Timing(
-            device=str(device),
-            data_s=round(data_s, 4),
-            train_s=round(train_s, 4),
-            eval_s=round(eval_s, 4),
-            total_s=round(time.perf_counter() - started, 4),
-            step_ms=round(1000 * train_s / max(steps_run, 1), 4),
-            steps_run=steps_run,
-        ),
+    _train(
+        probe,
+        on_progress=on_progress,
+        progress_interval=progress_interval,
+        should_stop=should_stop,
+        deadline=deadline,
+        on_record=on_record,
     )
+    train_s = time.perf_counter() - train_started
+    return _finish(probe, started=started, data_s=data_s, train_s=train_s)
 
 
 def _layer_infos(model: Network) -> list[LayerInfo]:
+    def feeds_batch_norm(position: int) -> bool:
+        # Batch norm subtracts the batch mean of its input, so a bias right before it gets no gradient.
+        layer = model.layers[position]
+        following = model.layers[position + 1] if position + 1 < len(model.layers) else None
+        return (
+            layer.kind != "norm"
+            and layer.bias is not None
+            and following is not None
+            and isinstance(following.module, nn.BatchNorm1d | nn.BatchNorm2d)
+            and following.name.rpartition(".")[0] == layer.name.rpartition(".")[0]
+        )
+
     return [
-        LayerInfo(index=layer.index, name=layer.name, kind=layer.kind, params=layer.params) for layer in model.layers
+        LayerInfo(
+            index=layer.index,
+            name=layer.name,
+            kind=layer.kind,
+            params=layer.params,
+            structural_zero_bias=feeds_batch_norm(position),
+        )
+        for position, layer in enumerate(model.layers)
     ]
 
 

@@ -9,6 +9,7 @@ recorded step, never one ``.item()`` per layer, so a CUDA run does not synchroni
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -28,15 +29,23 @@ STAT_COLUMNS = (
     "act_grad_norm",
     "zero_grad_frac",
     "saturation_frac",
+    "act_norm",
+    "penalty_grad_norm",
 )
 
-# A unit counts as saturated where the activation's local derivative is below 5% of its maximum:
-# sigmoid: y(1-y) < 0.05 * 0.25; tanh: 1 - y^2 < 0.05.
+# A unit counts as saturated where the activation's local derivative is below 5% of its maximum,
+# computed from the output y: sigmoid y(1-y)/0.25, tanh 1 - y², softsign (1 - |y|)².
 _SATURATION_DERIVATIVE = 0.05
+SATURATING = ("sigmoid", "tanh", "softsign")
 
 
 def _saturated_fraction(activation: str, output: Tensor) -> Tensor:
-    derivative = output * (1 - output) / 0.25 if activation == "sigmoid" else 1 - output * output
+    if activation == "sigmoid":
+        derivative = output * (1 - output) / 0.25
+    elif activation == "tanh":
+        derivative = 1 - output * output
+    else:
+        derivative = (1 - output.abs()).square()
     return (derivative < _SATURATION_DERIVATIVE).float().mean()
 
 
@@ -60,14 +69,18 @@ class Recorder:
             self._bias_pos.append(position if bias is not None else None)
             position += bias is not None
         self.recording = False
+        # Whether the hook buffers hold values of an earlier step: a step that is not recorded must not
+        # report them as its own (a non-finite step between records writes its rows with nulls there).
+        self._stale = False
         self._act_grad: list[Tensor | None] = [None] * len(self.layers)
+        self._act_norm: list[Tensor | None] = [None] * len(self.layers)
         self._saturation: list[Tensor | None] = [None] * len(self.layers)
         self._weights_before: list[Tensor] | None = None
         self._buffers: list[Tensor] | None = None
         self._handles: list[RemovableHandle] = []
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.module.register_forward_hook(partial(self._on_output, i)))
-            if activation in ("sigmoid", "tanh") and layer.activation is not None:
+            if activation in SATURATING and layer.activation is not None:
                 hook = partial(self._on_activation, i, activation)
                 self._handles.append(layer.activation.register_forward_hook(hook))
 
@@ -78,7 +91,11 @@ class Recorder:
         self._handles.clear()
 
     def _on_output(self, index: int, _module: nn.Module, _inputs: object, output: Tensor) -> None:
-        if self.recording and output.requires_grad:
+        if not self.recording:
+            return
+        # RMS rather than the norm: comparable across layers of different widths and batch sizes.
+        self._act_norm[index] = torch.linalg.vector_norm(output.detach()) / math.sqrt(max(output.numel(), 1))
+        if output.requires_grad:
             output.register_hook(partial(self._on_output_grad, index))
 
     def _on_output_grad(self, index: int, grad: Tensor) -> None:
@@ -91,9 +108,11 @@ class Recorder:
     def begin_step(self, record: bool) -> None:
         """Arm (or disarm) the hooks for the coming forward and backward pass."""
         self.recording = record
-        if record:
+        if record or self._stale:
             self._act_grad = [None] * len(self.layers)
+            self._act_norm = [None] * len(self.layers)
             self._saturation = [None] * len(self.layers)
+        self._stale = record
 
     def param_grad_norms(self) -> Tensor:
         """L2 norm of every parameter's gradient, one batched pass; a vector on the device."""
@@ -109,11 +128,41 @@ class Recorder:
             torch._foreach_copy_(self._buffers, [w.detach() for w in self.weights])
         self._weights_before = self._buffers
 
-    def layer_stats(self, grad_norms: Tensor) -> Tensor:
+    def penalty_grad_norms(self, l1: float, coupled_weight_decay: float) -> Tensor | None:
+        """Per layer, ‖l1·sign(W) + wd·W‖: the penalty's share of the weight's gradient, or None if none.
+
+        `coupled_weight_decay` is the weight decay the optimizer adds to the gradient (SGD, Adam; not
+        AdamW's decoupled decay). L1 applies to weight layers only, as the probe's penalty does.
+        """
+        if l1 == 0 and coupled_weight_decay == 0:
+            return None
+        weights = [w.detach() for w in self.weights]
+        penalties = [w * coupled_weight_decay for w in weights]
+        if l1 > 0:
+            for penalty, weight, layer in zip(penalties, weights, self.layers, strict=True):
+                if layer.kind != "norm":
+                    penalty.add_(torch.sign(weight), alpha=l1)
+        return torch.stack(torch._foreach_norm(penalties))
+
+    def zero_fractions(self) -> Tensor:
+        """Per layer, the fraction of exactly-zero entries of ∂L/∂W: call it before a penalty is added."""
+        nan = torch.tensor(float("nan"), device=self.weights[0].device)
+        # bool().sum(dtype=int32) counts non-zeros ~10x faster than count_nonzero (and 2x faster than an
+        # int64 sum) on the CPU; int32 is exact up to 2**31 entries, far above any capped layer.
+        return torch.stack(
+            [
+                1 - w.grad.bool().sum(dtype=torch.int32) / w.grad.numel() if w.grad is not None else nan
+                for w in self.weights
+            ]
+        )
+
+    def layer_stats(self, grad_norms: Tensor, zero_fracs: Tensor, penalty_norms: Tensor | None = None) -> Tensor:
         """The (layers × STAT_COLUMNS) matrix of the recorded step, on the device (NaN = not measured).
 
-        `grad_norms` is the result of `param_grad_norms` for this step (before clipping); call this
-        after the optimizer step when `snapshot_weights` was called before it.
+        `grad_norms` and `zero_fracs` are the results of `param_grad_norms` and `zero_fractions` for this
+        step, of the data loss alone (before any penalty and before clipping); `penalty_norms` that of
+        `penalty_grad_norms`. Call this after
+        the optimizer step when `snapshot_weights` was called before it.
         """
         device = grad_norms.device
         nan = torch.tensor(float("nan"), device=device)
@@ -129,16 +178,10 @@ class Recorder:
             self._weights_before = None
         else:
             update_ratio = torch.full_like(weight_norm, float("nan"))
-        # bool().sum(dtype=int32) counts non-zeros ~10x faster than count_nonzero (and 2x faster than an
-        # int64 sum) on the CPU; int32 is exact up to 2**31 entries, far above any capped layer.
-        zero_frac = torch.stack(
-            [
-                1 - w.grad.bool().sum(dtype=torch.int32) / w.grad.numel() if w.grad is not None else nan
-                for w in self.weights
-            ]
-        )
         act_grad = torch.stack([g if g is not None else nan for g in self._act_grad])
+        act_norm = torch.stack([a if a is not None else nan for a in self._act_norm])
         saturation = torch.stack([s if s is not None else nan for s in self._saturation])
+        penalty = penalty_norms if penalty_norms is not None else torch.full_like(weight_norm, float("nan"))
         columns = (
             weight_grad,
             bias_grad,
@@ -146,8 +189,10 @@ class Recorder:
             weight_grad / weight_norm,
             update_ratio,
             act_grad,
-            zero_frac,
+            zero_fracs,
             saturation,
+            act_norm,
+            penalty,
         )
         return torch.stack(columns, dim=1)
 

@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from graddiag.models.shapes import LayerKind
 from graddiag.models.spec import Spec
 
 Label = Literal["vanishing", "exploding", "healthy"]
-LayerKind = Literal["linear", "conv", "norm"]
 FindingKind = Literal[
     "gradient_profile",
     "gradient_scale",
@@ -28,6 +28,7 @@ FindingKind = Literal[
     "init_scale",
     "structural_zero_bias",
     "norm_layers",
+    "penalty_dominates",
 ]
 Severity = Literal["info", "warning", "critical"]
 
@@ -97,7 +98,12 @@ class Theory(_Row):
     q_input: float | None = Field(None, description="Measured second moment of the network's input.")
     q_star: float | None = None
     chi1: float | None = None
-    chi1_per_layer: list[float] | None = Field(None, description="χ₁(q_l) for each interior layer, input side first.")
+    chi1_per_layer: list[float | None] | None = Field(
+        None, description="The factor on ‖∂L/∂h‖² between consecutive interior layers, input side first."
+    )
+    q_per_layer: list[float | None] | None = Field(
+        None, description="The pre-activation variance q_l of each interior layer (1 where a norm standardises)."
+    )
     predicted_decades_per_layer: float | None = None
     measured_decades_per_layer: float | None = None
     tolerance: float | None = Field(None, description="Agreement tolerance, decades per layer.")

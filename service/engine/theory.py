@@ -30,46 +30,35 @@ is itself accurate: smooth φ at moderate q).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from graddiag.models.init import kaiming_nonlinearity
+from graddiag.models.networks import make_activation
 from graddiag.models.spec import Spec
 from graddiag.service.engine.report import Theory
 
 __all__ = [
-    "ACTIVATIONS",
+    "Moments",
+    "activation_function",
+    "gaussian_expectations",
     "gaussian_moments",
+    "kaiming_sigma_w2",
     "mean_field",
     "measured_variances",
     "predicted_decades_per_layer",
+    "remedy_span",
+    "span_noise_decades",
     "theory_for",
 ]
 
 ActivationFn = Callable[[Tensor], Tensor]
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-# Must match the network builder's choices exactly (leaky slope, elu alpha, gelu's erf form); the
-# names are the `Activation` literal of models.spec.
-ACTIVATIONS: dict[str, ActivationFn] = {
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "relu": torch.relu,
-    "leaky_relu": lambda x: F.leaky_relu(x, negative_slope=0.01),
-    "elu": lambda x: F.elu(x, alpha=1.0),
-    "selu": F.selu,
-    "gelu": lambda x: F.gelu(x, approximate="none"),
-    "silu": F.silu,
-    "softsign": F.softsign,
-    "identity": _identity,
-}
 
 # Beyond |z| = 12 the Gaussian holds < 4e-33 of its mass; even relu² (∝ z²) loses nothing visible.
 _Z_MAX = 12.0
@@ -107,12 +96,17 @@ def _nodes(q: float) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(nodes), torch.from_numpy(weights)
 
 
-def _activation(name: str) -> ActivationFn:
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        known = ", ".join(sorted(ACTIVATIONS))
-        raise ValueError(f"unknown activation {name!r}; known: {known}") from None
+def activation_function(name: str) -> ActivationFn:
+    """The network's own activation (the module `models.networks` builds), as a function of a tensor.
+
+    One definition of each activation: the theory integrates exactly what the network computes
+    (leaky_relu's slope, elu's alpha, gelu's erf form, selu's constants).
+    """
+    module = make_activation(name)
+    return module.__call__
+
+
+_activation = activation_function
 
 
 def _second_moment(phi: ActivationFn, q: float) -> float:
@@ -219,35 +213,240 @@ def measured_variances(weights: list[Tensor], biases: list[Tensor | None]) -> tu
     return float(np.mean(sigma_w2)), float(np.mean(sigma_b2))
 
 
+@dataclass(frozen=True)
+class Moments:
+    """Gaussian expectations of an activation at pre-activation variance q: z ~ N(0, 1), x = √q·z."""
+
+    mean: float  # E[φ(x)]
+    second: float  # E[φ(x)²]
+    slope2: float  # E[φ′(x)²]
+    slope4: float  # E[φ′(x)⁴]
+
+    @property
+    def variance(self) -> float:
+        """Var[φ(x)]: what batch norm divides by."""
+        return max(self.second - self.mean * self.mean, 0.0)
+
+
+def gaussian_expectations(activation: str, q: float) -> Moments:
+    """E[φ], E[φ²], E[φ′²], E[φ′⁴] at variance q, by the panel quadrature above (q clamped as there, ∞ too)."""
+    if not q >= 0:
+        raise ValueError(f"q must be a non-negative variance, got {q!r}")
+    phi = activation_function(activation)
+    # An infinite q (a forward signal that overflowed) is evaluated at the clamp, like any q > 1e100.
+    q = min(max(q, _Q_TINY), _Q_HUGE)
+    with torch.inference_mode(False), torch.enable_grad():
+        z, w = _nodes(q)
+        x = (math.sqrt(q) * z).requires_grad_(True)
+        y = phi(x)
+        (slope,) = torch.autograd.grad(y.sum(), x)
+    y = y.detach()
+    s2 = slope * slope
+    return Moments(
+        mean=float(torch.dot(w, y)),
+        second=float(torch.dot(w, y * y)),
+        slope2=float(torch.dot(w, s2)),
+        slope4=float(torch.dot(w, s2 * s2)),
+    )
+
+
+def measured_layer_variances(weights: list[Tensor], biases: list[Tensor | None]) -> list[tuple[float, float]]:
+    """Per layer, (σ_w², σ_b²) = (fan_in·mean(W²), mean(b²)); fan_in is ``W[0].numel()``."""
+    out = []
+    for weight, bias in zip(weights, biases, strict=True):
+        w = weight.detach().to(torch.float64)
+        sigma_b2 = 0.0 if bias is None else float(bias.detach().to(torch.float64).square().mean())
+        out.append((w[0].numel() * float(w.square().mean()), sigma_b2))
+    return out
+
+
+@dataclass(frozen=True)
+class _Trajectory:
+    """The forward variances and the predicted log10 ‖∂L/∂h_l‖ over the interior layers."""
+
+    model: str
+    qs: list[float]  # q_l of each interior layer's pre-activation (1 where a norm standardises it)
+    chi: list[float]  # per-layer factor on ‖∂L/∂h‖² between consecutive interior layers, input side first
+    profile: list[float]  # predicted log10 ‖∂L/∂h_l‖, up to a constant, input side first
+
+
+def _plain(activation: str, layers: list[tuple[float, float]], q_input: float) -> _Trajectory:
+    # q_0: the input layer's pre-activation from the measured input second moment; then the q-map
+    # with each layer's own σ_w², σ_b² (Poole et al. 2016). For a convolution the diagonal of the
+    # map is the same with fan_in = C·k² (Xiao et al. 2018); max pooling is taken to keep q and the
+    # gradient norm (it routes each gradient to one input; neighbours are strongly correlated at init).
+    sigma_w2, sigma_b2 = layers[0]
+    q = sigma_w2 * q_input + sigma_b2
+    qs: list[float] = []
+    for sigma_w2, sigma_b2 in layers[1:-1]:
+        q = _clamp_q(sigma_w2 * gaussian_expectations(activation, q).second + sigma_b2)
+        qs.append(q)
+    # ‖∂L/∂h_l‖² = E[φ′(h_l)²]·σ_{w,l+1}²·‖∂L/∂h_{l+1}‖² (Schoenholz et al. 2017), layer by layer.
+    chi = [layers[i + 2][0] * gaussian_expectations(activation, q).slope2 for i, q in enumerate(qs[:-1])]
+    return _Trajectory("plain", qs, chi, _profile_from_ratios(chi))
+
+
+def _normalised(activation: str, layers: list[tuple[float, float]], norm: str) -> _Trajectory:
+    # Normalisation standardises each pre-activation (γ = 1, β = 0 at init), so φ sees z ~ N(0, 1) at
+    # every layer. Back through it ∂L/∂h = P(∂L/∂z)/σ, where σ² is what the norm divided by:
+    # batch norm: the batch variance of h = σ_w²·Var[φ(z)] (Yang et al. 2019); layer norm: the
+    # per-example second moment over features σ_w²·E[φ(z)²]. P removes two directions of many.
+    moments = gaussian_expectations(activation, 1.0)
+    divisor = moments.variance if norm == "batch" else moments.second
+    interior = layers[1:-1]
+    chi = [
+        interior[i + 1][0] * moments.slope2 / (interior[i][0] * divisor) if divisor > 0 else math.inf
+        for i in range(len(interior) - 1)
+    ]
+    model = "batch_norm" if norm == "batch" else "layer_norm"
+    return _Trajectory(model, [1.0] * len(interior), chi, _profile_from_ratios(chi))
+
+
+def _residual(activation: str, layers: list[tuple[float, float]], q_input: float) -> _Trajectory:
+    # x_l = x_{l-1} + φ(W_l x_{l-1} + b_l) (Yang & Schoenholz 2017), tracking the stream's mean m and
+    # second moment p: relu-like φ adds a positive mean every block, and the cross term 2·m·E[φ]
+    # makes p grow faster than the zero-mean map says. Backward, ‖∂L/∂x_{l-1}‖² =
+    # (1 + σ_w²·E[φ′²])·‖∂L/∂x_l‖², and the recorded ∂L/∂h_l = φ′(h_l)⊙∂L/∂x_l.
+    sigma_w2, sigma_b2 = layers[0]
+    first = gaussian_expectations(activation, _clamp_q(sigma_w2 * q_input + sigma_b2))
+    mean, second = first.mean, first.second
+    qs: list[float] = []
+    moments: list[Moments] = []
+    for sigma_w2, sigma_b2 in layers[1:-1]:
+        q = _clamp_q(sigma_w2 * second + sigma_b2)
+        m = gaussian_expectations(activation, q)
+        second = second + 2 * mean * m.mean + m.second
+        mean = mean + m.mean
+        qs.append(q)
+        moments.append(m)
+    # log10 ‖∂L/∂x_l‖ from the output side, then add ½·log10 E[φ′²](q_l) for ∂L/∂h_l.
+    interior = layers[1:-1]
+    stream = [0.0] * len(interior)
+    for i in range(len(interior) - 2, -1, -1):
+        stream[i] = stream[i + 1] + 0.5 * math.log10(1 + interior[i + 1][0] * moments[i + 1].slope2)
+    profile = [x + 0.5 * math.log10(max(m.slope2, 1e-300)) for x, m in zip(stream, moments, strict=True)]
+    chi = [10 ** (2 * (profile[i] - profile[i + 1])) for i in range(len(profile) - 1)]
+    return _Trajectory("residual", qs, chi, profile)
+
+
+def _zero_mean(activation: str) -> bool:
+    """Whether E[φ] = 0 at every q (odd φ: tanh, softsign, identity), checked across three decades of q."""
+    for q in (0.1, 1.0, 10.0):
+        moments = gaussian_expectations(activation, q)
+        if abs(moments.mean) > 1e-9 * math.sqrt(max(moments.second, 1e-300)):
+            return False
+    return True
+
+
+def _trajectory(
+    activation: str, norm: str, residual: bool, layers: list[tuple[float, float]], q_input: float
+) -> _Trajectory:
+    if norm != "none":
+        return _normalised(activation, layers, norm)
+    if residual:
+        return _residual(activation, layers, q_input)
+    return _plain(activation, layers, q_input)
+
+
+def kaiming_sigma_w2(activation: str) -> float:
+    """σ_w² of Kaiming (He) init for the activation, as `models.init` draws it: the gain squared."""
+    nonlinearity, param = kaiming_nonlinearity(activation)
+    return nn.init.calculate_gain(nonlinearity, param) ** 2
+
+
+Remedy = Literal["kaiming", "layer_norm", "batch_norm", "residual"]
+
+
+def remedy_span(activation: str, remedy: Remedy, interior: int, *, sigma_w2: float, q_input: float) -> float | None:
+    """Predicted change of log10 ‖∂L/∂h‖ across `interior` layers if the network took `remedy`.
+
+    kaiming: zero biases and σ_w² = the Kaiming gain² of :func:`models.init.kaiming_nonlinearity`
+    (χ₁ = 1 for relu, about half of that for gelu and silu near q = 0); layer_norm/batch_norm: the
+    normalised map at the current σ_w²; residual: the residual map at the current σ_w², for odd φ
+    only (None otherwise: not derived). The span is the fitted slope times (interior − 1), as measured.
+    """
+    if interior < 2:
+        return None
+    if remedy == "residual" and not _zero_mean(activation):
+        return None
+    if remedy == "kaiming":
+        layers = [(kaiming_sigma_w2(activation), 0.0)] * (interior + 2)
+        trajectory = _plain(activation, layers, q_input)
+    else:
+        layers = [(sigma_w2, 0.0)] * (interior + 2)
+        norm = {"layer_norm": "layer", "batch_norm": "batch"}.get(remedy, "none")
+        trajectory = _trajectory(activation, norm, remedy == "residual", layers, q_input)
+    slope = _fit(trajectory.profile)
+    return None if slope is None or not math.isfinite(slope) else slope * (interior - 1)
+
+
+def _clamp_q(q: float) -> float:
+    return math.inf if not math.isfinite(q) or q > _Q_HUGE else max(q, 0.0)
+
+
+def _profile_from_ratios(chi: list[float]) -> list[float]:
+    profile = [0.0] * (len(chi) + 1)
+    for i in range(len(chi) - 1, -1, -1):
+        profile[i] = profile[i + 1] + (0.5 * math.log10(chi[i]) if chi[i] > 0 else -math.inf)
+    return profile
+
+
+def _fit(profile: list[float]) -> float | None:
+    """Least-squares slope of a log10 profile, in decades per layer toward the input (as verdict.fit_slope)."""
+    points = [(i, y) for i, y in enumerate(profile) if math.isfinite(y)]
+    if len(points) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    return -sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+
+
+def span_noise_decades(activation: str, qs: list[float], fan_in: int, *, orthogonal: bool = False) -> float:
+    """One standard deviation of the chance change of log10 ‖∂L/∂h‖ across the given layers.
+
+    At finite width each layer multiplies ‖∂L/∂h‖² by its mean factor times (1 + ε) with
+    Var ε = (3·E[φ′⁴]/E[φ′²]² − 1)/n for Gaussian weights (the χ² of W plus the spread of φ′²; 5/n for
+    relu, as in Hanin & Nica 2018) and 2/n less for orthogonal weights, which keep norms exactly. The
+    log-norm then walks randomly, its variance growing with depth/width (Hanin 2018): summed over the
+    layers and converted from ln of a square to log10 of a norm.
+    """
+    if fan_in <= 0:
+        return 0.0
+    total = 0.0
+    for q in qs:
+        m = gaussian_expectations(activation, q)
+        if m.slope2 <= 0:
+            continue
+        excess = 3 * m.slope4 / (m.slope2 * m.slope2) - 1 - (2 if orthogonal else 0)
+        total += max(excess, 0.0) / fan_in
+    return math.sqrt(total) / (2 * math.log(10))
+
+
 def _format_q(q: float) -> str:
-    return "q* → ∞" if math.isinf(q) else f"q* = {q:#.3g}"
+    return "q → ∞" if math.isinf(q) else f"q = {q:#.3g}"
 
 
 def _format_decades(value: float) -> str:
     # Avoid printing "-0.00" for a slope that rounds to zero.
-    text = f"{value:.2f}"
-    return "0.00" if text == "-0.00" else text
+    text = f"{value:+.3f}"
+    return "+0.000" if text == "-0.000" else text
 
 
-def _not_applicable(spec: Spec, has_interior: bool) -> str | None:
-    """Why the plain-MLP theory does not describe this network, or None when it does."""
-    if spec.arch != "mlp":
+def _not_applicable(spec: Spec, interior: int) -> str | None:
+    """Why no derivation here describes this network, or None when one does."""
+    if interior < 2:
+        return "The network has fewer than two interior layers, so there is no per-layer rate to predict."
+    if spec.arch == "cnn" and spec.residual:
         return (
-            f"Mean-field theory here covers plain MLPs only; arch={spec.arch!r} shares weights across "
-            "positions, so its variance map differs."
+            "Residual CNNs are not covered: their blocks hold two convolutions and a post-sum activation, "
+            "for which no variance map is derived here."
         )
-    if spec.norm != "none":
+    if spec.residual and spec.norm != "none":
         return (
-            f"Normalisation (norm={spec.norm!r}) rescales every pre-activation, so the plain-MLP "
-            "variance map and χ₁ do not apply."
+            f"Residual connections with norm={spec.norm!r} are not covered: the normalised branch and the "
+            "growing identity stream would need a joint map that is not derived here."
         )
-    if spec.residual:
-        return (
-            "Residual connections add an identity path around every block, so the gradient does not "
-            "shrink or grow by the plain-MLP factor χ₁ per layer."
-        )
-    if not has_interior:
-        return "The network has no interior hidden layer, so there is no per-layer decay to predict."
     return None
 
 
@@ -255,58 +454,91 @@ def theory_for(
     spec: Spec,
     weights: list[Tensor],
     biases: list[Tensor | None],
-    measured_decades_per_layer: float | None,
     *,
-    tolerance: float = 0.15,
+    q_input: float | None,
+    measured_decades_per_layer: float | None,
+    tolerance: float = 0.05,
+    relative_tolerance: float = 0.10,
 ) -> Theory:
-    """The mean-field verdict for a probed network, from the variances of its actual initialisation.
+    """The mean-field prediction of ∂L/∂h's profile for a probed network, from its actual initial weights.
 
-    ``weights``/``biases`` are the interior hidden Linear layers as initialised, so the prediction
-    follows whatever init the spec chose. The prediction agrees with the measured slope when they
-    differ by at most ``max(tolerance, 0.25·|predicted|)`` decades per layer: an absolute floor for
-    slopes near zero, relative slack for steep ones where finite width and depth blur the rate.
-    ``agrees`` is None when there is no finite measured slope (or the prediction is −∞).
+    ``weights``/``biases`` are every weight layer (linear, conv) in forward order as initialised, the
+    input and output layers included; ``q_input`` is the measured second moment of the network's input.
+    The per-layer factors χ₁(q_l) follow the real q_l trajectory from there; the predicted profile is
+    fitted like the measured one, and they agree when they differ by at most
+    ``max(tolerance, relative_tolerance·|predicted|)`` decades per layer. ``agrees`` is None when there is
+    no finite measured slope or prediction.
     """
-    why_not = _not_applicable(spec, bool(weights))
+    interior = max(len(weights) - 2, 0)
+    why_not = _not_applicable(spec, interior)
+    if why_not is None and q_input is None:
+        why_not = "The input's second moment was not measured, so the forward signal cannot be started."
     if why_not is not None:
         return Theory(applicable=False, reason=why_not)
-
-    sigma_w2, sigma_b2 = measured_variances(weights, biases)
-    if not (math.isfinite(sigma_w2) and math.isfinite(sigma_b2)):
+    assert q_input is not None
+    layers = measured_layer_variances(weights, biases)
+    if not all(math.isfinite(w) and math.isfinite(b) for w, b in layers) or not math.isfinite(q_input):
         return Theory(
             applicable=False,
-            reason="The initial weights or biases are not finite, so their variances are undefined.",
+            reason="The initial weights, biases or inputs are not finite, so their variances are undefined.",
         )
-    # One application of the map per hidden layer from a unit-variance start: for a shallow or
-    # critical network χ₁ is then taken where the signal actually is, not at an unreached limit.
-    q_star, chi1 = mean_field(spec.activation, sigma_w2, sigma_b2, q0=1.0, max_iter=spec.depth)
-    predicted = predicted_decades_per_layer(chi1)
+    if spec.residual and spec.norm == "none" and not _zero_mean(spec.activation):
+        return Theory(
+            applicable=False,
+            reason=(
+                f"Residual {spec.activation} MLPs are not covered: the stream accumulates {spec.activation}'s "
+                "non-zero mean, each unit's pre-activation sign then freezes, and the zero-mean backward map "
+                "of Yang & Schoenholz (2017) no longer holds (it under-predicts the measured growth)."
+            ),
+        )
+    trajectory = _trajectory(spec.activation, spec.norm, spec.residual, layers, q_input)
+    predicted = _fit(trajectory.profile)
+    finite_chi = [c for c in trajectory.chi if c > 0 and math.isfinite(c)]
+    chi1 = math.exp(statistics.fmean(math.log(c) for c in finite_chi)) if finite_chi else None
+    interior_layers = layers[1:-1]
+    sigma_w2 = statistics.fmean(w for w, _ in interior_layers)
+    sigma_b2 = statistics.fmean(b for _, b in interior_layers)
 
-    sentence = (
-        f"Mean-field theory predicts {_format_decades(predicted)} decades per layer "
-        f"(χ₁ = {chi1:#.3g} at {_format_q(q_star)})"
-    )
+    described = {
+        "plain": "the q-map layer by layer",
+        "batch_norm": "batch norm's E[φ′²]/Var[φ] per layer",
+        "layer_norm": "layer norm's E[φ′²]/E[φ²] per layer",
+        "residual": "the residual stream's mean and second moment",
+    }[trajectory.model]
     agrees: bool | None = None
-    if measured_decades_per_layer is None:
-        sentence += "; no measured slope to compare."
-    elif not math.isfinite(measured_decades_per_layer):
-        sentence += "; the measured slope is not finite, so there is nothing to compare."
-    elif not math.isfinite(predicted):
-        sentence += f"; measured {_format_decades(measured_decades_per_layer)}."
+    allowed: float | None = None
+    if predicted is None or not math.isfinite(predicted):
+        sentence = f"Mean-field theory ({described}) predicts no finite rate: the forward signal dies or overflows."
     else:
-        allowed = max(tolerance, 0.25 * abs(predicted))
-        agrees = abs(measured_decades_per_layer - predicted) <= allowed
-        verdict = "within" if agrees else "outside"
-        sentence += f"; measured {_format_decades(measured_decades_per_layer)}, {verdict} the ±{allowed:.2f} tolerance."
-
+        sentence = (
+            f"Mean-field theory ({described}, from the measured input {_format_q(q_input)}) predicts "
+            f"{_format_decades(predicted)} decades per layer for ‖∂L/∂h‖"
+        )
+        if chi1 is not None:
+            sentence += f" (mean χ₁ = {chi1:#.3g})"
+        if measured_decades_per_layer is None or not math.isfinite(measured_decades_per_layer):
+            sentence += "; there is no finite measured slope to compare."
+        else:
+            allowed = max(tolerance, relative_tolerance * abs(predicted))
+            agrees = abs(measured_decades_per_layer - predicted) <= allowed
+            sentence += (
+                f"; measured {_format_decades(measured_decades_per_layer)}, "
+                f"{'within' if agrees else 'outside'} the ±{allowed:.3f} tolerance."
+            )
+    last_q = trajectory.qs[-1] if trajectory.qs else None
     return Theory(
         applicable=True,
         reason=sentence,
+        model=trajectory.model,
         sigma_w2=sigma_w2,
         sigma_b2=sigma_b2,
-        q_star=q_star,
+        q_input=q_input,
+        q_star=last_q,
         chi1=chi1,
+        chi1_per_layer=[c if math.isfinite(c) else None for c in trajectory.chi],
+        q_per_layer=[q if math.isfinite(q) else None for q in trajectory.qs],
         predicted_decades_per_layer=predicted,
         measured_decades_per_layer=measured_decades_per_layer,
+        tolerance=allowed,
         agrees=agrees,
     )

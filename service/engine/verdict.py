@@ -1,39 +1,76 @@
-"""Decides vanishing / exploding / healthy from the recorded per-layer profile.
+"""Decides vanishing / exploding / healthy from the recorded profiles, and lists the findings behind it.
 
 Two steps: `measure` turns records into `Evidence` (numbers only), `decide` turns evidence into a
-labelled `Verdict` with reasons and advice. The rules and their thresholds are the constants
-below; the README documents them.
+`Verdict`: a label, the findings (each with its evidence, one sentence and the advice it triggers),
+the reasons and the theory. docs/verdict.md states every rule and derives every constant below.
+
+The label answers one question — do the gradients vanish or explode? Everything else the evidence
+shows (the forward signal, the step size, Adam's behaviour, dead or saturated units, penalties,
+normalisation layers) is a finding of its own and never changes the label.
 
 Profiles use the weight layers (linear/conv) without the first and the last: the input layer sees
 raw pixels and the output layer the loss, so both sit off the trend. A slope is fitted by least
-squares to log10 of the interior values and given in decades per layer *toward the input*:
-negative means the gradient shrinks on its way back to the input.
+squares to log10 of the interior values, in decades per layer *toward the input* (negative: the
+gradient shrinks on its way back); the span is the fitted change across the interior,
+slope × (interior − 1), i.e. how many decades the first interior layer's value sits from the last's.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from graddiag.models.spec import Spec
-from graddiag.service.engine.report import Evidence, Label, LayerInfo, LayerRecord, StepMetrics, Theory, Verdict
+from graddiag.service.engine.report import (
+    Evidence,
+    Finding,
+    Label,
+    LayerInfo,
+    LayerRecord,
+    StepMetrics,
+    Theory,
+    Verdict,
+)
+from graddiag.service.engine.theory import kaiming_sigma_w2, remedy_span, span_noise_decades
 
-# A profile is vanishing (exploding) when its fitted slope is at most -SLOPE (at least +SLOPE)
-# decades per layer AND the fitted change across the interior layers is at least SPAN decades:
-# the first interior layer then learns 100x slower (faster) than the last.
-SLOPE_DECADES_PER_LAYER = 0.1
+# The product's definition: a profile vanishes (explodes) when the first interior layer's value is at
+# least 100× smaller (larger) than the last's, however gentle the per-layer rate.
 SPAN_DECADES = 2.0
-# Absolute scale: the median interior ||dL/dW|| / ||W|| below this means no layer really learns,
-# even when the profile is flat (ReLU nets with a small init decay forward and backward alike).
+# A fit needs at least this many interior layers: with two, a "trend" is the ratio of two noisy norms.
+MIN_INTERIOR_LAYERS = 3
+# The span must also exceed this many standard deviations of the chance change of a finite-width
+# network's log-norms (theory.span_noise_decades): 2σ leaves about 2 % of healthy nets over the line.
+NOISE_Z = 2.0
+# Absolute scale, ‖∂L/∂W‖/‖W‖: a median below the floor means no layer really learns even when the
+# profile is flat; any interior layer above the ceiling means one SGD step at lr 0.1 (the top of the
+# usual range) would move that layer by its own norm — a gradient explosion in scale, not in shape.
 REL_GRAD_FLOOR = 1e-5
-# During training: an update larger than the weight it changes, or a total gradient norm that
-# grows a thousandfold over its value at initialisation, is an exploding run.
-UPDATE_RATIO_CEILING = 1.0
+REL_GRAD_CEILING = 10.0
+# During training, a total gradient norm a thousandfold above its value at init is an explosion.
 GRAD_GROWTH_CEILING = 1e3
-# Zero gradient entries are only advice, never a label: deep ReLU nets correlate their inputs so
-# that whole units switch off for a batch (75% zeros is normal at depth 20), which is not death.
+# Step size: an update larger than the weight it changes replaces the layer (critical); above a tenth
+# it is far beyond the ~1e-3 of a well-tuned run (warning).
+UPDATE_RATIO_CEILING = 1.0
+UPDATE_RATIO_WARNING = 0.1
+# Adam's ε (PyTorch's default): once a layer's RMS gradient entry is within 10× of it, the step
+# lr·g/(√v + ε) is cut by ε, and below it the layer stops learning.
+ADAM_EPS = 1e-8
+ADAM_EPS_MARGIN = 10.0
+# Adam "equalises" the per-layer steps when its update ratios span less than this across the interior.
+ADAM_EQUAL_SPAN = 1.0
+# Zero gradient entries are a finding, never a label: deep ReLU nets switch whole units off for a
+# batch (75 % zeros is normal at depth 20), which is not death.
 DEAD_FRACTION = 0.9
+# Saturated units (local derivative < 5 % of its maximum): a warning above half, information above 5 %.
+SATURATION_WARNING = 0.5
+SATURATION_INFO = 0.05
+# Forward signal: the loss at init of a 10-class net with small logits is ln 10; ten times that means
+# the logits are large enough to saturate the softmax.
+LN_CLASSES = math.log(10)
+LOSS_INIT_CEILING = 10.0
+# The penalty drives a layer when its gradient exceeds the data loss's.
+PENALTY_DOMINANCE = 1.0
 # Values that are exactly zero enter log10 at this floor.
 _LOG_FLOOR = 1e-30
 
@@ -52,6 +89,10 @@ def fit_slope(values: Sequence[float | None]) -> float | None:
     return -sxy / sxx
 
 
+def _span(slope: float | None, interior: int) -> float | None:
+    return None if slope is None else slope * (interior - 1)
+
+
 def _ratio(values: Sequence[float | None]) -> float | None:
     if len(values) < 2 or values[0] is None or not values[-1]:
         return None
@@ -63,12 +104,44 @@ def _median_or_none(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _max_or_none(values: Sequence[float | None]) -> float | None:
+    return max((v for v in values if v is not None), default=None)
+
+
 def _log_median(values: Sequence[float | None]) -> float | None:
     """Median in log space, so one outlier step does not dominate a layer's trained profile."""
     present = [v for v in values if v is not None]
     if not present:
         return None
     return 10 ** statistics.median(math.log10(max(v, _LOG_FLOOR)) for v in present)
+
+
+def _grad_rms(record: LayerRecord, layer: LayerInfo) -> float | None:
+    # params counts the bias too: a relative error of 1/fan_in on the RMS, immaterial next to ε's 10×.
+    return None if record.grad_norm is None else record.grad_norm / math.sqrt(max(layer.params, 1))
+
+
+class _Profiles:
+    """The records indexed by step and layer, with the interior weight layers picked out."""
+
+    def __init__(self, layers: Sequence[LayerInfo], records: Sequence[LayerRecord]) -> None:
+        self.layers = {layer.index: layer for layer in layers}
+        self.weight_layers = [layer.index for layer in layers if layer.kind in ("linear", "conv")]
+        self.norm_layers = [layer.index for layer in layers if layer.kind == "norm"]
+        self.interior = self.weight_layers[1:-1] if len(self.weight_layers) > 2 else []
+        self.by_step: dict[int, dict[int, LayerRecord]] = {}
+        for record in records:
+            self.by_step.setdefault(record.step, {})[record.layer] = record
+        self.steps = sorted(self.by_step)
+
+    def at(self, step: int, field: str, layers: Sequence[int]) -> list[float | None]:
+        rows = self.by_step[step]
+        return [getattr(rows[i], field) if i in rows else None for i in layers]
+
+    def trained(self, field: str, layers: Sequence[int]) -> list[float | None]:
+        """Per layer, the log-median of `field` over the recorded steps after the first."""
+        later = [self.by_step[s] for s in self.steps[1:]]
+        return [_log_median([getattr(rows[i], field) for rows in later if i in rows]) for i in layers]
 
 
 def measure(
@@ -80,176 +153,615 @@ def measure(
     nonfinite_layer: int | None = None,
 ) -> Evidence:
     """The numbers behind a verdict: profiles at initialisation (step 0) and over training."""
-    weight_layers = [layer.index for layer in layers if layer.kind in ("linear", "conv")]
-    interior = weight_layers[1:-1] if len(weight_layers) > 2 else []
-    by_step: dict[int, dict[int, LayerRecord]] = {}
-    for record in records:
-        by_step.setdefault(record.step, {})[record.layer] = record
-    recorded = sorted(by_step)
+    profiles = _Profiles(layers, records)
+    interior = profiles.interior
+    n = len(interior)
     evidence = Evidence(
-        interior_layers=len(interior),
+        interior_layers=n,
         nonfinite_step=nonfinite_step,
         nonfinite_layer=nonfinite_layer,
         loss_first=steps[0].loss if steps else None,
         loss_last=steps[-1].loss if steps else None,
         grad_norm_total_init=steps[0].grad_norm_total_pre if steps else None,
-        grad_norm_total_max=max(
-            (s.grad_norm_total_pre for s in steps if s.grad_norm_total_pre is not None), default=None
-        ),
+        grad_norm_total_max=_max_or_none([s.grad_norm_total_pre for s in steps]),
     )
-    if not recorded:
+    if not profiles.steps:
         return evidence
 
-    init = by_step[recorded[0]]
-    evidence.decades_per_layer = fit_slope([init[i].grad_norm for i in interior])
-    evidence.act_decades_per_layer = fit_slope([init[i].act_grad_norm for i in interior])
-    evidence.interior_ratio = _ratio([init[i].grad_norm for i in interior])
-    evidence.act_interior_ratio = _ratio([init[i].act_grad_norm for i in interior])
-    evidence.rel_grad_median = _median_or_none([init[i].rel_grad for i in interior or weight_layers])
+    first = profiles.steps[0]
+    grad = profiles.at(first, "grad_norm", interior)
+    act_grad = profiles.at(first, "act_grad_norm", interior)
+    evidence.decades_per_layer = fit_slope(grad)
+    evidence.act_decades_per_layer = fit_slope(act_grad)
+    evidence.span_decades = _span(evidence.decades_per_layer, n)
+    evidence.act_span_decades = _span(evidence.act_decades_per_layer, n)
+    evidence.interior_ratio = _ratio(grad)
+    evidence.act_interior_ratio = _ratio(act_grad)
+    evidence.rel_grad_median = _median_or_none(profiles.at(first, "rel_grad", interior or profiles.weight_layers))
+    evidence.rel_grad_max = _max_or_none(profiles.at(first, "rel_grad", interior))
 
-    trained_steps = [by_step[s] for s in recorded[1:]]
-    if trained_steps:
+    # The forward signal grows toward the output, so its slope is given in the forward direction.
+    forward = fit_slope(profiles.at(first, "act_norm", interior))
+    evidence.forward_decades_per_layer = None if forward is None else -forward
+    evidence.forward_span_decades = _span(evidence.forward_decades_per_layer, n)
+    if profiles.weight_layers:
+        evidence.output_rms_init = profiles.at(first, "act_norm", profiles.weight_layers[-1:])[0]
 
-        def trained_profile(field: str) -> list[float | None]:
-            return [_log_median([getattr(rows[i], field) for rows in trained_steps]) for i in interior]
+    ratios = profiles.at(first, "update_ratio", interior)
+    evidence.update_ratio_init_decades_per_layer = fit_slope(ratios)
+    evidence.update_ratio_init_span_decades = _span(evidence.update_ratio_init_decades_per_layer, n)
+    evidence.update_ratio_init_max = _max_or_none(profiles.at(first, "update_ratio", profiles.weight_layers))
+    first_rows = profiles.by_step[first]
+    rms = [_grad_rms(first_rows[i], profiles.layers[i]) for i in interior if i in first_rows]
+    evidence.grad_rms_min = min((r for r in rms if r is not None), default=None)
+    if len(profiles.norm_layers) >= MIN_INTERIOR_LAYERS:
+        evidence.norm_decades_per_layer = fit_slope(profiles.at(first, "grad_norm", profiles.norm_layers))
+        evidence.norm_span_decades = _span(evidence.norm_decades_per_layer, len(profiles.norm_layers))
 
-        grad_profile = trained_profile("grad_norm")
-        evidence.decades_per_layer_trained = fit_slope(grad_profile)
-        evidence.act_decades_per_layer_trained = fit_slope(trained_profile("act_grad_norm"))
-        evidence.interior_ratio_trained = _ratio(grad_profile)
-        evidence.rel_grad_median_trained = _median_or_none(trained_profile("rel_grad"))
-    evidence.max_update_ratio = max(
-        (r.update_ratio for r in records if r.update_ratio is not None and r.layer in weight_layers),
-        default=None,
-    )
-    last = by_step[recorded[-1]]
-    zero_fracs = [last[i].zero_grad_frac for i in interior]
-    evidence.zero_grad_frac_max = max((z for z in zero_fracs if z is not None), default=None)
+    if len(profiles.steps) > 1:
+        grad_trained = profiles.trained("grad_norm", interior)
+        evidence.decades_per_layer_trained = fit_slope(grad_trained)
+        evidence.act_decades_per_layer_trained = fit_slope(profiles.trained("act_grad_norm", interior))
+        evidence.span_decades_trained = _span(evidence.decades_per_layer_trained, n)
+        evidence.act_span_decades_trained = _span(evidence.act_decades_per_layer_trained, n)
+        evidence.interior_ratio_trained = _ratio(grad_trained)
+        rel_trained = profiles.trained("rel_grad", interior)
+        evidence.rel_grad_median_trained = _median_or_none(rel_trained)
+        evidence.rel_grad_max_trained = _max_or_none(rel_trained)
+    evidence.max_update_ratio = _max_or_none([r.update_ratio for r in records if r.layer in profiles.weight_layers])
+    last = profiles.steps[-1]
+    evidence.zero_grad_frac_max = _max_or_none(profiles.at(last, "zero_grad_frac", interior))
     saturation = [r.saturation_frac for r in records if r.saturation_frac is not None]
     evidence.saturation_frac_mean = statistics.fmean(saturation) if saturation else None
+    evidence.saturation_frac_max = max(saturation) if saturation else None
+    penalty_ratios = [
+        r.penalty_grad_norm / r.grad_norm
+        for r in records
+        if r.layer in profiles.weight_layers and r.penalty_grad_norm is not None and r.grad_norm
+    ]
+    evidence.penalty_grad_ratio_max = max(penalty_ratios) if penalty_ratios else None
     return evidence
 
 
-def _judge_profile(
-    phase: str, grad_slope: float | None, act_slope: float | None, rel_grad: float | None, interior: int
-) -> tuple[Label, list[str]]:
-    """Label one phase's profile and say why in sentences."""
-    reasons: list[str] = []
-    label: Label = "healthy"
-    for what, slope in (("weight-gradient norm", grad_slope), ("back-propagated signal ‖∂L/∂h‖", act_slope)):
-        if slope is None:
-            continue
-        span = slope * (interior - 1)
-        direction = "falls" if slope < 0 else "grows"
-        sentence = (
-            f"{phase}, the {what} {direction} by {abs(slope):.2f} decades per layer toward the input "
-            f"({abs(span):.1f} decades across {interior} interior layers)"
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+class _Judge:
+    """Builds the findings of one verdict; each rule is a method, in the order docs/verdict.md lists them."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        evidence: Evidence,
+        theory: Theory | None,
+        layers: Sequence[LayerInfo],
+        records: Sequence[LayerRecord],
+    ) -> None:
+        self.spec = spec
+        self.evidence = evidence
+        self.theory = theory
+        self.profiles = _Profiles(layers, records)
+        self.findings: list[Finding] = []
+        self.uses_adam = spec.optimizer in ("adam", "adamw")
+
+    # --- the label ---------------------------------------------------------------------------
+
+    def noise(self) -> float:
+        """NOISE_Z standard deviations of the chance span at this width and depth (0 without a fit)."""
+        n = self.evidence.interior_layers
+        if n < MIN_INTERIOR_LAYERS:
+            return 0.0
+        qs = self.theory.q_per_layer if self.theory is not None and self.theory.q_per_layer else None
+        q_values = [q if q is not None else 1.0 for q in qs] if qs else [1.0] * n
+        fan_in = self.spec.width * (9 if self.spec.arch == "cnn" else 1)
+        sigma = span_noise_decades(
+            self.spec.activation, q_values[: n - 1], fan_in, orthogonal=self.spec.init == "orthogonal"
         )
-        if slope <= -SLOPE_DECADES_PER_LAYER and span <= -SPAN_DECADES:
-            reasons.append(sentence + ".")
-            if label != "exploding":
-                label = "vanishing"
-        elif slope >= SLOPE_DECADES_PER_LAYER and span >= SPAN_DECADES:
-            reasons.append(sentence + ".")
+        return NOISE_Z * sigma
+
+    def profile(
+        self, phase: str, spans: dict[str, float | None], rel_median: float | None, rel_max: float | None
+    ) -> Label:
+        """Label one phase from its spans and its relative-gradient scale; add the findings."""
+        e = self.evidence
+        n = e.interior_layers
+        threshold = SPAN_DECADES + (e.noise_decades or 0.0)
+        label: Label = "healthy"
+        key = "init" if phase == "At initialisation" else "training"
+        if n >= MIN_INTERIOR_LAYERS:
+            for what, span in spans.items():
+                if span is None or abs(span) < threshold:
+                    continue
+                kind: Label = "vanishing" if span < 0 else "exploding"
+                direction = "falls" if span < 0 else "grows"
+                message = (
+                    f"{phase}, the {what} {direction} by {abs(span):.1f} decades across {n} interior layers "
+                    f"toward the input ({span / (n - 1):+.3f} per layer; threshold {threshold:.1f} decades = "
+                    f"{SPAN_DECADES:g} + {e.noise_decades or 0.0:.2f} finite-width allowance)."
+                )
+                if kind == "vanishing" and self.uses_adam:
+                    message += self._adam_clause()
+                elif kind == "vanishing":
+                    message += (
+                        f" The first interior layer's gradient is {10 ** abs(span):.2g}× smaller than the last's."
+                    )
+                self.add(
+                    "gradient_profile",
+                    "critical",
+                    key,
+                    message,
+                    {
+                        "statistic": what,
+                        "span_decades": span,
+                        "decades_per_layer": span / (n - 1),
+                        "threshold": threshold,
+                    },
+                    self.profiles.interior,
+                    self._profile_advice(kind),
+                )
+                label = "exploding" if kind == "exploding" or label == "exploding" else kind
+        if rel_max is not None and rel_max > REL_GRAD_CEILING:
+            self.add(
+                "gradient_scale",
+                "critical",
+                key,
+                f"{phase}, an interior layer's ‖∂L/∂W‖/‖W‖ reaches {rel_max:.3g}, above the {REL_GRAD_CEILING:g} "
+                "ceiling: one SGD step at lr 0.1 would move it by its own norm.",
+                {"rel_grad_max": rel_max, "ceiling": REL_GRAD_CEILING},
+                advice=self._scale_advice("exploding"),
+            )
             label = "exploding"
-    if rel_grad is not None and rel_grad < REL_GRAD_FLOOR and label == "healthy":
-        reasons.append(
-            f"{phase}, the median relative gradient ‖∂L/∂W‖/‖W‖ is {rel_grad:.1e}, below the "
-            f"{REL_GRAD_FLOOR:.0e} floor: the weights barely move whatever the profile's shape."
-        )
-        label = "vanishing"
-    return label, reasons
-
-
-def _advice(spec: Spec, label: Label, evidence: Evidence) -> list[str]:
-    advice: list[str] = []
-    if label == "vanishing":
-        if spec.activation in ("sigmoid", "tanh", "softsign"):
-            advice.append(
-                f"Switch {spec.activation} to a ReLU-family activation (relu, leaky_relu, gelu, silu): "
-                "their derivative does not shrink the signal in saturation."
+        elif label == "healthy" and rel_median is not None and rel_median < REL_GRAD_FLOOR:
+            self.add(
+                "gradient_scale",
+                "critical",
+                key,
+                f"{phase}, the median relative gradient ‖∂L/∂W‖/‖W‖ is {rel_median:.1e}, below the "
+                f"{REL_GRAD_FLOOR:.0e} floor: the weights barely move whatever the profile's shape.",
+                {"rel_grad_median": rel_median, "floor": REL_GRAD_FLOOR},
+                advice=self._scale_advice("vanishing"),
             )
-        if spec.activation in ("relu", "leaky_relu", "elu", "gelu", "silu") and not spec.init.startswith("kaiming"):
-            advice.append("Use Kaiming (He) initialisation (init=kaiming_normal): σ_w² = 2 keeps χ₁ = 1 for ReLU.")
-        elif spec.activation in ("tanh", "softsign", "identity") and not spec.init.startswith(("xavier", "orthogonal")):
-            advice.append("Use Xavier/Glorot or orthogonal initialisation: σ_w² = 1 puts tanh at the edge of chaos.")
-        if (evidence.zero_grad_frac_max or 0) > DEAD_FRACTION:
-            advice.append(
-                f"{evidence.zero_grad_frac_max:.0%} of an interior layer's weight gradient is exactly zero "
-                "(dead units): use leaky_relu or a lower learning rate."
-            )
-    if label == "exploding":
-        if spec.clip_value is None:
-            advice.append("Clip the gradient norm (clip_value=1.0, clip_mode=norm).")
-        if spec.optimizer in ("sgd", "momentum"):
-            advice.append("Lower the learning rate about tenfold, or use Adam, whose step size is bounded by lr.")
-        else:
-            advice.append("Lower the learning rate about tenfold.")
-        if spec.init_gain > 1 or spec.init == "normal":
-            advice.append("Shrink the initial weights (init_gain or init_std) toward the Kaiming/Xavier scale.")
-    if label != "healthy":
-        if spec.norm == "none":
-            advice.append("Add batch or layer normalisation (norm=batch or norm=layer) to rescale every layer.")
-        if not spec.residual:
-            advice.append(
-                "Add residual connections (residual=true): the identity path carries the gradient past each block."
-            )
-    return advice
+            label = "vanishing"
+        return label
 
-
-def decide(spec: Spec, evidence: Evidence, theory: Theory | None) -> Verdict:
-    """Label the evidence. Final label: exploding on any non-finite value; otherwise the more severe
-    of the label at initialisation and the label over training (exploding > vanishing > healthy)."""
-    n = evidence.interior_layers
-    at_init, reasons = _judge_profile(
-        "At initialisation",
-        evidence.decades_per_layer,
-        evidence.act_decades_per_layer,
-        evidence.rel_grad_median,
-        n,
-    )
-    trained: Label | None = None
-    if evidence.decades_per_layer_trained is not None or evidence.max_update_ratio is not None:
-        trained, trained_reasons = _judge_profile(
-            "During training",
-            evidence.decades_per_layer_trained,
-            evidence.act_decades_per_layer_trained,
-            evidence.rel_grad_median_trained,
-            n,
-        )
-        reasons += trained_reasons
-        if evidence.max_update_ratio is not None and evidence.max_update_ratio > UPDATE_RATIO_CEILING:
-            trained = "exploding"
-            reasons.append(
-                f"An update changed a layer's weights by {evidence.max_update_ratio:.2g}× their norm "
-                f"(ceiling {UPDATE_RATIO_CEILING:g})."
+    def _adam_clause(self) -> str:
+        span = self.evidence.update_ratio_init_span_decades
+        if span is None:
+            return ""
+        if abs(span) < ADAM_EQUAL_SPAN:
+            return (
+                f" Under {self.spec.optimizer} the per-layer update ratios span only {abs(span):.2f} decades at "
+                "step 0, so the early layers still take steps of the same relative size."
             )
-        growth = _ratio([evidence.grad_norm_total_max, evidence.grad_norm_total_init])
+        return f" Under {self.spec.optimizer} the per-layer update ratios still span {abs(span):.1f} decades."
+
+    def label_at_init(self) -> Label:
+        e = self.evidence
+        spans = {"weight-gradient norm ‖∂L/∂W‖": e.span_decades, "back-propagated signal ‖∂L/∂h‖": e.act_span_decades}
+        return self.profile("At initialisation", spans, e.rel_grad_median, e.rel_grad_max)
+
+    def label_trained(self) -> Label | None:
+        e = self.evidence
+        if len(self.profiles.steps) < 2:
+            return None
+        spans = {
+            "weight-gradient norm ‖∂L/∂W‖": e.span_decades_trained,
+            "back-propagated signal ‖∂L/∂h‖": e.act_span_decades_trained,
+        }
+        label = self.profile("During training", spans, e.rel_grad_median_trained, e.rel_grad_max_trained)
+        growth = _ratio([e.grad_norm_total_max, e.grad_norm_total_init])
         if growth is not None and growth > GRAD_GROWTH_CEILING:
-            trained = "exploding"
-            reasons.append(
-                f"The total gradient norm grew {growth:.2g}-fold over its value at initialisation "
-                f"(ceiling {GRAD_GROWTH_CEILING:g})."
+            self.add(
+                "gradient_profile",
+                "critical",
+                "training",
+                f"The total gradient norm grew {growth:.3g}-fold over its value at initialisation "
+                f"(ceiling {GRAD_GROWTH_CEILING:g}).",
+                {"growth": growth, "ceiling": GRAD_GROWTH_CEILING},
+                advice=self._instability_advice(),
             )
-    label: Label = max((at_init, trained or "healthy"), key=_SEVERITY.__getitem__)
-    if evidence.nonfinite_step is not None:
-        label = "exploding"
-        where = f", first in layer {evidence.nonfinite_layer}" if evidence.nonfinite_layer is not None else ""
-        reasons.insert(0, f"The loss or gradient became non-finite at step {evidence.nonfinite_step}{where}.")
+            label = "exploding"
+        return label
+
+    def nonfinite(self) -> bool:
+        e = self.evidence
+        if e.nonfinite_step is None:
+            return False
+        where = f", first in layer {e.nonfinite_layer}" if e.nonfinite_layer is not None else ""
+        self.add(
+            "nonfinite",
+            "critical",
+            "training" if e.nonfinite_step > 0 else "init",
+            f"The loss or gradient became non-finite at step {e.nonfinite_step}{where}; training stopped there.",
+            {"step": e.nonfinite_step, "layer": e.nonfinite_layer},
+            [e.nonfinite_layer] if e.nonfinite_layer is not None else [],
+            self._instability_advice(),
+        )
+        return True
+
+    # --- findings that never change the label --------------------------------------------------
+
+    def forward_signal(self) -> None:
+        e = self.evidence
+        span = e.forward_span_decades
+        threshold = SPAN_DECADES + (e.noise_decades or 0.0)
+        loss_ratio = None if e.loss_first is None else e.loss_first / LN_CLASSES
+        numbers = {
+            "forward_span_decades": span,
+            "forward_decades_per_layer": e.forward_decades_per_layer,
+            "output_rms": e.output_rms_init,
+            "loss_init": e.loss_first,
+            "loss_init_over_ln10": loss_ratio,
+        }
+        big_loss = loss_ratio is not None and loss_ratio > LOSS_INIT_CEILING
+        if e.interior_layers >= MIN_INTERIOR_LAYERS and span is not None and abs(span) >= threshold:
+            grows = span > 0
+            message = (
+                f"At initialisation the forward signal (RMS of each layer's output) "
+                f"{'grows' if grows else 'shrinks'} by {abs(span):.1f} decades across the interior layers "
+                f"({span / (e.interior_layers - 1):+.3f} per layer toward the output)"
+            )
+            message += f"; the loss at init is {e.loss_first:.3g}, {loss_ratio:.2g}× ln 10." if loss_ratio else "."
+            advice = (
+                [
+                    "Shrink the initial weights (init_gain) or normalise each block (norm=layer): the residual stream "
+                    "or the weights amplify the signal at every layer."
+                ]
+                if grows
+                else [
+                    "Raise the initial weights to the Kaiming scale (init=kaiming_normal): the signal dies out "
+                    "before it reaches the output, so the output layer learns from noise."
+                ]
+            )
+            self.add(
+                "forward_signal",
+                "critical" if grows or big_loss else "warning",
+                "init",
+                message,
+                numbers,
+                advice=advice,
+            )
+        elif big_loss:
+            self.add(
+                "forward_signal",
+                "warning",
+                "init",
+                f"The loss at init is {e.loss_first:.3g}, {loss_ratio:.2g}× ln 10: the logits are large enough "
+                "to saturate the softmax from the first step.",
+                numbers,
+                advice=["Shrink the output layer's initial weights (init_gain) so the first loss is near ln 10."],
+            )
+
+    def step_size(self) -> None:
+        e = self.evidence
+        worst = e.max_update_ratio
+        if worst is None or worst <= UPDATE_RATIO_WARNING:
+            return
+        layers = sorted(
+            {
+                r.layer
+                for rows in self.profiles.by_step.values()
+                for r in rows.values()
+                if r.update_ratio is not None
+                and r.update_ratio > UPDATE_RATIO_WARNING
+                and r.layer in self.profiles.weight_layers
+            }
+        )
+        factor = worst / 1e-2
+        message = (
+            f"An update changed a layer's weights by {worst:.3g}× their norm "
+            f"({'above' if worst > UPDATE_RATIO_CEILING else 'near'} the {UPDATE_RATIO_CEILING:g} ceiling; a "
+            "well-tuned run takes about 1e-3). This is the step size at lr "
+            f"{self.spec.lr:g}, not the gradient's flow through depth."
+        )
+        self.add(
+            "step_size",
+            "critical" if worst > UPDATE_RATIO_CEILING else "warning",
+            "training",
+            message,
+            {"max_update_ratio": worst, "update_ratio_init_max": e.update_ratio_init_max, "lr": self.spec.lr},
+            layers,
+            [
+                f"Lower the learning rate about {factor:.2g}-fold (lr={self.spec.lr / factor:.2g}) to bring the "
+                "largest update near 1 % of the weight.",
+                "Or warm the learning rate up over the first steps, which is where the largest updates are.",
+            ],
+        )
+
+    def adam(self) -> None:
+        if not self.uses_adam:
+            return
+        e = self.evidence
+        span = e.update_ratio_init_span_decades
+        grad_span = e.act_span_decades if e.act_span_decades is not None else e.span_decades
+        if (
+            span is not None
+            and grad_span is not None
+            and abs(grad_span) >= SPAN_DECADES
+            and abs(span) < ADAM_EQUAL_SPAN
+        ):
+            self.add(
+                "adam_equalised",
+                "info",
+                "init",
+                f"{self.spec.optimizer} equalises the per-layer step sizes: the raw gradients change by "
+                f"{abs(grad_span):.1f} decades across the interior, but the update ratios ‖ΔW‖/‖W‖ at step 0 "
+                f"span only {abs(span):.2f} decades, so the early layers still learn.",
+                {"gradient_span_decades": grad_span, "update_ratio_span_decades": span},
+            )
+        first = self.profiles.steps[0] if self.profiles.steps else None
+        if first is None:
+            return
+        rows = self.profiles.by_step[first]
+        starved = [
+            i
+            for i in self.profiles.interior
+            if i in rows
+            and (rms := _grad_rms(rows[i], self.profiles.layers[i])) is not None
+            and rms < ADAM_EPS * ADAM_EPS_MARGIN
+        ]
+        if starved:
+            self.add(
+                "adam_epsilon",
+                "critical" if (e.grad_rms_min or 0) < ADAM_EPS else "warning",
+                "init",
+                f"In {len(starved)} interior layer(s) the RMS gradient entry at init is {e.grad_rms_min:.2g}, within "
+                f"10× of Adam's ε = {ADAM_EPS:g}: the step lr·g/(√v + ε) is cut by ε there, and below ε those "
+                "layers effectively stop learning.",
+                {"grad_rms_min": e.grad_rms_min, "eps": ADAM_EPS},
+                starved,
+                [
+                    "Raise the gradients above ε by fixing the vanishing profile (see gradient_profile), or give "
+                    "Adam a smaller eps in your own training code."
+                ],
+            )
+
+    def units(self) -> None:
+        e = self.evidence
+        if e.zero_grad_frac_max is not None and e.zero_grad_frac_max > DEAD_FRACTION:
+            self.add(
+                "dead_units",
+                "warning",
+                "training",
+                f"{e.zero_grad_frac_max:.0%} of an interior layer's weight gradient (of the data loss) is exactly "
+                "zero at the last recorded step: those units are dead for every example of the batch.",
+                {"zero_grad_frac_max": e.zero_grad_frac_max, "threshold": DEAD_FRACTION},
+                advice=["Use leaky_relu (its negative side keeps a gradient) or a lower learning rate."],
+            )
+        worst = e.saturation_frac_max
+        if worst is not None and worst >= SATURATION_INFO:
+            self.add(
+                "saturation",
+                "warning" if worst >= SATURATION_WARNING else "info",
+                None,
+                f"Up to {worst:.0%} of a layer's {self.spec.activation} units are saturated (local derivative below "
+                f"5 % of its maximum; mean {e.saturation_frac_mean or 0:.0%} over records).",
+                {"saturation_frac_max": worst, "saturation_frac_mean": e.saturation_frac_mean},
+                advice=["Shrink the initial weights (init_gain) so pre-activations stay in the active range."]
+                if worst >= SATURATION_WARNING
+                else [],
+            )
+
+    def penalties(self) -> None:
+        ratio = self.evidence.penalty_grad_ratio_max
+        if ratio is not None and ratio > PENALTY_DOMINANCE:
+            self.add(
+                "penalty_dominates",
+                "warning",
+                "training",
+                f"The penalty's gradient (L1 {self.spec.l1:g}, weight decay {self.spec.weight_decay:g}) reaches "
+                f"{ratio:.3g}× the data loss's in a layer: the penalty, not the data, drives that layer.",
+                {"penalty_grad_ratio_max": ratio, "l1": self.spec.l1, "weight_decay": self.spec.weight_decay},
+                advice=["Lower l1 / weight_decay, or expect those weights to shrink toward zero."],
+            )
+
+    def structure(self) -> None:
+        zero_bias = [layer.index for layer in self.profiles.layers.values() if layer.structural_zero_bias]
+        if zero_bias:
+            self.add(
+                "structural_zero_bias",
+                "info",
+                None,
+                f"{len(zero_bias)} layer(s) have a bias right before batch norm, which subtracts the batch mean: "
+                "their bias gradient is zero by construction, recorded but not judged.",
+                {"layers": len(zero_bias)},
+                zero_bias,
+                ["Drop those biases (bias=False before batch norm); they only cost memory."],
+            )
+        e = self.evidence
+        if e.norm_span_decades is not None:
+            norms = self.profiles.norm_layers
+            threshold = SPAN_DECADES + (e.noise_decades or 0.0)
+            steep = abs(e.norm_span_decades) >= threshold
+            self.add(
+                "norm_layers",
+                "warning" if steep else "info",
+                "init",
+                f"The {len(norms)} normalisation layers' gain gradients change by {e.norm_span_decades:+.2f} decades "
+                f"toward the input ({e.norm_decades_per_layer or 0:+.3f} per layer)"
+                + (": they follow the exploding back-propagated signal." if steep and e.norm_span_decades > 0 else ".")
+                + ("" if steep else " Within the thresholds."),
+                {"norm_span_decades": e.norm_span_decades, "norm_decades_per_layer": e.norm_decades_per_layer},
+                norms,
+            )
+
+    # --- advice that follows from the evidence -------------------------------------------------
+
+    def _remedy(self, remedy: str) -> float | None:
+        """Predicted span across this interior under a remedy (theory.remedy_span), None if not derived."""
+        n = self.evidence.interior_layers
+        sigma_w2 = self.theory.sigma_w2 if self.theory is not None and self.theory.sigma_w2 else 1.0
+        q = self.theory.q_input if self.theory is not None and self.theory.q_input else 1.0
+        return remedy_span(self.spec.activation, remedy, n, sigma_w2=sigma_w2, q_input=q)  # type: ignore[arg-type]
+
+    def _profile_advice(self, kind: Label) -> list[str]:
+        """Remedies whose predicted span across this network's interior is within ±SPAN_DECADES."""
+        spec = self.spec
+        advice: list[str] = []
+        theory = self.theory
+        if kind == "vanishing" and spec.activation in ("sigmoid", "tanh", "softsign"):
+            saturated = (self.evidence.saturation_frac_max or 0) >= SATURATION_INFO
+            bound = "at most 1/4" if spec.activation == "sigmoid" else "below 1 away from 0"
+            advice.append(
+                f"Switch {spec.activation} to a ReLU-family activation with Kaiming init: "
+                + (
+                    f"up to {self.evidence.saturation_frac_max:.0%} of the units are saturated, where the derivative "
+                    "is near zero."
+                    if saturated
+                    else f"{spec.activation}'s derivative is {bound}, so each layer shrinks the gradient even though "
+                    "few units are saturated."
+                )
+            )
+        candidates: list[tuple[str, str]] = []
+        if spec.norm == "none" and not spec.residual:
+            if not spec.init.startswith("kaiming") or spec.init_gain != 1.0 or spec.bias_init != "zeros":
+                candidates.append(
+                    ("kaiming", "Use Kaiming init with zero biases (init=kaiming_normal, bias_init=zeros)")
+                )
+            candidates.append(("layer_norm", "Add layer normalisation (norm=layer)"))
+        if spec.norm == "batch":
+            candidates.append(("layer_norm", "Replace batch norm by layer norm (norm=layer)"))
+        if spec.norm == "none" and not spec.residual:
+            candidates.append(("batch_norm", "Add batch normalisation (norm=batch)"))
+            candidates.append(("residual", "Add residual connections (residual=true)"))
+        for remedy, text in candidates:
+            span = self._remedy(remedy)
+            if span is not None and abs(span) < SPAN_DECADES:
+                advice.append(
+                    f"{text}: predicted {span:+.2f} decades across these "
+                    f"{self.evidence.interior_layers} interior layers."
+                )
+        if kind == "exploding" and spec.norm == "batch" and theory is not None and theory.model == "batch_norm":
+            advice.append(
+                "Batch norm itself makes the gradient grow with depth (Yang et al. 2019); fewer layers or residual "
+                "connections keep it in range."
+            )
+        return advice
+
+    def init_scale(self, label: Label) -> None:
+        """How far the measured σ_w² sits from the Kaiming scale, when that explains the label (plain nets)."""
+        theory = self.theory
+        if theory is None or not theory.applicable or theory.model != "plain" or not theory.sigma_w2:
+            return
+        kaiming = kaiming_sigma_w2(self.spec.activation)
+        factor = math.sqrt(theory.sigma_w2 / kaiming)
+        if not ((label == "vanishing" and factor < 0.5) or (label == "exploding" and factor > 2.0)):
+            return
+        where = "below" if factor < 1 else "above"
+        self.add(
+            "init_scale",
+            "warning",
+            "init",
+            f"The interior weights' scale σ_w = {math.sqrt(theory.sigma_w2):.3g} is {max(factor, 1 / factor):.3g}× "
+            f"{where} the Kaiming scale {math.sqrt(kaiming):.3g} for {self.spec.activation}, in line with the "
+            f"{label} profile (mean χ₁ = {theory.chi1 or 0:.3g}).",
+            {"sigma_w2": theory.sigma_w2, "kaiming_sigma_w2": kaiming, "factor": factor, "chi1": theory.chi1},
+            advice=[
+                f"Scale the initial weights by about {1 / factor:.3g} (init=kaiming_normal, or init_gain/init_std)."
+            ],
+        )
+
+    def _scale_advice(self, kind: Label) -> list[str]:
+        if kind == "vanishing":
+            return ["Raise the initial weights toward the Kaiming scale (init=kaiming_normal) or the learning rate."]
+        advice = []
+        if self.spec.norm == "batch":
+            advice.append("Batch norm scales the gradient up layer by layer: fewer layers, or layer norm instead.")
+        if self.spec.clip_value is None:
+            advice.append("Clip the gradient norm (clip_value=1.0) so one step cannot move a layer by its own norm.")
+        advice.append("Shrink the initial weights (init_gain) if the forward signal grows too.")
+        return advice
+
+    def _instability_advice(self) -> list[str]:
+        advice = []
+        if self.spec.clip_value is None:
+            advice.append("Clip the gradient norm (clip_value=1.0, clip_mode=norm).")
+        advice.append(f"Lower the learning rate about tenfold (lr={self.spec.lr / 10:g}).")
+        return advice
+
+    def add(
+        self,
+        kind: str,
+        severity: str,
+        phase: str | None,
+        message: str,
+        evidence: Mapping[str, float | int | str | None],
+        layers: Sequence[int] = (),
+        advice: Sequence[str] = (),
+    ) -> None:
+        """Record a finding (non-finite numbers in its evidence become None)."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in evidence.items()}
+        self.findings.append(
+            Finding.model_validate(
+                {
+                    "kind": kind,
+                    "severity": severity,
+                    "phase": phase,
+                    "message": message,
+                    "evidence": clean,
+                    "layers": list(layers),
+                    "advice": list(advice),
+                }
+            )
+        )
+
+
+def decide(
+    spec: Spec,
+    evidence: Evidence,
+    theory: Theory | None,
+    *,
+    layers: Sequence[LayerInfo] = (),
+    records: Sequence[LayerRecord] = (),
+) -> Verdict:
+    """Label the evidence and list the findings.
+
+    Label: exploding on any non-finite value; otherwise the more severe of the label at initialisation
+    and the label over training (exploding > vanishing > healthy). `layers` and `records` name the
+    layers in per-layer findings; without them those findings are left out.
+    """
+    judge = _Judge(spec, evidence, theory, layers, records)
+    evidence.noise_decades = judge.noise()
+    nonfinite = judge.nonfinite()
+    at_init = judge.label_at_init()
+    trained = judge.label_trained()
+    label: Label = "exploding" if nonfinite else max((at_init, trained or "healthy"), key=_SEVERITY.__getitem__)
+    judge.init_scale(label)
+    judge.forward_signal()
+    judge.step_size()
+    judge.adam()
+    judge.units()
+    judge.penalties()
+    judge.structure()
+
+    reasons = [f.message for f in judge.findings if f.severity == "critical" and f.kind in _LABEL_KINDS]
     if label == "healthy":
-        slope = evidence.decades_per_layer
         reasons.append(
-            "Gradient norms stay within the thresholds across the interior layers"
-            + (f" (slope {slope:+.2f} decades per layer at initialisation)." if slope is not None else ".")
+            "The gradient profiles stay within the thresholds: at initialisation ‖∂L/∂W‖ changes by "
+            f"{_fmt(evidence.span_decades, '+.2f')} and ‖∂L/∂h‖ by {_fmt(evidence.act_span_decades, '+.2f')} decades "
+            f"across {evidence.interior_layers} interior layers (threshold ±"
+            f"{SPAN_DECADES + (evidence.noise_decades or 0.0):.1f})."
         )
     if theory is not None and theory.applicable:
         reasons.append(theory.reason)
+    advice: list[str] = []
+    for finding in judge.findings:
+        for item in finding.advice:
+            text = f"{item} [{finding.kind}]"
+            if text not in advice:
+                advice.append(text)
     return Verdict(
         label=label,
         at_init=at_init,
         trained=trained,
         evidence=evidence,
         reasons=reasons,
-        advice=_advice(spec, label, evidence),
+        advice=advice,
         theory=theory or Theory(applicable=False, reason="Theory is computed when the probe finishes."),
+        findings=judge.findings,
     )
+
+
+# The finding kinds that decide the label.
+_LABEL_KINDS = frozenset({"gradient_profile", "gradient_scale", "nonfinite"})
