@@ -18,24 +18,17 @@ Layer names are the modules' qualified names in the network (``dict(network.name
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from graddiag.models.init import LEAKY_RELU_SLOPE, initialise
+from graddiag.models.shapes import CONV_KERNEL, IMAGE_SHAPE, INPUT_FEATURES, NUM_CLASSES, LayerKind, cnn_stage_sizes
 from graddiag.models.spec import Spec
-
-LayerKind = Literal["linear", "conv", "norm"]
-
-NUM_CLASSES = 10
-INPUT_SHAPE = (3, 32, 32)
-MAX_STAGES = 3
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -175,7 +168,7 @@ def _mlp_blocks(spec: Spec) -> list[tuple[str, nn.Module]]:
         parts.append(("act", make_activation(spec.activation)))
         return (_SkipBlock if residual else nn.Sequential)(OrderedDict(parts))
 
-    blocks = [("flatten", nn.Flatten()), ("input", hidden(math.prod(INPUT_SHAPE), residual=False))]
+    blocks = [("flatten", nn.Flatten()), ("input", hidden(INPUT_FEATURES, residual=False))]
     blocks += [(f"hidden{i}", hidden(spec.width, spec.residual)) for i in range(1, spec.depth)]
     blocks.append(("output", nn.Sequential(OrderedDict(linear=nn.Linear(spec.width, NUM_CLASSES)))))
     return blocks
@@ -183,7 +176,7 @@ def _mlp_blocks(spec: Spec) -> list[tuple[str, nn.Module]]:
 
 def _cnn_blocks(spec: Spec) -> list[tuple[str, nn.Module]]:
     def conv(in_channels: int) -> nn.Conv2d:
-        return nn.Conv2d(in_channels, spec.width, kernel_size=3, padding=1)
+        return nn.Conv2d(in_channels, spec.width, kernel_size=CONV_KERNEL, padding=CONV_KERNEL // 2)
 
     def plain(in_channels: int) -> nn.Module:
         parts = _weight_and_norm(spec, conv(in_channels))
@@ -202,11 +195,10 @@ def _cnn_blocks(spec: Spec) -> list[tuple[str, nn.Module]]:
         parts.append(("act", make_activation(spec.activation)))
         return _ResidualConvBlock(OrderedDict(parts))
 
-    stages = min(MAX_STAGES, spec.depth)
-    base, extra = divmod(spec.depth, stages)
-    sizes = [base + 1 if s < extra else base for s in range(stages)]
+    sizes = cnn_stage_sizes(spec.depth)
+    stages = len(sizes)
     sizes[0] -= 1  # the stem is stage 1's first conv
-    blocks = [("stem", plain(INPUT_SHAPE[0]))]
+    blocks = [("stem", plain(IMAGE_SHAPE[0]))]
     for stage, size in enumerate(sizes, start=1):
         if spec.residual:
             convs_per_block = [2] * (size // 2) + [1] * (size % 2)

@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from graddiag.models.shapes import LayerKind
 from graddiag.models.spec import Spec
-from graddiag.service.engine.report import FindingKind, Label, LayerKind, Report
+from graddiag.service.engine.report import FindingKind, Label, Report
 from graddiag.service.store.runs import decode_finding_kinds
 from graddiag.service.store.tables import RunStatus
 
