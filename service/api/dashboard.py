@@ -19,7 +19,7 @@ from starlette.templating import Jinja2Templates
 
 from graddiag.models.spec import Activation, Init, Norm
 from graddiag.service.api.deps import SessionDep
-from graddiag.service.engine.report import Label
+from graddiag.service.engine.report import FindingKind, Label
 from graddiag.service.store import runs as run_store
 from graddiag.service.store import sweeps as sweep_store
 from graddiag.service.store.runs import RunNotFound
@@ -38,6 +38,7 @@ FILTER_CHOICES: Final = {
     "norm": get_args(Norm),
     "verdict": get_args(Label),
     "status": STATUSES,
+    "finding": get_args(FindingKind),
 }
 
 templates = Jinja2Templates(directory=WEB_DIR / "templates")
@@ -75,7 +76,8 @@ def runs_page(request: Request) -> HTMLResponse:
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
 def run_page(run_id: str, request: Request, session: SessionDep) -> HTMLResponse:
-    """One run: progress while it runs (server-sent events), its profiles, heatmap, curves and verdict."""
+    """One run: progress while it runs (server-sent events), its profiles, heatmap, forward signal, curves,
+    verdict and findings."""
     try:
         run = run_store.get_run(session, run_id)
     except RunNotFound:
@@ -85,12 +87,15 @@ def run_page(run_id: str, request: Request, session: SessionDep) -> HTMLResponse
 
 @router.get("/sweeps/{sweep_id}", response_class=HTMLResponse)
 def sweep_page(sweep_id: str, request: Request, session: SessionDep) -> HTMLResponse:
-    """One sweep: the verdict matrix, the first/last gradient ratio against depth, critical depths."""
+    """One sweep: the verdict and findings matrix (filterable by finding), the first/last gradient ratio
+    against depth, critical depths."""
     try:
         status = sweep_store.sweep_status(session, sweep_id)
     except SweepNotFound:
         return _not_found(request, f"sweep {sweep_id}")
-    return _page(request, "sweep.html", title=f"Sweep {status.id[:8]}", sweep=status)
+    return _page(
+        request, "sweep.html", title=f"Sweep {status.id[:8]}", sweep=status, finding_kinds=get_args(FindingKind)
+    )
 
 
 @router.get("/compare", response_class=HTMLResponse)

@@ -71,6 +71,31 @@ export function verdictBadge(verdict) {
   return el("span", { class: `badge verdict-${verdict || "none"}` }, verdict || "—");
 }
 
+/** How a finding kind reads on the page: "forward_signal" → "forward signal". */
+export const kindLabel = (kind) => kind.replaceAll("_", " ");
+
+export const SEVERITY_ORDER = { critical: 0, warning: 1, info: 2 };
+
+/** Findings, most severe first (the engine's order among equals). */
+export const bySeverity = (findings) =>
+  [...findings].sort((a, b) => (SEVERITY_ORDER[a.severity] ?? 3) - (SEVERITY_ORDER[b.severity] ?? 3));
+
+/** A severity badge: critical, warning or info. */
+export function severityBadge(severity) {
+  return el("span", { class: `badge severity-${severity}` }, severity);
+}
+
+/** Compact finding chips ({kind, severity?, message?}), most severe first; the message is the tooltip. */
+export function findingChips(findings) {
+  return el(
+    "span",
+    { class: "chips", dataset: { kinds: findings.map((f) => f.kind).join(" ") } },
+    ...bySeverity(findings).map((f) =>
+      el("span", { class: `chip${f.severity ? ` severity-${f.severity}` : ""}`, title: f.message || null }, kindLabel(f.kind)),
+    ),
+  );
+}
+
 export function statusBadge(status) {
   return el("span", { class: `badge status-${status}` }, status);
 }

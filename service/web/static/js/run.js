@@ -1,5 +1,19 @@
 // One run: live progress over server-sent events, then its profiles, heatmap, curves and verdict.
-import { BASE, COLORS, FINISHED, el, fmt, getJSON, placeholder, plot, positive, recordsAt } from "./common.js";
+import {
+  BASE,
+  COLORS,
+  FINISHED,
+  bySeverity,
+  el,
+  fmt,
+  getJSON,
+  kindLabel,
+  placeholder,
+  plot,
+  positive,
+  recordsAt,
+  severityBadge,
+} from "./common.js";
 
 const main = document.getElementById("main");
 const runId = main.dataset.runId;
@@ -8,8 +22,12 @@ const verdictBadge = document.getElementById("verdict-badge");
 const progressBar = document.getElementById("progress");
 const progressText = document.getElementById("progress-text");
 const verdictSection = document.getElementById("verdict");
+const findingsSection = document.getElementById("findings");
 
-const CHARTS = ["chart-profile", "chart-heatmap", "chart-act", "chart-rel", "chart-loss", "chart-accuracy"];
+const CHARTS = ["chart-profile", "chart-heatmap", "chart-forward", "chart-act", "chart-rel", "chart-loss", "chart-accuracy"];
+const PHASES = { init: "at initialisation", training: "during training" };
+// Marks a layer whose bias gradient is zero by construction (a bias followed by batch norm).
+const ZERO_BIAS = "bias gradient zero by construction (bias feeds batch norm): recorded, not judged";
 const LOG_Y = { type: "log", exponentformat: "power" };
 // Training loss as the progress events report it, drawn while the run trains.
 const liveLoss = { x: [], y: [] };
@@ -76,7 +94,45 @@ function evidenceList(evidence) {
   return el(
     "dl",
     { class: "evidence" },
-    ...rows.map(([key, value]) => el("div", {}, el("dt", {}, key), el("dd", {}, fmt(value)))),
+    // Evidence may hold words as well as numbers (a finding's evidence dict): numbers are formatted.
+    ...rows.map(([key, value]) => el("div", {}, el("dt", {}, key), el("dd", {}, typeof value === "number" ? fmt(value) : String(value)))),
+  );
+}
+
+/** One finding: severity badge, kind and phase, its sentence, its evidence numbers, the layers and advice. */
+function findingItem(finding, layers) {
+  const names = new Map(layers.map((l) => [l.index, l.name]));
+  const about = finding.layers.length
+    ? el("p", { class: "muted" }, "Layers: ", [...new Set(finding.layers)].map((i) => names.get(i) ?? `#${i}`).join(", "))
+    : null;
+  return el(
+    "li",
+    { class: `finding severity-${finding.severity}`, dataset: { kind: finding.kind, severity: finding.severity } },
+    el(
+      "div",
+      { class: "finding-head" },
+      severityBadge(finding.severity),
+      el("strong", {}, kindLabel(finding.kind)),
+      finding.phase ? el("span", { class: "muted" }, PHASES[finding.phase] || finding.phase) : null,
+    ),
+    el("p", { class: "finding-message" }, finding.message),
+    Object.keys(finding.evidence).length ? evidenceList(finding.evidence) : null,
+    about,
+    finding.advice.length ? el("ul", { class: "advice" }, ...finding.advice.map((item) => el("li", {}, item))) : null,
+  );
+}
+
+function renderFindings(report) {
+  if (!report) {
+    findingsSection.replaceChildren();
+    return;
+  }
+  const findings = bySeverity(report.verdict.findings || []);
+  findingsSection.replaceChildren(
+    el("h2", {}, "Findings ", el("span", { class: "muted" }, `(${findings.length})`)),
+    findings.length
+      ? el("ol", { class: "findings-list" }, ...findings.map((f) => findingItem(f, report.layers)))
+      : el("p", { class: "muted" }, "No findings: nothing beyond the verdict to report."),
   );
 }
 
@@ -134,7 +190,7 @@ function theoryTrace(layers, atInit, theory) {
 
 function profileTraces(layers, atInit, atEnd, field, first, last) {
   const x = layers.map((l) => l.index);
-  const text = layers.map((l) => `${l.name} (${l.kind})`);
+  const text = layers.map((l) => `${l.name} (${l.kind})${l.structural_zero_bias ? ` · ${ZERO_BIAS}` : ""}`);
   const values = (at) => layers.map((l) => positive(at.get(l.index)?.[field]));
   return [
     { name: `initialisation (step ${first})`, x, y: values(atInit), text, mode: "lines+markers", line: { color: "#0072b2" } },
@@ -193,6 +249,15 @@ function drawCharts(report) {
       margin: { l: 60, r: 16, t: 36, b: 48 },
     },
   );
+  if (records.some((r) => positive(r.act_norm) !== null)) {
+    plot("chart-forward", profileTraces(layers, atInit, atEnd, "act_norm", first, last), {
+      title: { text: "Forward signal per layer" },
+      xaxis: layerAxis,
+      yaxis: { ...LOG_Y, title: { text: "RMS of the layer's output" } },
+    });
+  } else {
+    placeholder("chart-forward", "This run recorded no forward signal (it predates the act_norm record).");
+  }
   plot("chart-act", profileTraces(layers, atInit, atEnd, "act_grad_norm", first, last), {
     title: { text: "Activation gradient per layer" },
     xaxis: layerAxis,
@@ -242,6 +307,7 @@ async function finish() {
     verdictBadge.className = `badge verdict-${run.verdict}`;
   }
   renderVerdict(run);
+  renderFindings(run.report);
   if (run.report) drawCharts(run.report);
   else if (!liveLoss.x.length) placeholder("chart-loss", `No loss curve: the run ${run.status === "failed" ? "failed" : "was cancelled"}.`);
 }

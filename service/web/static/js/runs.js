@@ -1,5 +1,5 @@
 // The runs table: filters and sort kept in the URL, pages of GET /v1/runs, live status, keyboard use.
-import { BASE, FINISHED, el, getJSON, runHref, shortId, statusBadge, verdictBadge } from "./common.js";
+import { BASE, FINISHED, el, findingChips, getJSON, runHref, shortId, statusBadge, verdictBadge } from "./common.js";
 
 const LIMIT = 25;
 // While a listed run is queued or running the page re-reads the list this often.
@@ -71,6 +71,7 @@ function row(run, focusable) {
     el("td", { class: "num col-depth" }, String(spec.depth)),
     el("td", { class: "num" }, String(spec.width)),
     el("td", { class: "col-verdict" }, verdictBadge(run.verdict)),
+    el("td", { class: "col-findings" }, findingChips((run.finding_kinds || []).map((kind) => ({ kind })))),
     el("td", { class: "col-status" }, statusBadge(run.status)),
     el(
       "td",

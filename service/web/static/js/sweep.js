@@ -1,6 +1,6 @@
 // One sweep: the verdict matrix (configuration × depth), the first/last gradient ratio against depth and
 // each configuration's critical depth; kept current by the sweep's server-sent events.
-import { BASE, FINISHED, PALETTE, el, getJSON, placeholder, plot, runHref } from "./common.js";
+import { BASE, FINISHED, PALETTE, el, findingChips, getJSON, kindLabel, placeholder, plot, runHref } from "./common.js";
 
 const main = document.getElementById("main");
 const sweepId = encodeURIComponent(main.dataset.sweepId);
@@ -8,6 +8,9 @@ const matrix = document.getElementById("matrix");
 const progressBar = document.getElementById("progress");
 const countsText = document.getElementById("counts");
 const state = document.getElementById("sweep-state");
+const findingFilter = document.getElementById("finding-filter");
+const filterNote = document.getElementById("filter-note");
+findingFilter.value = new URLSearchParams(location.search).get("finding") || "";
 
 /** "activation=sigmoid, init=xavier_normal"; the config without depth identifies a row. */
 const configLabel = (config) =>
@@ -35,7 +38,7 @@ function showCounts(status) {
   state.className = `badge status-${status.done ? "succeeded" : "running"}`;
 }
 
-function renderMatrix(summary, runs) {
+function renderMatrix(summary, runs, finding) {
   const depths = [...new Set(summary.configs.flatMap((c) => c.depths))].sort((a, b) => a - b);
   // (config, depth) → the sweep's run, to link cells and show the status of unfinished runs.
   const runAt = new Map();
@@ -62,9 +65,20 @@ function renderMatrix(summary, runs) {
         if (i < 0) return el("td", { class: "empty-cell" }, "");
         const run = runAt.get(`${key}|${depth}`) || runAt.get(`${key}|*`);
         const verdict = config.verdicts[i];
+        const findings = config.findings[i] || [];
         const text = verdict || run?.status || "—";
         const content = run ? el("a", { href: runHref(run.run_id) }, text) : text;
-        return el("td", { class: `cell verdict-${verdict || "none"}`, dataset: { depth: String(depth), verdict: verdict || "" } }, content);
+        const has = finding ? findings.some((f) => f.kind === finding) : false;
+        const marks = finding ? (has ? " has-finding" : " dimmed") : "";
+        return el(
+          "td",
+          {
+            class: `cell verdict-${verdict || "none"}${marks}`,
+            dataset: { depth: String(depth), verdict: verdict || "", findings: findings.map((f) => f.kind).join(" ") },
+          },
+          content,
+          findings.length ? findingChips(findings) : null,
+        );
       });
       const finished = runs.filter((r) => configKey(r.grid) === key && r.status === "succeeded");
       const compare = finished.length
@@ -95,7 +109,7 @@ function renderRatio(summary) {
     }))
     .filter((trace) => trace.y.some((v) => v !== null));
   if (!traces.length) {
-    placeholder("chart-ratio", "Drawn as runs finish.");
+    placeholder("chart-ratio", findingFilter.value ? "No configuration has this finding." : "Drawn as runs finish.");
     return;
   }
   plot("chart-ratio", traces, {
@@ -116,12 +130,31 @@ function renderRatio(summary) {
 
 let pending = null;
 async function refresh() {
-  const [status, summary] = await Promise.all([getJSON(`/v1/sweeps/${sweepId}`), getJSON(`/v1/sweeps/${sweepId}/summary`)]);
+  const finding = findingFilter.value;
+  const query = finding ? `?${new URLSearchParams({ finding })}` : "";
+  // Every run (to link every cell), but only the configurations with the chosen finding.
+  const [status, summary] = await Promise.all([
+    getJSON(`/v1/sweeps/${sweepId}`),
+    getJSON(`/v1/sweeps/${sweepId}/summary${query}`),
+  ]);
   showCounts(status);
-  renderMatrix(summary, status.runs);
+  renderMatrix(summary, status.runs, finding);
   renderRatio(summary);
+  filterNote.textContent = finding
+    ? `${summary.configs.length} configuration${summary.configs.length === 1 ? "" : "s"} with a ${kindLabel(finding)} finding.`
+    : "";
   return status;
 }
+
+findingFilter.addEventListener("change", () => {
+  const params = new URLSearchParams(location.search);
+  if (findingFilter.value) params.set("finding", findingFilter.value);
+  else params.delete("finding");
+  const search = params.toString();
+  history.replaceState(null, "", search ? `?${search}` : location.pathname);
+  refresh();
+});
+document.getElementById("sweep-filters").addEventListener("submit", (event) => event.preventDefault());
 /** Coalesce a burst of events (several runs finishing together) into one refresh. */
 function refreshSoon() {
   clearTimeout(pending);
