@@ -23,12 +23,12 @@ import uvicorn
 from sqlalchemy.orm import Session
 from uvicorn.logging import AccessFormatter
 
-from graddiag.models.spec import SpecCaps
+from graddiag.models.spec import Spec, SpecCaps
 from graddiag.service.api import create_app
 from graddiag.service.api.security import RedactTokens, redact_server_logs
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine, make_sessionmaker, upgrade
-from graddiag.service.store.runs import RunFilters, list_runs
+from graddiag.service.store.runs import RunFilters, create_run, delete_run, list_runs
 from graddiag.service.store.sweeps import SweepInvalid, create_sweep
 
 pytestmark = pytest.mark.anyio
@@ -282,3 +282,73 @@ def test_served_access_log_redacts_encoded_token_keys(settings: Settings, capsys
     ], lines
     err = capsys.readouterr().err
     assert "Logging error" not in err and READ not in err and "wrong-guess" not in err
+
+
+# --- 7. deleting a run removes its TensorBoard folder -------------------------------------------------
+
+
+async def test_delete_removes_the_runs_tensorboard_folder(settings: Settings, tmp_path: Path) -> None:
+    from graddiag.service.worker.worker import run_worker
+
+    config = settings.model_copy(update={"tensorboard_dir": tmp_path / "tb"})
+    stop = threading.Event()
+    worker = threading.Thread(target=run_worker, args=(config,), kwargs={"stop": stop, "grace_seconds": 0})
+    async with _api(config) as api:
+        worker.start()
+        try:
+            ids = [
+                (
+                    await api.post("/v1/runs", params={"wait": 60}, json={**TINY, "tensorboard": True, "seed": seed})
+                ).json()["id"]
+                for seed in (1, 2)
+            ]
+        finally:
+            stop.set()
+            worker.join(30)
+        folders = [config.tensorboard_run_dir(run_id) for run_id in ids]
+        assert all(any(folder.iterdir()) for folder in folders), "the worker wrote no events"
+        assert (await api.delete(f"/v1/runs/{ids[0]}")).status_code == 204
+        assert not folders[0].exists()
+        assert any(folders[1].iterdir())  # only the deleted run's folder goes
+        # A run whose events were never written (or already removed) deletes cleanly too.
+        assert (await api.delete(f"/v1/runs/{ids[1]}")).status_code == 204
+        assert not folders[1].exists() and (tmp_path / "tb").is_dir()
+        assert (await api.delete("/v1/runs/..")).status_code in (404, 405)
+
+
+def test_events_written_after_the_run_was_deleted_are_removed(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from graddiag.service.worker import worker as worker_module
+
+    config = settings.model_copy(update={"tensorboard_dir": tmp_path / "tb"})
+    write = worker_module._write_tensorboard
+    written = threading.Event()
+
+    def deleted_then_written(*args: Any) -> None:
+        # The race: DELETE lands after training ended (no folder yet to remove), then the worker writes the
+        # events; its `complete` then finds no run.
+        run_id = args[1]
+        engine = make_engine(config.db_url)
+        with make_sessionmaker(engine)() as session:
+            delete_run(session, run_id, config.tensorboard_run_dir(run_id))
+        engine.dispose()
+        write(*args)
+        assert config.tensorboard_run_dir(run_id).is_dir()
+        written.set()
+
+    monkeypatch.setattr(worker_module, "_write_tensorboard", deleted_then_written)
+    engine = make_engine(config.db_url)
+    with make_sessionmaker(engine)() as session:
+        run, _ = create_run(session, Spec(**{**TINY, "tensorboard": True}))
+    engine.dispose()
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=worker_module.run_worker, args=(config,), kwargs={"stop": stop, "max_runs": 1, "grace_seconds": 0}
+    )
+    worker.start()
+    worker.join(60)
+    stop.set()
+    assert not worker.is_alive() and written.is_set()
+    assert f"run {run.id}: lease lost before the results were stored; discarded" in caplog.text
+    assert not config.tensorboard_run_dir(run.id).exists()

@@ -216,7 +216,11 @@ def cancel_run(run_id: str, session: SessionDep, response: Response) -> RunDetai
 
 
 @router.delete("/{run_id}", status_code=204, responses=documented(404), summary="Delete a run")
-def delete_run(run_id: str, session: SessionDep) -> Response:
-    """Remove the run and all its records."""
-    store.delete_run(session, run_id)
+def delete_run(run_id: str, session: SessionDep, settings: SettingsDep) -> Response:
+    """Remove the run, all its records and its TensorBoard folder."""
+    try:
+        events_dir = settings.tensorboard_run_dir(run_id)
+    except ValueError:
+        raise store.RunNotFound(run_id) from None  # not a run id: no row and no folder can have it
+    store.delete_run(session, run_id, events_dir)
     return Response(status_code=204)

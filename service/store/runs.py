@@ -7,8 +7,11 @@ their own transaction (a write transaction holds SQLite's single write lock, so 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import uuid
+from pathlib import Path
 from collections.abc import Iterable
 from typing import Annotated, Any, Final, TypeVar, cast
 
@@ -41,6 +44,8 @@ SORTABLE: Final[frozenset[str]] = frozenset(
 )
 # The verdict is split over columns: the label (filtered on), the evidence (read by dashboards), the rest.
 _VERDICT_SPLIT: Final[frozenset[str]] = frozenset({"label", "evidence"})
+
+log = logging.getLogger(__name__)
 
 
 class RunNotFound(LookupError):
@@ -378,13 +383,27 @@ def cancel_run(session: Session, run_id: str) -> Run:
     return get_run(session, run_id)
 
 
-def delete_run(session: Session, run_id: str) -> None:
+def delete_run(session: Session, run_id: str, events_dir: Path | None = None) -> None:
     """Delete a run and (by ON DELETE CASCADE) its report rows, and commit; raises RunNotFound.
 
-    A worker still training it loses its lease on the next heartbeat and stops.
+    `events_dir`, the run's TensorBoard folder, is removed once the row is gone (a folder left behind
+    would outlive every trace of its run). A worker still training the run loses its lease on the next
+    heartbeat and stops without writing.
     """
     deleted = session.execute(delete(Run).where(Run.id == run_id).returning(Run.id)).first()
     if deleted is None:
         session.rollback()
         raise RunNotFound(run_id)
     session.commit()
+    if events_dir is not None:
+        remove_events(events_dir)
+
+
+def remove_events(events_dir: Path) -> None:
+    """Remove a run's TensorBoard folder if there is one; a failure is logged (the row is what counts)."""
+    try:
+        shutil.rmtree(events_dir)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.warning("could not remove the TensorBoard folder %s", events_dir, exc_info=True)

@@ -31,6 +31,7 @@ from graddiag.service.engine.probe import ProbeTimeout
 from graddiag.service.engine.report import Report
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import is_transient
+from graddiag.service.store.runs import remove_events
 from graddiag.service.worker.queue import (
     Backoff,
     Claim,
@@ -42,6 +43,7 @@ from graddiag.service.worker.queue import (
     reap_expired,
     release,
     retry_transient,
+    run_exists,
 )
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,10 @@ class _Lifecycle:
                     log.warning("run %s: results not stored before stopping; the run will be retried", run_id)
                 else:
                     log.warning("run %s: lease lost before the results were stored; discarded", run_id)
+                    if not run_exists(self.engine, run_id):
+                        # Deleted while it trained: the events written for it would outlive it (the API
+                        # removes the folder of a run it deletes, but this one was written after that).
+                        remove_events(self.settings.tensorboard_run_dir(run_id))
             elif reason == "cancelled":
                 write(lambda: mark_cancelled(self.engine, claim), "cancel")
                 log.info("run %s: cancelled", run_id)

@@ -210,6 +210,12 @@ def mark_cancelled(engine: Engine, claim: Claim) -> bool:
         return _finish(connection, claim, {"status": "cancelled"})
 
 
+def run_exists(engine: Engine, run_id: str) -> bool:
+    """Whether the run is still in the store (a run deleted while it trained is not)."""
+    with engine.connect() as connection:
+        return connection.scalar(select(Run.id).where(Run.id == run_id)) is not None
+
+
 def release(engine: Engine, claim: Claim) -> bool:
     """Put the run back in the queue (the worker is shutting down), if still owned.
 
