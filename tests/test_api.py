@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,88 +15,15 @@ from sqlalchemy import func, select, text
 
 from bench.samples import store_random_run
 from graddiag.models.spec import Spec
-from graddiag.service.api import create_app
-from graddiag.service.api.health import WorkerProbe
-from graddiag.service.engine.report import LayerRecord, Report
+from graddiag.service.engine.report import Report
 from graddiag.service.settings import Settings
-from graddiag.service.store.db import make_engine, make_sessionmaker, upgrade
+from graddiag.service.store.db import make_engine, make_sessionmaker
 from graddiag.service.store.runs import create_run
 from graddiag.service.store.tables import SPEC_COLUMNS, RunRecord
-from graddiag.service.worker.worker import run_worker
 from tests.reports import plain_report, store_report, succeed, with_findings
+from tests.support.api import LONG, RECORD_FIELDS, TINY, assert_problem, serve_app
 
 pytestmark = pytest.mark.anyio
-
-TINY: dict[str, Any] = {
-    "dataset": "synthetic",
-    "depth": 3,
-    "width": 16,
-    "steps": 5,
-    "batch_size": 16,
-    "record_every": 1,
-}
-# Long enough (thousands of tiny steps) to still be running when the test cancels it.
-LONG: dict[str, Any] = {**TINY, "depth": 2, "width": 4, "batch_size": 2, "steps": 5000}
-RECORD_FIELDS = list(LayerRecord.model_fields)
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    url = f"sqlite:///{tmp_path / 'graddiag.db'}"
-    upgrade(url)
-    return Settings(
-        db_url=url,
-        cache_dir=tmp_path / "cache",
-        lease_seconds=2,
-        poll_seconds=0.02,
-        eval_samples=10,
-        max_depth=50,
-        max_sweep_size=8,
-    )
-
-
-@asynccontextmanager
-async def serve_app(
-    settings: Settings, probe: WorkerProbe | None = None, **transport: Any
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its lifespan running (ASGITransport does not run it), and a client bound to it."""
-    app = create_app(settings, worker_probe=probe)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app, **transport), base_url="http://graddiag.test") as client,
-    ):
-        yield client
-
-
-@pytest.fixture
-async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve_app(settings) as client:
-        yield client
-
-
-@pytest.fixture
-def worker(settings: Settings) -> Iterator[None]:
-    """A real worker loop in a thread of this process; stopped (and its run released) at teardown."""
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=run_worker, args=(settings,), kwargs={"stop": stop, "grace_seconds": 0}, daemon=True
-    )
-    thread.start()
-    yield
-    stop.set()
-    thread.join(30)
-    assert not thread.is_alive()
-
-
-def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body = response.json()
-    assert body["type"] == "about:blank"
-    assert body["status"] == status
-    assert body["code"] == code
-    assert body["title"] and body["detail"]
-    return body
 
 
 async def wait_finished(api: httpx.AsyncClient, run_id: str, timeout: float = 60) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from graddiag.service.client import Client
-from tests.test_service_e2e import Server
+from tests.support.server import Server
 
 pytestmark = pytest.mark.slow
 

@@ -4,53 +4,22 @@ from __future__ import annotations
 
 import csv
 import io
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 
 from graddiag.models.spec import Spec
 from graddiag.service.api import create_app
 from graddiag.service.client import AsyncClient, Client, GraddiagError, RunFailed
-from graddiag.service.engine.report import LayerRecord, Report
+from graddiag.service.engine.report import Report
 from graddiag.service.settings import Settings
-
-# Shared fixtures (imported so pytest finds them here too).
-from tests.test_api import LONG, TINY, settings, worker  # noqa: F401
-
-RECORD_FIELDS = list(LayerRecord.model_fields)
+from tests.support.api import LONG, RECORD_FIELDS, TINY
 
 
 @pytest.fixture
-def base_url(settings: Settings) -> Iterator[str]:  # noqa: F811
-    """The app served by a real uvicorn on a free port of this host, in a background thread."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
-
-
-@pytest.fixture
-def client(base_url: str) -> Iterator[Client]:
-    with Client(base_url, timeout=10) as gd:
-        yield gd
-
-
-@pytest.fixture
-async def aclient(settings: Settings) -> AsyncIterator[AsyncClient]:  # noqa: F811
+async def aclient(settings: Settings) -> AsyncIterator[AsyncClient]:
     app = create_app(settings)
     async with (
         app.router.lifespan_context(app),
@@ -62,7 +31,7 @@ async def aclient(settings: Settings) -> AsyncIterator[AsyncClient]:  # noqa: F8
 # --- sync client over HTTP --------------------------------------------------------------------------
 
 
-def test_run_returns_the_succeeded_run_with_its_report(client: Client, worker: None) -> None:  # noqa: F811
+def test_run_returns_the_succeeded_run_with_its_report(client: Client, worker: None) -> None:
     run = client.run(Spec.model_validate(TINY), timeout=60)
     assert run["status"] == "succeeded"
     report = Report.model_validate(run["report"])
@@ -80,7 +49,7 @@ def test_run_returns_the_succeeded_run_with_its_report(client: Client, worker: N
     assert float(table[-1]["grad_norm"]) == rows[-1]["grad_norm"]
 
 
-def test_submit_wait_and_filters(client: Client, worker: None) -> None:  # noqa: F811
+def test_submit_wait_and_filters(client: Client, worker: None) -> None:
     queued = client.submit({**TINY, "activation": "tanh"})
     assert queued["status"] in ("queued", "running")
     finished = client.wait(queued["id"], timeout=60, poll=0.05)
@@ -141,7 +110,7 @@ def test_wait_times_out(client: Client) -> None:
         client.run(TINY, timeout=0.3)
 
 
-def test_sweep_compare_and_ready(client: Client, worker: None) -> None:  # noqa: F811
+def test_sweep_compare_and_ready(client: Client, worker: None) -> None:
     sweep = client.sweep({**TINY, "steps": 3}, {"activation": ["sigmoid", "relu"], "depth": [2, 3]})
     assert sweep["total"] == 4
     done = client.wait_sweep(sweep["id"], timeout=60, poll=0.1)
@@ -160,7 +129,7 @@ def test_sweep_compare_and_ready(client: Client, worker: None) -> None:  # noqa:
 
 
 @pytest.mark.anyio
-async def test_async_client_end_to_end(aclient: AsyncClient, worker: None) -> None:  # noqa: F811
+async def test_async_client_end_to_end(aclient: AsyncClient, worker: None) -> None:
     run = await aclient.run(TINY, timeout=60, idempotency_key="k1")
     assert run["status"] == "succeeded"
     assert (await aclient.submit(TINY, idempotency_key="k1"))["id"] == run["id"]

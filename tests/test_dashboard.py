@@ -10,7 +10,7 @@ import time
 from collections.abc import MutableMapping
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -19,16 +19,11 @@ from graddiag.models.spec import Spec
 from graddiag.service.api import create_app, events
 from graddiag.service.api.dashboard import PLOTLY_JS
 from graddiag.service.engine.probe import run_probe
+from graddiag.service.engine.report import FindingKind
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine
 from graddiag.service.worker.queue import claim_next, complete, heartbeat, progress_record
-from tests import test_api
-from tests.test_api import TINY, serve_app
-
-# The API tests' in-process fixtures: a migrated temp SQLite, the app with its lifespan, a worker thread.
-settings = test_api.settings
-api = test_api.api
-worker = test_api.worker
+from tests.support.api import TINY, serve_app
 
 pytestmark = pytest.mark.anyio
 
@@ -126,6 +121,22 @@ async def test_pages_name_what_their_scripts_read(api: httpx.AsyncClient) -> Non
     for value in ("sigmoid", "relu", "kaiming_normal", "batch", "vanishing", "running"):
         assert f'<option value="{value}">' in runs_page
     assert runs_page.count('aria-sort="') == 6 and runs_page.count('<button type="button">') >= 6
+
+
+async def test_pages_offer_finding_filters_and_places_for_findings(api: httpx.AsyncClient) -> None:
+    run_id = await submit(api, TINY)
+    sweep = (await api.post("/v1/sweeps", json=SWEEP)).json()["id"]
+    runs_page = (await api.get("/")).text
+    sweep_page = (await api.get(f"/sweeps/{sweep}")).text
+    # Both filters offer exactly the kinds the API accepts for `?finding=`.
+    assert '<select name="finding">' in runs_page and 'id="finding-filter"' in sweep_page
+    for kind in get_args(FindingKind):
+        assert f'<option value="{kind}">' in runs_page and f'<option value="{kind}">' in sweep_page
+    assert ">Findings</th>" in runs_page
+    run_page = (await api.get(f"/runs/{run_id}")).text
+    assert 'id="findings"' in run_page and 'id="chart-forward"' in run_page
+    script = (await api.get("/static/js/run.js")).text
+    assert "act_norm" in script and "renderFindings" in script
 
 
 async def test_plotly_js_is_served_from_the_installed_package(api: httpx.AsyncClient) -> None:

@@ -42,10 +42,11 @@ from graddiag.service.store.runs import cancel_run, load_report
 from graddiag.service.store.sweeps import create_sweep, sweep_status
 from graddiag.service.store.tables import Run, RunRecord, RunStep
 from graddiag.service.worker.queue import Claim, complete
-from tests.test_store import TINY, sample_report
-from tests.test_worker import LONG, loop_thread, row, settings_for, status_is, submit, wait_for
+from tests.support import REPO
+from tests.support.specs import LONG, TINY
+from tests.support.store import sample_report
+from tests.support.worker import loop_thread, row, settings_for, status_is, submit, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 CPU_TINY = TINY.model_copy(update={"device": "cpu"})
 # About half a second of training: a dispatcher killed a few runs into a sweep of these has runs in flight.
 SWEEP_BASE = {"dataset": "synthetic", "device": "cpu", "depth": 3, "width": 32, "steps": 150, "batch_size": 32}

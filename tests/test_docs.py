@@ -26,7 +26,7 @@ from graddiag.service.store.sweeps import create_sweep
 from graddiag.service.worker.worker import run_worker
 
 # Shared fixtures (imported so pytest finds them here too).
-from tests.test_api import TINY, serve_app, settings  # noqa: F401
+from tests.support.api import TINY, serve_app
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 ACTIVATIONS = ["sigmoid", "relu"]
@@ -195,7 +195,7 @@ def test_the_pandas_script_runs_against_a_real_export(
 
 
 @pytest.mark.anyio
-async def test_the_api_guide_names_every_route_and_metric(settings: Settings) -> None:  # noqa: F811
+async def test_the_api_guide_names_every_route_and_metric(settings: Settings) -> None:
     guide = (DOCS / "api.md").read_text()
     documented = set(re.findall(r"^\|[^|]*\| `(GET|POST|DELETE) (/[^`]*)`", guide, flags=re.MULTILINE))
     schema = create_app(settings).openapi()

@@ -35,9 +35,10 @@ from graddiag.service.client import Client
 from graddiag.service.settings import Settings
 from graddiag.service.store import db
 from graddiag.service.store.tables import Run, RunLayer, RunRecord, RunStep
-from tests.test_api import assert_problem, serve_app
-from tests.test_service_e2e import REPO, Server
-from tests.test_worker import background_worker, row, submit, wait_for
+from tests.support import REPO
+from tests.support.api import assert_problem, serve_app
+from tests.support.server import Server
+from tests.support.worker import background_worker, row, submit, wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -19,7 +19,7 @@ from graddiag.service.store.runs import create_run
 from graddiag.service.store.tables import Run
 
 # Shared fixtures (imported so pytest finds them here too).
-from tests.test_api import TINY, serve_app, settings, worker  # noqa: F401
+from tests.support.api import TINY, serve_app
 
 pytestmark = pytest.mark.anyio
 
@@ -66,7 +66,7 @@ def finished(status: str, seconds: float, verdict: str | None = None) -> dict[st
     return {"status": status, "verdict": verdict, "started_epoch": start, "finished_epoch": start + seconds}
 
 
-async def test_store_figures_match_the_runs(settings: Settings) -> None:  # noqa: F811
+async def test_store_figures_match_the_runs(settings: Settings) -> None:
     now = time.time()
     seed(
         settings.db_url,
@@ -112,7 +112,7 @@ async def test_store_figures_match_the_runs(settings: Settings) -> None:  # noqa
     assert not any(name == "graddiag_worker_processes" for name, _ in samples)  # no supervised workers
 
 
-async def test_a_real_run_is_counted_once_finished(settings: Settings, worker: None) -> None:  # noqa: F811
+async def test_a_real_run_is_counted_once_finished(settings: Settings, worker: None) -> None:
     async with serve_app(settings) as api:
         before = await scrape(api)
         assert ("graddiag_heartbeat_age_seconds", frozenset()) not in before  # nothing runs
@@ -128,7 +128,7 @@ async def test_a_real_run_is_counted_once_finished(settings: Settings, worker: N
     assert value(samples, "graddiag_queue_depth") == 0 and value(samples, "graddiag_leases", state="live") == 0
 
 
-async def test_request_latency_by_route_template_method_and_status(settings: Settings) -> None:  # noqa: F811
+async def test_request_latency_by_route_template_method_and_status(settings: Settings) -> None:
     async with serve_app(settings) as api:
         for run_id in ("feed", "beef"):
             assert (await api.get(f"/v1/runs/{run_id}")).status_code == 404
@@ -160,7 +160,7 @@ async def test_request_latency_by_route_template_method_and_status(settings: Set
     assert bucket == 1
 
 
-async def test_an_unhandled_error_counts_as_5xx(settings: Settings) -> None:  # noqa: F811
+async def test_an_unhandled_error_counts_as_5xx(settings: Settings) -> None:
     engine = make_engine(settings.db_url)
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE run_records"))
@@ -173,7 +173,7 @@ async def test_an_unhandled_error_counts_as_5xx(settings: Settings) -> None:  # 
     assert value(samples, "graddiag_http_request_duration_seconds_count", route=route, method="GET", status="5xx") == 1
 
 
-async def test_apps_in_one_process_keep_their_own_registries(settings: Settings) -> None:  # noqa: F811
+async def test_apps_in_one_process_keep_their_own_registries(settings: Settings) -> None:
     async with serve_app(settings) as first, serve_app(settings) as second:
         for _ in range(3):
             await first.get("/healthz")
@@ -186,7 +186,7 @@ async def test_apps_in_one_process_keep_their_own_registries(settings: Settings)
     assert one[key] == 3 and two[key] == 1
 
 
-async def test_supervised_worker_processes_are_exposed(settings: Settings) -> None:  # noqa: F811
+async def test_supervised_worker_processes_are_exposed(settings: Settings) -> None:
     async with serve_app(settings, probe=lambda: (1, 2)) as api:
         samples = await scrape(api)
     assert value(samples, "graddiag_worker_processes", state="alive") == 1
@@ -207,7 +207,7 @@ async def test_an_unreadable_store_is_reported_not_raised(tmp_path: Path) -> Non
     )
 
 
-async def test_refused_requests_are_timed_too(settings: Settings) -> None:  # noqa: F811
+async def test_refused_requests_are_timed_too(settings: Settings) -> None:
     # The access-control layer answers before routing: its 401s still reach the latency histogram.
     guarded = settings.model_copy(update={"api_token": SecretStr("metrics-token")})
     async with serve_app(guarded) as api:

@@ -17,9 +17,8 @@ from sqlalchemy import func, insert, inspect, select, text
 from graddiag.service.store import db
 from graddiag.service.store.runs import build_run, create_run
 from graddiag.service.store.tables import Base, Run
-from tests.test_store import TINY
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+from tests.support.specs import TINY
 
 
 def _head() -> str:

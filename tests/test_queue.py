@@ -28,7 +28,8 @@ from graddiag.service.worker.queue import (
     reap_expired,
     release,
 )
-from tests.test_store import TINY, sample_report
+from tests.support.specs import TINY
+from tests.support.store import sample_report
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ from graddiag.service.client import Client
 from graddiag.service.remote import parse_grid, parse_value
 
 # Shared fixtures (imported so pytest finds them here too).
-from tests.test_api import TINY, settings, worker  # noqa: F401
-from tests.test_client import base_url, client  # noqa: F401
+from tests.support.api import TINY
 
 TINY_FLAGS = [f"--{field.replace('_', '-')}={value}" for field, value in TINY.items()]
 FAST = ["--poll", "0.05"]
@@ -39,7 +38,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     return code, out, err
 
 
-def test_submit_prints_the_run_id(base_url: str, client: Client, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_submit_prints_the_run_id(base_url: str, client: Client, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "submit", "--url", base_url, *TINY_FLAGS, "--activation", "tanh")
     assert code == 0
     run_id = out.strip()
@@ -49,9 +48,9 @@ def test_submit_prints_the_run_id(base_url: str, client: Client, capsys: pytest.
 
 
 def test_submit_wait_prints_the_verdict_table(
-    base_url: str,  # noqa: F811
-    client: Client,  # noqa: F811
-    worker: None,  # noqa: F811
+    base_url: str,
+    client: Client,
+    worker: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     code, out, err = run_cli(capsys, "submit", "--url", base_url, *TINY_FLAGS, "--wait", *FAST)
@@ -64,9 +63,9 @@ def test_submit_wait_prints_the_verdict_table(
 
 
 def test_watch_follows_a_run_to_its_verdict(
-    base_url: str,  # noqa: F811
-    client: Client,  # noqa: F811
-    worker: None,  # noqa: F811
+    base_url: str,
+    client: Client,
+    worker: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run_id = client.submit({**TINY, "steps": 40})["id"]
@@ -80,7 +79,7 @@ def test_watch_follows_a_run_to_its_verdict(
     assert code == 0 and json.loads(out)["report"] == run["report"]
 
 
-def test_watch_reports_a_cancelled_run(base_url: str, client: Client, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_watch_reports_a_cancelled_run(base_url: str, client: Client, capsys: pytest.CaptureFixture[str]) -> None:
     run_id = client.submit(TINY)["id"]
     client.cancel(run_id)
     code, out, err = run_cli(capsys, "watch", run_id, "--url", base_url)
@@ -88,7 +87,7 @@ def test_watch_reports_a_cancelled_run(base_url: str, client: Client, capsys: py
     assert f"run {run_id} cancelled" in err
 
 
-def test_status_of_a_run(base_url: str, client: Client, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_status_of_a_run(base_url: str, client: Client, capsys: pytest.CaptureFixture[str]) -> None:
     run_id = client.submit(TINY)["id"]
     code, out, _ = run_cli(capsys, "status", run_id, "--url", base_url)
     assert code == 0
@@ -104,9 +103,9 @@ def table_rows(out: str) -> list[list[str]]:
 
 
 def test_sweep_wait_prints_the_verdict_matrix(
-    base_url: str,  # noqa: F811
-    client: Client,  # noqa: F811
-    worker: None,  # noqa: F811
+    base_url: str,
+    client: Client,
+    worker: None,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
@@ -138,8 +137,8 @@ def test_sweep_wait_prints_the_verdict_matrix(
 
 
 def test_sweep_without_wait_prints_its_id_and_status_shows_pending_cells(
-    base_url: str,  # noqa: F811
-    client: Client,  # noqa: F811
+    base_url: str,
+    client: Client,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["sweep", "--url", base_url, *(f"--set={f}={v}" for f, v in TINY.items()), "--grid", "depth=2,4"]
@@ -152,7 +151,7 @@ def test_sweep_without_wait_prints_its_id_and_status_shows_pending_cells(
     assert table_rows(out) == [["depth →", "2", "4", "critical depth"], ["(base spec)", "queued", "queued", "—"]]
 
 
-def test_sweep_refusals_name_the_field(base_url: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_sweep_refusals_name_the_field(base_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     # The server checks every grid point: its 422 comes back field by field, exit 2.
     code, out, err = run_cli(capsys, "sweep", "--url", base_url, "--grid", "depth=2,1000")
     assert code == 2 and out == ""
@@ -164,9 +163,9 @@ def test_sweep_refusals_name_the_field(base_url: str, capsys: pytest.CaptureFixt
 
 
 def test_export_csv_and_json(
-    base_url: str,  # noqa: F811
-    client: Client,  # noqa: F811
-    worker: None,  # noqa: F811
+    base_url: str,
+    client: Client,
+    worker: None,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
@@ -185,7 +184,7 @@ def test_export_csv_and_json(
 
 
 def test_errors_are_readable_with_an_exit_code(
-    base_url: str,  # noqa: F811
+    base_url: str,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -195,7 +194,7 @@ def test_errors_are_readable_with_an_exit_code(
     code, _, err = run_cli(capsys, "export", "feed", "--url", base_url)
     assert code == 1 and "run 'feed' not found" in err
 
-    # The server caps depth at 50 (tests.test_api.settings): a 422 that names the field.
+    # The server caps depth at 50 (the `settings` fixture of tests/conftest.py): a 422 that names the field.
     code, _, err = run_cli(capsys, "submit", "--url", base_url, *TINY_FLAGS, "--depth", "60")
     assert code == 2 and "depth: depth=60 exceeds this server's cap; allowed: at most 50" in err
     # Out of the spec's own range: refused before anything is sent.
@@ -214,7 +213,7 @@ def test_errors_are_readable_with_an_exit_code(
     assert code == 1 and "not found" in err
 
 
-def test_the_console_entry_point(base_url: str) -> None:  # noqa: F811
+def test_the_console_entry_point(base_url: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "graddiag.service.cli", "status", "feed", "--url", base_url],
         capture_output=True,
@@ -251,7 +250,7 @@ def api_token(monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_a_token_guarded_server(
     api_token: str,
-    base_url: str,  # noqa: F811
+    base_url: str,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,

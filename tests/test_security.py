@@ -23,8 +23,9 @@ from graddiag.service.api.security import InsecureBind, Tokens, check_bind, cook
 from graddiag.service.client import AsyncClient, GraddiagError
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine, upgrade
-from tests.test_api import TINY, assert_problem, serve_app
-from tests.test_service_e2e import REPO, Server
+from tests.support import REPO
+from tests.support.api import TINY, assert_problem, serve_app
+from tests.support.server import Server
 
 pytestmark = pytest.mark.anyio
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from alembic.script import ScriptDirectory
 
@@ -28,101 +24,13 @@ from graddiag.service.client import Client, GraddiagError
 from graddiag.service.serve import default_worker_split, plan_workers
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import MIGRATIONS_DIR, current
-
-REPO = Path(__file__).resolve().parents[1]
-# Later: `graddiag serve`; this entry point needs nothing but the package.
-SERVE = "from graddiag.service.serve import serve; from graddiag.service.settings import Settings; serve(Settings())"
-WORKER_HOST = (
-    "from graddiag.service.serve import worker_process; from graddiag.service.settings import Settings; "
-    "worker_process(Settings())"
-)
+from tests.support.server import WORKER_HOST, Server
 
 BASE: dict[str, Any] = {"dataset": "synthetic", "width": 32, "batch_size": 32, "steps": 5, "record_every": 1}
 KAIMING: dict[str, Any] = {"init": "kaiming_normal", "bias_init": "zeros"}
 # A few seconds of training on one thread: long enough to act on while it runs.
 MEDIUM: dict[str, Any] = {**BASE, "depth": 6, "width": 64, "batch_size": 64, "steps": 1000, "record_every": 100}
 LONG: dict[str, Any] = {**MEDIUM, "steps": 5000}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is `pid` (from /proc; the command field may hold spaces, so split after ')')."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-class Server:
-    """One `serve` process on a free port; its log goes to a file shown when an assertion fails.
-
-    With `code=WORKER_HOST` it is a worker host without the API (no port is served).
-    """
-
-    def __init__(self, db_url: str, log: Path, workers: int, cache: Path, code: str = SERVE) -> None:
-        self.db_url = db_url
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {
-            **os.environ,
-            "GRADDIAG_DB_URL": db_url,
-            "GRADDIAG_PORT": str(self.port),
-            "GRADDIAG_WORKERS": str(workers),
-            "GRADDIAG_LEASE_SECONDS": "2",
-            "GRADDIAG_POLL_SECONDS": "0.1",
-            "GRADDIAG_EVAL_SAMPLES": "50",
-            "GRADDIAG_CACHE_DIR": str(cache),
-        }
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", code], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
-            )
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited:\n{self.tail()}"
-            try:
-                response = httpx.get(f"{self.url}/readyz", timeout=2)
-                if response.status_code == 200:
-                    body: dict[str, Any] = response.json()
-                    return body
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"not ready after {timeout} s:\n{self.tail()}")
-
-    def worker_pids(self) -> list[int]:
-        return [p for p in _children(self.proc.pid) if "spawn_main" in _cmdline(p)]
-
-    def stop(self, timeout: float = 40) -> None:
-        workers = self.worker_pids()
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(timeout) == 0, self.tail()
-        assert not [p for p in workers if Path(f"/proc/{p}").exists() and _cmdline(p)], "workers left"
 
 
 @pytest.fixture(scope="module")

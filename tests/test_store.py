@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import threading
 from collections.abc import Iterator
 from datetime import UTC
@@ -20,17 +19,9 @@ from sqlalchemy.orm import Session
 
 from graddiag.models.spec import Spec, SpecCaps
 from graddiag.service.engine.report import (
-    EvalResult,
-    Evidence,
     FindingKind,
     Label,
-    LayerInfo,
-    LayerRecord,
     Report,
-    StepMetrics,
-    Theory,
-    Timing,
-    Verdict,
 )
 from graddiag.service.store import db
 from graddiag.service.store.runs import (
@@ -54,71 +45,8 @@ from graddiag.service.store.runs import (
 from graddiag.service.store.sweeps import SweepInvalid, SweepNotFound, create_sweep, sweep_status, sweep_summary
 from graddiag.service.store.tables import FINDING_KINDS_LENGTH, Run, RunLayer, RunRecord, RunStep, stamp
 from tests.reports import with_findings
-
-TINY = Spec(dataset="synthetic", depth=3, width=16, steps=5, batch_size=16, record_every=1)
-
-
-def migrated_url(tmp_path: Path) -> str:
-    """A fresh SQLite file migrated to head (shared by the queue and worker tests)."""
-    url = f"sqlite:///{tmp_path / 'store' / 'graddiag.db'}"
-    db.upgrade(url)
-    return url
-
-
-def sample_report(spec: Spec, *, label: Label = "healthy", interior_ratio: float | None = 0.5, seed: int = 0) -> Report:
-    """A report shaped like the engine's (layers, every step, records at recorded steps, some nulls)."""
-    rng = random.Random(seed)
-    layers = [
-        LayerInfo(index=i, name=name, kind="linear", params=rng.randint(10, 10_000))
-        for i, name in enumerate(["input", *(f"hidden{j}" for j in range(1, spec.depth)), "output"])
-    ]
-    steps = [
-        StepMetrics(
-            step=s,
-            loss=2.3 - 0.01 * s,
-            accuracy=rng.random(),
-            grad_norm_total_pre=rng.random() * 10,
-            grad_norm_total_post=None if s % 3 else rng.random(),
-        )
-        for s in range(spec.steps)
-    ]
-    recorded = [s for s in range(spec.steps) if s % spec.record_every == 0 or s == spec.steps - 1]
-    records = [
-        LayerRecord(
-            step=s,
-            layer=layer.index,
-            grad_norm=rng.random() * 10 ** rng.randint(-8, 2),
-            bias_grad_norm=rng.random(),
-            weight_norm=rng.random() * 5,
-            rel_grad=rng.random() * 1e-3,
-            update_ratio=None if s == 0 else rng.random() * 1e-2,
-            act_grad_norm=rng.random(),
-            zero_grad_frac=rng.random(),
-            saturation_frac=None,
-        )
-        for s in recorded
-        for layer in layers
-    ]
-    verdict = Verdict(
-        label=label,
-        at_init=label,
-        trained=None,
-        evidence=Evidence(decades_per_layer=-0.3, interior_ratio=interior_ratio, interior_layers=spec.depth - 1),
-        reasons=["because"],
-        advice=["do this"],
-        theory=Theory(applicable=False, reason="not a plain MLP"),
-    )
-    return Report(
-        spec=spec,
-        layers=layers,
-        steps=steps,
-        records=records,
-        verdict=verdict,
-        eval=EvalResult(
-            loss=2.2, accuracy=0.1, samples=100, train_loss=2.25, train_accuracy=0.12, generalization_gap=-0.05
-        ),
-        timing=Timing(device="cpu", data_s=0.1, train_s=0.2, eval_s=0.01, total_s=0.31, step_ms=40.0, steps_run=5),
-    )
+from tests.support.specs import TINY
+from tests.support.store import sample_report
 
 
 def succeed(session: Session, run_id: str, report: Report) -> None:

@@ -25,8 +25,7 @@ from graddiag.service.store.runs import gradient_rows, layer_rows
 from graddiag.service.worker.worker import run_worker
 
 # Shared fixtures (imported so pytest finds them here too).
-from tests.test_api import TINY, assert_problem, serve_app, settings  # noqa: F401
-from tests.test_client import base_url  # noqa: F401
+from tests.support.api import TINY, assert_problem, serve_app
 
 pytestmark = pytest.mark.anyio
 
@@ -98,7 +97,7 @@ async def submit_and_wait(api: httpx.AsyncClient, spec: dict[str, Any]) -> dict[
     return run
 
 
-async def test_the_worker_writes_histograms_when_the_spec_asks(settings: Settings, tmp_path: Path) -> None:  # noqa: F811
+async def test_the_worker_writes_histograms_when_the_spec_asks(settings: Settings, tmp_path: Path) -> None:
     async with serve_app(settings) as api:
         with running_worker(settings):
             run = await submit_and_wait(api, {**TINY, "tensorboard": True})
@@ -116,7 +115,7 @@ async def test_the_worker_writes_histograms_when_the_spec_asks(settings: Setting
     assert_events_equal_the_store(settings.db_url, run["id"], log_dir, histograms=True)
 
 
-async def test_without_tensorboard_the_download_is_built_from_the_report(settings: Settings, tmp_path: Path) -> None:  # noqa: F811
+async def test_without_tensorboard_the_download_is_built_from_the_report(settings: Settings, tmp_path: Path) -> None:
     async with serve_app(settings) as api:
         with running_worker(settings):
             run = await submit_and_wait(api, TINY)
@@ -127,7 +126,7 @@ async def test_without_tensorboard_the_download_is_built_from_the_report(setting
     assert_events_equal_the_store(settings.db_url, run["id"], log_dir, histograms=False)
 
 
-async def test_tensorboard_all_writes_every_run(settings: Settings, tmp_path: Path) -> None:  # noqa: F811
+async def test_tensorboard_all_writes_every_run(settings: Settings, tmp_path: Path) -> None:
     everything = settings.model_copy(update={"tensorboard_all": True, "tensorboard_dir": tmp_path / "tb"})
     async with serve_app(everything) as api:
         with running_worker(everything):
@@ -141,7 +140,7 @@ async def test_tensorboard_all_writes_every_run(settings: Settings, tmp_path: Pa
 
 
 async def test_a_failed_write_warns_and_the_run_still_succeeds(
-    settings: Settings,  # noqa: F811
+    settings: Settings,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -157,7 +156,7 @@ async def test_a_failed_write_warns_and_the_run_still_succeeds(
     assert response.status_code == 200 and response.headers["graddiag-events-source"] == "report"
 
 
-async def test_refusals(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+async def test_refusals(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     async with serve_app(settings) as api:
         queued = (await api.post("/v1/runs", json=TINY)).json()
         body = assert_problem(await api.get(f"/v1/runs/{queued['id']}/tensorboard"), 409, "run_not_succeeded")
@@ -188,8 +187,8 @@ def test_run_dirs_stay_inside_the_root(tmp_path: Path) -> None:
 
 
 def test_export_from_the_database_and_from_the_server(
-    settings: Settings,  # noqa: F811
-    base_url: str,  # noqa: F811
+    settings: Settings,
+    base_url: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

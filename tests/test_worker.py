@@ -7,32 +7,27 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
-from graddiag.models.spec import Spec
 from graddiag.service.engine.probe import run_probe
 from graddiag.service.settings import Settings
 from graddiag.service.store import db
-from graddiag.service.store.runs import cancel_run, create_run, delete_run, get_run, load_report
-from graddiag.service.store.tables import Run
+from graddiag.service.store.runs import cancel_run, delete_run, load_report
 from graddiag.service.worker.queue import claim_next, complete
 from graddiag.service.worker.worker import run_worker
-from tests.test_store import TINY, migrated_url
+from tests.support import REPO
+from tests.support.specs import LONG, TINY
+from tests.support.store import migrated_url
+from tests.support.worker import background_worker, row, settings_for, status_is, submit, wait_for
 
-# Thousands of steps: far longer than any test waits, so it is always stopped (cancel, timeout, shutdown).
-LONG = Spec(dataset="synthetic", depth=4, width=64, steps=5000, batch_size=32, record_every=100)
 EXPLODING = TINY.model_copy(
     update={"steps": 8, "activation": "identity", "init": "normal", "init_std": 10.0, "lr": 1000.0}
 )
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -45,66 +40,6 @@ def engine(url: str) -> Iterator[Engine]:
     engine = db.make_engine(url)
     yield engine
     engine.dispose()
-
-
-def settings_for(url: str, tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "db_url": url,
-        "data_dir": tmp_path / "no-cifar-here",
-        "cache_dir": tmp_path / "cache",
-        "lease_seconds": 3.0,
-        "poll_seconds": 0.05,
-        "eval_samples": 50,
-        **overrides,
-    }
-    return Settings(**values)
-
-
-def submit(engine: Engine, spec: Spec) -> str:
-    with db.make_sessionmaker(engine)() as session:
-        return create_run(session, spec)[0].id
-
-
-def row(engine: Engine, run_id: str) -> Run:
-    with db.make_sessionmaker(engine)() as session:
-        return get_run(session, run_id)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until `condition` held; fails the test after `timeout`."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
-def status_is(engine: Engine, run_id: str, *statuses: str) -> Callable[[], bool]:
-    return lambda: row(engine, run_id).status in statuses
-
-
-@contextmanager
-def loop_thread(
-    loop: Callable[..., object], settings: Settings, join_seconds: float, **kwargs: Any
-) -> Iterator[threading.Thread]:
-    """`loop(settings, stop=..., grace_seconds=0.5, **kwargs)` in a thread, stopped (and checked to have
-    stopped within `join_seconds`) on exit."""
-    stop = threading.Event()
-    kwargs = {"stop": stop, "grace_seconds": 0.5, **kwargs}
-    thread = threading.Thread(target=loop, args=(settings,), kwargs=kwargs, daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        stop.set()
-        thread.join(timeout=join_seconds)
-        assert not thread.is_alive(), f"{getattr(loop, '__name__', loop)} did not stop"
-
-
-def background_worker(settings: Settings, **kwargs: Any) -> AbstractContextManager[threading.Thread]:
-    """run_worker in a thread, stopped (and checked to have stopped) on exit."""
-    return loop_thread(run_worker, settings, 30, **kwargs)
 
 
 def test_real_report_round_trips_through_the_store(engine: Engine) -> None:
