@@ -36,9 +36,18 @@ def _evidence(finding: Finding) -> str:
     )
 
 
+def _bullets(items: list[str]) -> list[str]:
+    return [line for item in items for line in _wrap(item, "    ", "  - ")]
+
+
 def render_findings(findings: list[Finding]) -> list[str]:
-    """The findings section, most severe first: severity, phase, kind and sentence, evidence, advice."""
+    """The findings section, most severe first: severity, phase, kind and sentence, evidence, advice.
+
+    An advice item already printed for an earlier finding (several findings of one kind share theirs) is
+    not repeated.
+    """
     out = ["findings:"] if findings else []
+    advised: set[str] = set()
     for finding in sorted(findings, key=lambda item: _SEVERITY_ORDER[item.severity]):
         phase = f" ({_PHASE[finding.phase]})" if finding.phase else ""
         out += _wrap(f"{finding.severity.upper()} {finding.kind}{phase}: {finding.message}", "    ", "  - ")
@@ -46,7 +55,9 @@ def render_findings(findings: list[Finding]) -> list[str]:
         if evidence:
             out += _wrap(f"evidence: {evidence}", "      ", "    ")
         for item in finding.advice:
-            out += _wrap(f"advice: {item}", "      ", "    ")
+            if item not in advised:
+                advised.add(item)
+                out += _wrap(f"advice: {item}", "      ", "    ")
     return out
 
 
@@ -79,7 +90,7 @@ def render_report(report: Report) -> str:
         "",
         f"verdict: {verdict.label.upper()}  (at init: {verdict.at_init}, during training: {verdict.trained or '—'})",
     ]
-    out += [f"  - {reason}" for reason in verdict.reasons]
+    out += _bullets(verdict.reasons)
     out += render_findings(verdict.findings)
     if verdict.theory.applicable:
         theory = verdict.theory
@@ -89,10 +100,10 @@ def render_report(report: Report) -> str:
             f"measured {_fmt(theory.measured_decades_per_layer)}"
         )
     else:
-        out.append(f"theory: {verdict.theory.reason}")
+        out += _wrap(f"theory: {verdict.theory.reason}", "  ", "")
     if verdict.advice:
         out.append("advice:")
-        out += [f"  - {item}" for item in verdict.advice]
+        out += _bullets(verdict.advice)
     e, t = report.eval, report.timing
     out.append(
         f"train loss {_fmt(e.train_loss)} acc {_fmt(e.train_accuracy)} | held-out loss {_fmt(e.loss)} "

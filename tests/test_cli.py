@@ -56,6 +56,8 @@ def test_report_text_shows_findings_forward_rms_and_zero_bias_layers() -> None:
         update={"severity": "info", "phase": None, "message": "A sentence long enough to wrap. " * 8}
     )
     report.verdict.findings.insert(0, long)
+    report.verdict.findings.append(finding("step_size", 4))  # a second step_size finding, the same advice
+    report.verdict.reasons.append("A reason long enough to wrap. " * 8)
     lines = render_report(report).splitlines()
     assert max(len(line) for line in lines) <= WIDTH
 
@@ -71,13 +73,15 @@ def test_report_text_shows_findings_forward_rms_and_zero_bias_layers() -> None:
     assert heads == [
         "  - CRITICAL forward_signal (at init): The forward signal finding, number 0.",
         "  - WARNING step_size (during training): The step size finding, number 1.",
+        "  - WARNING step_size (at init): The step size finding, number 4.",
         "  - INFO nonfinite: A sentence long enough to wrap. A sentence long enough to wrap. A sentence long enough to "
         "wrap. A",
     ]
-    wrapped = section[section.index(heads[2]) + 1]
+    wrapped = section[section.index(heads[3]) + 1]
     assert wrapped.startswith("    sentence long enough to wrap.")
     assert "    evidence: span_decades=2.5, interior_layers=7, note=x" in section
-    assert "    advice: Change something about step_size (finding: step_size)." in section
+    # Printed once, under the first finding that gives it.
+    assert section.count("    advice: Change something about step_size (finding: step_size).") == 1
     # The advice list stays, each item naming its finding.
     advice = lines[lines.index("advice:") + 1 :]
     assert advice[:2] == [
