@@ -7,7 +7,8 @@ The public Python API, importable as ``import graddiag``:
 - :func:`run_probe` — the engine call underneath, for callers that bring their own data;
 - :class:`Spec` — the network and training spec (depth, activation, init, norm, optimizer, ...);
 - :class:`Report` — the one report shape the engine, CLI, store and API share;
-- :class:`Client` / :class:`AsyncClient` — the REST clients of a running service.
+- :class:`Client` / :class:`AsyncClient` — the REST clients of a running service; they raise
+  :class:`GraddiagError` for an error answer and :class:`RunFailed` for a run that did not succeed.
 
 Names are resolved lazily: ``import graddiag`` (and so every ``graddiag.service.*`` import, such as the
 API's) does not import torch; only touching ``probe`` or ``run_probe`` does.
