@@ -20,8 +20,8 @@ from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine, make_sessionmaker
 from graddiag.service.store.runs import create_run
 from graddiag.service.store.tables import SPEC_COLUMNS, RunRecord
-from tests.reports import plain_report, store_report, succeed, with_findings
 from tests.support.api import LONG, RECORD_FIELDS, TINY, assert_problem, serve_app
+from tests.support.reports import plain_report, store_report, succeed, with_findings
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ import pytest
 
 from graddiag.models.spec import Spec
 from graddiag.service.render import WIDTH, render_report
-from tests.reports import finding, plain_report, with_findings
+from tests.support.reports import finding, plain_report, with_findings
 
 TINY = ["--dataset", "synthetic", "--depth", "3", "--width", "8", "--steps", "3", "--batch-size", "8"]
 

@@ -44,7 +44,7 @@ from graddiag.service.store.runs import (
 )
 from graddiag.service.store.sweeps import SweepInvalid, SweepNotFound, create_sweep, sweep_status, sweep_summary
 from graddiag.service.store.tables import FINDING_KINDS_LENGTH, Run, RunLayer, RunRecord, RunStep, stamp
-from tests.reports import with_findings
+from tests.support.reports import with_findings
 from tests.support.specs import TINY
 from tests.support.store import sample_report
 

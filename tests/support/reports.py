@@ -1,7 +1,7 @@
 """Reports with findings for the tests of everything that shows them (store, API, client, CLI, dashboard).
 
-A helper module, not a test module: the engine decides which findings a real run has, so the tests of the
-display side build reports with known findings here and store them as a worker would.
+The engine decides which findings a real run has, so the tests of the display side build reports with
+known findings here and store them as a worker would.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def finding(kind: FindingKind, index: int = 0) -> Finding:
 
 def with_findings(report: Report, *kinds: FindingKind) -> Report:
     """`report` with one finding per kind (see `finding`) whose advice is the verdict's, forward-signal
-    RMS in every record (0.5 + layer index where the report has none), a penalty gradient at step 0, and its first layer's bias
-    flagged structurally zero."""
+    RMS in every record (0.5 + layer index where the report has none), a penalty gradient at step 0, and
+    its first layer's bias flagged structurally zero."""
     findings = [finding(kind, i) for i, kind in enumerate(kinds)]
     verdict = report.verdict.model_copy(
         update={"findings": findings, "advice": [item for f in findings for item in f.advice]}
