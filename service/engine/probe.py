@@ -161,7 +161,7 @@ def _train_step(probe: _Probe, step: int, record: bool, on_record: Callable[[int
     loss.backward()
 
     # Every per-layer statistic is of the data loss: measured before the penalty joins the gradient.
-    grad_norms = recorder.param_grad_norms()
+    grad_norms = recorder.param_grad_norms(precise=record)
     zero_fracs = recorder.zero_fractions() if record else None
     penalty_norms = recorder.penalty_grad_norms(spec.l1, _coupled_weight_decay(spec)) if record else None
     if record and on_record is not None:

@@ -33,6 +33,12 @@ STAT_COLUMNS = (
     "penalty_grad_norm",
 )
 
+# float32 squares underflow below ~1e-38, i.e. entries below ~1e-19: a norm under this bound may have lost
+# entries and is recomputed (up to 1e6 entries of 1e-19 still give 1e-16, far below it).
+_UNDERFLOW_NORM = 1e-12
+# 2**60 ≈ 1e18 lifts entries of 1e-25 to 1e-7 while a norm under 1e-12 stays far below float32's maximum.
+_PRESCALE = 2.0**60
+
 # A unit counts as saturated where the activation's local derivative is below 5% of its maximum,
 # computed from the output y: sigmoid y(1-y)/0.25, tanh 1 - y², softsign (1 - |y|)².
 _SATURATION_DERIVATIVE = 0.05
@@ -99,7 +105,12 @@ class Recorder:
             output.register_hook(partial(self._on_output_grad, index))
 
     def _on_output_grad(self, index: int, grad: Tensor) -> None:
-        self._act_grad[index] = torch.linalg.vector_norm(grad.detach())
+        grad = grad.detach()
+        norm = torch.linalg.vector_norm(grad)
+        # A second pass on a prescaled copy keeps gradients whose squares underflow float32 (entries
+        # below ~1e-19) exact, without a host sync; the first pass keeps huge ones from overflowing.
+        rescued = torch.linalg.vector_norm(grad * _PRESCALE) / _PRESCALE
+        self._act_grad[index] = torch.where(norm < _UNDERFLOW_NORM, rescued, norm)
 
     def _on_activation(self, index: int, activation: str, _module: nn.Module, _inputs: object, output: Tensor) -> None:
         if self.recording:
@@ -114,10 +125,18 @@ class Recorder:
             self._saturation = [None] * len(self.layers)
         self._stale = record
 
-    def param_grad_norms(self) -> Tensor:
-        """L2 norm of every parameter's gradient, one batched pass; a vector on the device."""
+    def param_grad_norms(self, precise: bool = False) -> Tensor:
+        """L2 norm of every parameter's gradient, one batched pass; a vector on the device.
+
+        `precise` (recorded steps): norms that float32 may have underflowed are recomputed in float64.
+        Elsewhere only the total matters, and tiny layers do not change it.
+        """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        return torch.stack(torch._foreach_norm(grads))
+        norms = torch.stack(torch._foreach_norm(grads))
+        if precise:
+            for i in (norms < _UNDERFLOW_NORM).nonzero().flatten().tolist():
+                norms[i] = torch.linalg.vector_norm(grads[i], dtype=torch.float64)
+        return norms
 
     def snapshot_weights(self) -> None:
         """Copy the weights before the optimizer step, to measure the update it makes."""

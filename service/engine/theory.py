@@ -354,14 +354,16 @@ def kaiming_sigma_w2(activation: str) -> float:
     return nn.init.calculate_gain(nonlinearity, param) ** 2
 
 
-Remedy = Literal["kaiming", "layer_norm", "batch_norm", "residual"]
+Remedy = Literal["kaiming", "unit_variance", "layer_norm", "batch_norm", "residual"]
 
 
 def remedy_span(activation: str, remedy: Remedy, interior: int, *, sigma_w2: float, q_input: float) -> float | None:
     """Predicted change of log10 ‖∂L/∂h‖ across `interior` layers if the network took `remedy`.
 
     kaiming: zero biases and σ_w² = the Kaiming gain² of :func:`models.init.kaiming_nonlinearity`
-    (χ₁ = 1 for relu, about half of that for gelu and silu near q = 0); layer_norm/batch_norm: the
+    (χ₁ = 1 for relu, about half of that for gelu and silu near q = 0); unit_variance: zero biases and
+    σ_w² = 1 (orthogonal or Xavier on square layers; LeCun's scale for selu, the edge of chaos for
+    tanh); layer_norm/batch_norm: the
     normalised map at the current σ_w²; residual: the residual map at the current σ_w², for odd φ
     only (None otherwise: not derived). The span is the fitted slope times (interior − 1), as measured.
     """
@@ -369,9 +371,9 @@ def remedy_span(activation: str, remedy: Remedy, interior: int, *, sigma_w2: flo
         return None
     if remedy == "residual" and not _zero_mean(activation):
         return None
-    if remedy == "kaiming":
-        layers = [(kaiming_sigma_w2(activation), 0.0)] * (interior + 2)
-        trajectory = _plain(activation, layers, q_input)
+    if remedy in ("kaiming", "unit_variance"):
+        sigma2 = kaiming_sigma_w2(activation) if remedy == "kaiming" else 1.0
+        trajectory = _plain(activation, [(sigma2, 0.0)] * (interior + 2), q_input)
     else:
         layers = [(sigma_w2, 0.0)] * (interior + 2)
         norm = {"layer_norm": "layer", "batch_norm": "batch"}.get(remedy, "none")

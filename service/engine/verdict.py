@@ -619,6 +619,9 @@ class _Judge:
                 candidates.append(
                     ("kaiming", "Use Kaiming init with zero biases (init=kaiming_normal, bias_init=zeros)")
                 )
+            if spec.init not in ("orthogonal", "xavier_normal", "xavier_uniform") or spec.init_gain != 1.0:
+                text = "Use orthogonal init with zero biases, σ_w² = 1 (init=orthogonal, bias_init=zeros)"
+                candidates.append(("unit_variance", text))
             candidates.append(("layer_norm", "Add layer normalisation (norm=layer)"))
         if spec.norm == "batch":
             candidates.append(("layer_norm", "Replace batch norm by layer norm (norm=layer)"))
