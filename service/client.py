@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Generic, Literal, Self, TypedDict, TypeVar, Unpack, overload
@@ -126,6 +126,10 @@ def _drop_none(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
+# A finding kind, or several for runs that have all of them (see GET /v1/runs).
+FindingFilter = str | Sequence[str] | None
+
+
 class _Requests:
     """Every request of the API, built once for both clients (httpx's BaseClient idea): the clients only
     send them and sleep their own way."""
@@ -146,8 +150,9 @@ class _Requests:
         return _Call("GET", f"/v1/runs/{run_id}")
 
     @staticmethod
-    def runs(filters: Mapping[str, Any]) -> _Call:
-        return _Call("GET", "/v1/runs", params=_drop_none(filters))
+    def runs(filters: Mapping[str, Any], finding: FindingFilter) -> _Call:
+        # httpx sends a list as the parameter repeated: `finding=a&finding=b`, runs with both kinds.
+        return _Call("GET", "/v1/runs", params=_drop_none({**filters, "finding": finding}))
 
     @staticmethod
     def layers(run_id: str) -> _Call:
@@ -181,12 +186,12 @@ class _Requests:
         return _Call("POST", "/v1/sweeps", json={"base": _spec_body(base), "grid": dict(grid)})
 
     @staticmethod
-    def sweep_status(sweep_id: str) -> _Call:
-        return _Call("GET", f"/v1/sweeps/{sweep_id}")
+    def sweep_status(sweep_id: str, finding: str | None = None) -> _Call:
+        return _Call("GET", f"/v1/sweeps/{sweep_id}", params=_drop_none({"finding": finding}))
 
     @staticmethod
-    def sweep_summary(sweep_id: str) -> _Call:
-        return _Call("GET", f"/v1/sweeps/{sweep_id}/summary")
+    def sweep_summary(sweep_id: str, finding: str | None = None) -> _Call:
+        return _Call("GET", f"/v1/sweeps/{sweep_id}/summary", params=_drop_none({"finding": finding}))
 
     @staticmethod
     def ready() -> _Call:
@@ -293,9 +298,12 @@ class Client(_BaseClient[httpx.Client, httpx.BaseTransport]):
             run = self.wait(run["id"], timeout=deadline.left())
         return _finished_or_raise(run)
 
-    def runs(self, **filters: Any) -> Json:
-        """`{items, total, limit, offset}`; filters are the `GET /v1/runs` query parameters."""
-        result: Json = self._send(_Requests.runs(filters))
+    def runs(self, *, finding: FindingFilter = None, **filters: Any) -> Json:
+        """`{items, total, limit, offset}`; filters are the `GET /v1/runs` query parameters.
+
+        `finding` keeps the runs whose verdict has a finding of that kind (a list: all of those kinds).
+        """
+        result: Json = self._send(_Requests.runs(filters, finding))
         return result
 
     def layers(self, run_id: str) -> list[Json]:
@@ -336,9 +344,10 @@ class Client(_BaseClient[httpx.Client, httpx.BaseTransport]):
         result: Json = self._send(_Requests.sweep(base, grid))
         return result
 
-    def sweep_status(self, sweep_id: str) -> Json:
-        """Counts by status and every run's grid values, status and verdict."""
-        result: Json = self._send(_Requests.sweep_status(sweep_id))
+    def sweep_status(self, sweep_id: str, *, finding: str | None = None) -> Json:
+        """Counts by status and every run's grid values, status, verdict and findings (`finding`: only the
+        runs with a finding of that kind; the counts stay the whole sweep's)."""
+        result: Json = self._send(_Requests.sweep_status(sweep_id, finding))
         return result
 
     def wait_sweep(self, sweep_id: str, *, timeout: float = 3600.0, poll: float = 1.0) -> Json:
@@ -348,9 +357,10 @@ class Client(_BaseClient[httpx.Client, httpx.BaseTransport]):
             time.sleep(deadline.pause(f"sweep {sweep_id} not done"))
         return status
 
-    def sweep_summary(self, sweep_id: str) -> Json:
-        """Per non-depth configuration: the verdict along depth and the critical depth."""
-        result: Json = self._send(_Requests.sweep_summary(sweep_id))
+    def sweep_summary(self, sweep_id: str, *, finding: str | None = None) -> Json:
+        """Per non-depth configuration: the verdict and findings along depth, the critical depth and each
+        finding's first depth (`finding`: only the configurations with a finding of that kind)."""
+        result: Json = self._send(_Requests.sweep_summary(sweep_id, finding))
         return result
 
     def ready(self) -> Json:
@@ -404,9 +414,9 @@ class AsyncClient(_BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
             run = await self.wait(run["id"], timeout=deadline.left())
         return _finished_or_raise(run)
 
-    async def runs(self, **filters: Any) -> Json:
+    async def runs(self, *, finding: FindingFilter = None, **filters: Any) -> Json:
         """See :meth:`Client.runs`."""
-        result: Json = await self._send(_Requests.runs(filters))
+        result: Json = await self._send(_Requests.runs(filters, finding))
         return result
 
     async def layers(self, run_id: str) -> list[Json]:
@@ -451,9 +461,9 @@ class AsyncClient(_BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         result: Json = await self._send(_Requests.sweep(base, grid))
         return result
 
-    async def sweep_status(self, sweep_id: str) -> Json:
+    async def sweep_status(self, sweep_id: str, *, finding: str | None = None) -> Json:
         """See :meth:`Client.sweep_status`."""
-        result: Json = await self._send(_Requests.sweep_status(sweep_id))
+        result: Json = await self._send(_Requests.sweep_status(sweep_id, finding))
         return result
 
     async def wait_sweep(self, sweep_id: str, *, timeout: float = 3600.0, poll: float = 1.0) -> Json:
@@ -463,9 +473,9 @@ class AsyncClient(_BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
             await asyncio.sleep(deadline.pause(f"sweep {sweep_id} not done"))
         return status
 
-    async def sweep_summary(self, sweep_id: str) -> Json:
+    async def sweep_summary(self, sweep_id: str, *, finding: str | None = None) -> Json:
         """See :meth:`Client.sweep_summary`."""
-        result: Json = await self._send(_Requests.sweep_summary(sweep_id))
+        result: Json = await self._send(_Requests.sweep_summary(sweep_id, finding))
         return result
 
     async def ready(self) -> Json:

@@ -15,7 +15,9 @@ from graddiag.service.api import create_app
 from graddiag.service.client import AsyncClient, Client, GraddiagError, RunFailed
 from graddiag.service.engine.report import Report
 from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine
 from tests.support.api import LONG, RECORD_FIELDS, TINY
+from tests.support.reports import plain_report, store_report, succeed, with_findings
 
 
 @pytest.fixture
@@ -62,6 +64,42 @@ def test_submit_wait_and_filters(client: Client, worker: None) -> None:
     assert shallow["total"] == 1 and shallow["items"][0]["spec"]["depth"] == 2
     assert client.runs(residual=True)["total"] == 0
     assert client.runs(verdict=finished["verdict"], activation="tanh")["total"] == 1
+
+
+def _store_findings(settings: Settings, sweep_runs: list[str]) -> dict[str, str]:
+    """Runs with known findings: step_size; forward_signal and step_size; none; and the sweep's first run
+    with forward_signal. Ids by name."""
+    spec = Spec.model_validate(TINY)
+    engine = make_engine(settings.db_url)
+    try:
+        ids = {
+            "step": store_report(engine, with_findings(plain_report(spec), "step_size")),
+            "both": store_report(engine, with_findings(plain_report(spec), "forward_signal", "step_size")),
+            "none": store_report(engine, plain_report(spec)),
+            "swept": sweep_runs[0],
+        }
+        succeed(engine, ids["swept"], with_findings(plain_report(spec), "forward_signal"))
+    finally:
+        engine.dispose()
+    return ids
+
+
+def test_finding_filters(client: Client, settings: Settings) -> None:
+    sweep = client.sweep(TINY, {"depth": [2, 3]})
+    ids = _store_findings(settings, [run["run_id"] for run in sweep["runs"]])
+    assert {r["id"] for r in client.runs(finding="step_size")["items"]} == {ids["step"], ids["both"]}
+    assert [r["id"] for r in client.runs(finding=["step_size", "forward_signal"])["items"]] == [ids["both"]]
+    assert client.runs(finding="forward_signal", sweep_id=sweep["id"])["items"][0]["finding_kinds"] == [
+        "forward_signal"
+    ]
+    assert [r["run_id"] for r in client.sweep_status(sweep["id"], finding="forward_signal")["runs"]] == [ids["swept"]]
+    assert len(client.sweep_status(sweep["id"])["runs"]) == 2
+    only = client.sweep_summary(sweep["id"], finding="forward_signal")
+    assert only["finding"] == "forward_signal" and len(only["configs"]) == 1
+    assert client.sweep_summary(sweep["id"], finding="nonfinite")["configs"] == []
+    with pytest.raises(GraddiagError) as bad:
+        client.runs(finding="forward-signal")
+    assert bad.value.status == 422 and bad.value.errors[0]["loc"] == ["query", "finding", 0]
 
 
 def test_errors_carry_the_problem(client: Client) -> None:
@@ -153,6 +191,21 @@ async def test_async_client_end_to_end(aclient: AsyncClient, worker: None) -> No
     with pytest.raises(GraddiagError) as gone:
         await aclient.get(run["id"])
     assert gone.value.code == "run_not_found"
+
+
+@pytest.mark.anyio
+async def test_async_client_finding_filters(aclient: AsyncClient, settings: Settings) -> None:
+    sweep = await aclient.sweep(TINY, {"depth": [2, 3]})
+    ids = _store_findings(settings, [run["run_id"] for run in sweep["runs"]])
+    assert {r["id"] for r in (await aclient.runs(finding="step_size"))["items"]} == {ids["step"], ids["both"]}
+    assert [r["id"] for r in (await aclient.runs(finding=("forward_signal", "step_size")))["items"]] == [ids["both"]]
+    status = await aclient.sweep_status(sweep["id"], finding="forward_signal")
+    assert [r["run_id"] for r in status["runs"]] == [ids["swept"]] and status["total"] == 2
+    summary = await aclient.sweep_summary(sweep["id"], finding="forward_signal")
+    assert summary["configs"][0]["finding_depths"] == {"forward_signal": 2}
+    with pytest.raises(GraddiagError) as bad:
+        await aclient.sweep_summary(sweep["id"], finding="bogus")
+    assert bad.value.status == 422 and bad.value.errors[0]["loc"] == ["query", "finding"]
 
 
 @pytest.mark.anyio
