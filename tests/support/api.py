@@ -36,6 +36,7 @@ async def serve_app(
 
 
 def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """Check an RFC 9457 problem answer of `status` with graddiag's `code`; its body."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()

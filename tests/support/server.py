@@ -24,7 +24,8 @@ WORKER_HOST: Final = (
 )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -60,7 +61,7 @@ class Server:
 
     def __init__(self, db_url: str, log: Path, workers: int, cache: Path, code: str = SERVE) -> None:
         self.db_url = db_url
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {

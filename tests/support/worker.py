@@ -21,6 +21,7 @@ from graddiag.service.worker.worker import run_worker
 
 
 def settings_for(url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """Worker settings for the store at `url`: no CIFAR-10, short leases and polls, then `overrides`."""
     values: dict[str, Any] = {
         "db_url": url,
         "data_dir": tmp_path / "no-cifar-here",
@@ -34,11 +35,13 @@ def settings_for(url: str, tmp_path: Path, **overrides: Any) -> Settings:
 
 
 def submit(engine: Engine, spec: Spec) -> str:
+    """Queue a run of `spec` straight in the store; its id."""
     with db.make_sessionmaker(engine)() as session:
         return create_run(session, spec)[0].id
 
 
 def row(engine: Engine, run_id: str) -> Run:
+    """The run's row as it is now."""
     with db.make_sessionmaker(engine)() as session:
         return get_run(session, run_id)
 
@@ -54,6 +57,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
 
 
 def status_is(engine: Engine, run_id: str, *statuses: str) -> Callable[[], bool]:
+    """A condition for wait_for: the run has one of `statuses`."""
     return lambda: row(engine, run_id).status in statuses
 
 
