@@ -183,6 +183,14 @@ def row_texts(page: Any, column: str) -> list[str]:
     return [text.strip() for text in page.locator(f"#runs tbody td.{column}").all_inner_texts()]
 
 
+SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+
+
+def kinds(findings: list[dict[str, Any]] | None) -> str:
+    """The kinds as a sweep cell's `data-findings` holds them: in the verdict's order, space-separated."""
+    return " ".join(f["kind"] for f in findings or [])
+
+
 # --- the runs table -------------------------------------------------------------------------------------
 
 
@@ -201,6 +209,19 @@ def test_runs_table_filters_and_sorts(tab: Tab, sweep: dict[str, Any]) -> None:
     page.fill("input[name=depth_min]", "6")
     page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 2")
     assert sorted(int(d) for d in row_texts(page, "col-depth")) == [6, 12]
+    page.click("button[type=reset]")
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 6")
+
+    # Every row lists its run's finding kinds; the finding filter keeps the runs that have one.
+    for row in page.locator("#runs tbody tr").all():
+        run = next(r for r in sweep["runs"].values() if r["id"] == row.get_attribute("data-id"))
+        assert row.locator("td.col-findings .chips").get_attribute("data-kinds") == " ".join(run["finding_kinds"])
+    with_profile = sorted(r["id"] for r in sweep["runs"].values() if "gradient_profile" in r["finding_kinds"])
+    assert with_profile  # sigmoid at depth 12 vanishes
+    page.select_option("select[name=finding]", "gradient_profile")
+    page.wait_for_function(f"document.querySelectorAll('#runs tbody tr').length === {len(with_profile)}")
+    assert sorted(row.get_attribute("data-id") for row in page.locator("#runs tbody tr").all()) == with_profile
+    assert "finding=gradient_profile" in page.url
     page.click("button[type=reset]")
     page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 6")
 
@@ -283,6 +304,30 @@ def test_run_page_draws_the_run(tab: Tab, sweep: dict[str, Any]) -> None:
 
     assert page.inner_text("#verdict-badge") == run["verdict"] == "vanishing"
     assert page.locator("#verdict li").count() == len(report["verdict"]["reasons"]) + len(report["verdict"]["advice"])
+
+    # The forward signal: the RMS of each layer's output at init and at the end, on a log axis.
+    forward = chart(page, "chart-forward")
+    assert same(forward[0]["y"], at_step(report, recorded[0], "act_norm"))
+    assert same(forward[1]["y"], at_step(report, recorded[-1], "act_norm"))
+    assert page.evaluate("document.getElementById('chart-forward').layout.yaxis.type") == "log"
+    assert page.evaluate("document.getElementById('chart-forward').layout.yaxis.title.text")
+
+    # The findings: one item each, most severe first, with its badge, sentence, evidence and advice.
+    findings = sorted(report["verdict"]["findings"], key=lambda f: SEVERITY_ORDER[f["severity"]])
+    assert any(f["kind"] == "gradient_profile" for f in findings)
+    items = page.locator("#findings li.finding")
+    assert items.count() == len(findings)
+    for i, finding in enumerate(findings):
+        item = items.nth(i)
+        assert (item.get_attribute("data-kind"), item.get_attribute("data-severity")) == (
+            finding["kind"],
+            finding["severity"],
+        )
+        assert item.locator(".finding-head .badge").inner_text() == finding["severity"]
+        assert item.locator(".finding-message").inner_text() == finding["message"]
+        shown = [v for v in finding["evidence"].values() if v is not None]
+        assert item.locator("dl.evidence dt").count() == len(shown)
+        assert item.locator("ul.advice li").all_inner_texts() == finding["advice"]
     assert page.inner_text("#status") == "succeeded"
     tab.screenshot("run")
     assert not tab.errors
@@ -298,6 +343,10 @@ def test_sweep_page_shows_the_verdict_matrix_and_ratios(tab: Tab, sweep: dict[st
         assert [cells.nth(i).get_attribute("data-verdict") for i in range(cells.count())] == config["verdicts"]
         critical = config["critical_depth"]
         assert row.locator("td.critical").inner_text() == ("—" if critical is None else str(critical))
+        # Each cell lists its run's findings.
+        assert [cells.nth(i).get_attribute("data-findings") for i in range(cells.count())] == [
+            kinds(cell) for cell in config["findings"]
+        ]
     # The picture at a glance: sigmoid turns unhealthy with depth, relu does not (yet).
     assert configs["sigmoid"]["critical_depth"] is not None
     assert configs["relu"]["critical_depth"] is None or configs["relu"]["critical_depth"] > 6
@@ -308,6 +357,17 @@ def test_sweep_page_shows_the_verdict_matrix_and_ratios(tab: Tab, sweep: dict[st
         assert trace["x"] == config["depths"] and trace["y"] == pytest.approx(config["first_last_ratio"])
     assert "6 succeeded" in page.inner_text("#counts")
     tab.screenshot("sweep")
+
+    # Filtered by a finding: only the configurations that have it, their runs with it outlined.
+    with_profile = [c["config"]["activation"] for c in configs.values() if "gradient_profile" in c["finding_depths"]]
+    assert "sigmoid" in with_profile
+    page.select_option("#finding-filter", "gradient_profile")
+    page.wait_for_function(f"document.querySelectorAll('#matrix tbody tr').length === {len(with_profile)}")
+    shown = [row.get_attribute("data-config") for row in page.locator("#matrix tbody tr").all()]
+    assert sorted(shown) == sorted(f"activation={a}" for a in with_profile)
+    outlined = page.locator("#matrix td.cell.has-finding").all()
+    assert outlined and all("gradient_profile" in (td.get_attribute("data-findings") or "") for td in outlined)
+    assert "finding=gradient_profile" in page.url
     assert not tab.errors
 
 
