@@ -7,7 +7,6 @@ from pathlib import Path
 
 from graddiag.models.spec import Spec
 from graddiag.service.engine.report import (
-    EvalResult,
     Evidence,
     Label,
     LayerInfo,
@@ -15,10 +14,10 @@ from graddiag.service.engine.report import (
     Report,
     StepMetrics,
     Theory,
-    Timing,
     Verdict,
 )
 from graddiag.service.store import db
+from tests.support.reports import plain_report
 
 
 def migrated_url(tmp_path: Path) -> str:
@@ -29,7 +28,8 @@ def migrated_url(tmp_path: Path) -> str:
 
 
 def sample_report(spec: Spec, *, label: Label = "healthy", interior_ratio: float | None = 0.5, seed: int = 0) -> Report:
-    """A report shaped like the engine's (layers, every step, records at recorded steps, some nulls)."""
+    """A report shaped like the engine's (layers, every step, records at recorded steps, some nulls) with
+    random figures drawn from `seed`; tests/support/reports.py's plain_report has known ones."""
     rng = random.Random(seed)
     layers = [
         LayerInfo(index=i, name=name, kind="linear", params=rng.randint(10, 10_000))
@@ -71,14 +71,6 @@ def sample_report(spec: Spec, *, label: Label = "healthy", interior_ratio: float
         advice=["do this"],
         theory=Theory(applicable=False, reason="not a plain MLP"),
     )
-    return Report(
-        spec=spec,
-        layers=layers,
-        steps=steps,
-        records=records,
-        verdict=verdict,
-        eval=EvalResult(
-            loss=2.2, accuracy=0.1, samples=100, train_loss=2.25, train_accuracy=0.12, generalization_gap=-0.05
-        ),
-        timing=Timing(device="cpu", data_s=0.1, train_s=0.2, eval_s=0.01, total_s=0.31, step_ms=40.0, steps_run=5),
-    )
+    # The evaluation and timing of the plain report: only the per-layer figures are randomised here.
+    update = {"layers": layers, "steps": steps, "records": records, "verdict": verdict}
+    return plain_report(spec, label).model_copy(update=update)
