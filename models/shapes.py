@@ -75,10 +75,8 @@ def largest_layer_parameter_count(spec: Spec) -> int:
     return max(first, hidden if spec.depth > 1 else 0, NUM_CLASSES * w + NUM_CLASSES)
 
 
-def linear_parameter_count(spec: Spec) -> int:
-    """Parameters of the network's linear layers (every weight layer of an mlp; a cnn's output layer)."""
-    if spec.arch == "cnn":
-        return NUM_CLASSES * spec.width + NUM_CLASSES
+def weight_layer_parameter_count(spec: Spec) -> int:
+    """Parameters of the network's weight layers (linear, conv: weights and biases), norm layers excluded."""
     return parameter_count(spec) - spec.depth * norm_parameter_count(spec)
 
 

@@ -17,10 +17,10 @@ from graddiag.models.shapes import (
     NUM_CLASSES,
     cnn_stage_sizes,
     layer_count,
-    linear_parameter_count,
     parameter_count,
     stage_pixels,
     weight_count,
+    weight_layer_parameter_count,
 )
 from graddiag.models.spec import Norm, Spec
 
@@ -38,8 +38,8 @@ def test_counts_match_the_built_network_exactly(spec: Spec) -> None:
     network = build_network(spec)
     params = list(network.parameters())
     assert parameter_count(spec) == sum(p.numel() for p in params)
-    linear = sum(layer.params for layer in network.layers if layer.kind == "linear")
-    assert linear_parameter_count(spec) == linear
+    weight_layers = sum(layer.params for layer in network.layers if layer.kind != "norm")
+    assert weight_layer_parameter_count(spec) == weight_layers
     assert weight_count(spec) == sum(layer.weight.numel() for layer in network.layers)
     assert layer_count(spec) == len(network.layers)
 
@@ -73,7 +73,7 @@ def test_the_network_maps_the_image_shape_to_the_classes() -> None:
         assert build_network(Spec(arch=arch, depth=2, width=4))(torch.zeros(3, *IMAGE_SHAPE)).shape == (3, NUM_CLASSES)
 
 
-def test_shapes_import_without_torch() -> None:
+def test_shapes_and_the_memory_model_import_without_torch() -> None:
     # The API sizes runs with them and never imports torch.
     code = "import sys; import graddiag.models.shapes; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

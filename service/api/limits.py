@@ -13,72 +13,31 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from graddiag.models.memory import estimate_run_memory_mb
 from graddiag.models.spec import Spec, SpecCaps
 from graddiag.service.api.errors import problem_response
 from graddiag.service.api.schemas import FieldError
 from graddiag.service.settings import Settings
 
-# CIFAR-10 images (both data sets have this shape): 3 x 32 x 32 inputs, 10 classes.
-INPUT_FEATURES: Final = 3 * 32 * 32
-INPUT_PIXELS: Final = 32 * 32
-CLASSES: Final = 10
-# models/networks.py: a CNN has min(3, depth) stages of convolutions, a 2x2 max-pool between stages.
-CNN_STAGES: Final = 3
-# float32 copies of every parameter: weight, gradient, the probe's copy of the initial weights and the
-# recorder's snapshot of the previous ones, plus the optimizer's state.
-PARAM_COPIES: Final = 4
-OPTIMIZER_STATES: Final = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
-# Tensors kept for backward per hidden layer, each batch x width x pixels: the layer's output, the
-# activation's output and its gradient; a norm layer keeps one more.
-SAVED_PER_LAYER: Final = 3
 MEMORY_FIELDS: Final = ("depth", "width", "batch_size")
-MIB: Final = 2**20
-
-
-def _cnn_pixels(depth: int) -> int:
-    """Sum over the convolutions of their feature maps' pixels (stage s runs at 32/2^(s-1) squared)."""
-    stages = min(CNN_STAGES, depth)
-    base, extra = divmod(depth, stages)
-    sizes = [base + 1 if s < extra else base for s in range(stages)]
-    return sum(size * INPUT_PIXELS // 4**s for s, size in enumerate(sizes))
-
-
-def parameter_count(spec: Spec) -> int:
-    """The network's parameters (weights and biases, norm scales and shifts)."""
-    w, norms = spec.width, 2 * spec.width if spec.norm != "none" else 0
-    if spec.arch == "cnn":
-        first, hidden = 27 * w + w, 9 * w * w + w
-    else:
-        first, hidden = INPUT_FEATURES * w + w, w * w + w
-    return first + (spec.depth - 1) * hidden + spec.depth * norms + CLASSES * w + CLASSES
-
-
-def estimate_run_memory_mb(spec: Spec) -> float:
-    """Training memory of one run of `spec` in MiB, excluding the interpreter, torch and the data set.
-
-    An estimate from the spec alone (the API never builds networks): float32 parameters times their
-    copies plus the activations backward keeps. Against the measured peak RSS of CPU runs from 0.1 to
-    0.6 GiB (`python -m bench.memory`, bench/results/memory.json) it is 0.95x to 1.6x.
-    """
-    params = parameter_count(spec) * (PARAM_COPIES + OPTIMIZER_STATES[spec.optimizer])
-    pixels = _cnn_pixels(spec.depth) if spec.arch == "cnn" else spec.depth
-    saved = SAVED_PER_LAYER + (1 if spec.norm != "none" else 0)
-    activations = spec.batch_size * spec.width * pixels * saved + 2 * spec.batch_size * INPUT_FEATURES
-    return 4 * (params + activations) / MIB
 
 
 class ServerCaps(SpecCaps):
-    """SpecCaps plus the memory cap: a spec estimated above it is refused naming depth, width and batch_size."""
+    """SpecCaps plus the memory cap: a spec estimated above it is refused naming depth, width and batch_size.
+
+    The estimate (models/memory.py) includes the held-out evaluation, so it depends on `eval_samples`.
+    """
 
     max_run_memory_mb: float = Field(gt=0)
+    eval_samples: int = Field(gt=0)
 
     def violations(self, spec: Spec) -> list[tuple[str, str]]:
         """(field, message) for every cap `spec` exceeds."""
         found = super().violations(spec)
-        memory = estimate_run_memory_mb(spec)
+        memory = estimate_run_memory_mb(spec, self.eval_samples)
         if memory > self.max_run_memory_mb:
             message = (
-                f"the run would need about {memory:,.0f} MiB to train, over this server's "
+                f"the run would need about {memory:,.0f} MiB to train and evaluate, over this server's "
                 f"max_run_memory_mb={self.max_run_memory_mb:g}; lower depth, width or batch_size"
             )
             found += [(field, message) for field in MEMORY_FIELDS]
@@ -87,7 +46,11 @@ class ServerCaps(SpecCaps):
 
 def server_caps(settings: Settings) -> ServerCaps:
     """Every cap a submitted spec must meet on this deployment."""
-    return ServerCaps(**settings.caps().model_dump(), max_run_memory_mb=settings.max_run_memory_mb)
+    return ServerCaps(
+        **settings.caps().model_dump(),
+        max_run_memory_mb=settings.max_run_memory_mb,
+        eval_samples=settings.eval_samples,
+    )
 
 
 def check_spec(spec: Spec, settings: Settings) -> None:
