@@ -61,6 +61,7 @@ class _RayExecutor:
             eval_samples=settings.eval_samples,
             run_timeout_seconds=settings.run_timeout_seconds,
             torch_threads=settings.torch_threads or 1,
+            max_run_memory_mb=settings.max_run_memory_mb,
         )
         self._tasks: dict[ray.ObjectRef, Claim] = {}
         self._refs: dict[str, ray.ObjectRef] = {}  # by run id

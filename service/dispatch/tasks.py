@@ -30,7 +30,9 @@ from graddiag.service.dispatch.control import ProgressFields
 from graddiag.service.engine.data import ImageSet, load_cifar10
 from graddiag.service.engine.probe import ProbeCancelled, Progress, run_probe
 from graddiag.service.engine.report import Report
+from graddiag.service.settings import Settings
 from graddiag.service.worker.lifecycle import error_text
+from graddiag.service.worker.memory_guard import guard_for
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class TaskOptions:
     eval_samples: int
     run_timeout_seconds: float
     torch_threads: int
+    # The run's hard memory limit (memory_guard.guard_for); the dispatcher passes its settings' value.
+    max_run_memory_mb: float = Settings.model_fields["max_run_memory_mb"].default
 
 
 @dataclass(frozen=True)
@@ -175,15 +179,17 @@ def execute(spec: Spec, key: str, control: Any, options: TaskOptions) -> Outcome
     try:
         with _ControlLink(control, key) as link:
             data = _node_sets(options) if spec.dataset == "cifar10" else None
-            report = run_probe(
-                placed,
-                data=data,
-                eval_samples=options.eval_samples,
-                on_progress=link.on_progress,
-                progress_interval=CONTROL_POLL_S,
-                should_stop=link.should_stop,
-                deadline=started + options.run_timeout_seconds,
-            )
+            # Ray reuses this process for the node's next runs: a run over its memory limit fails alone.
+            with guard_for(spec, options.max_run_memory_mb, options.eval_samples) as guard:
+                report = run_probe(
+                    placed,
+                    data=data,
+                    eval_samples=options.eval_samples,
+                    on_progress=link.on_progress,
+                    progress_interval=CONTROL_POLL_S,
+                    should_stop=guard.should_stop(link.should_stop),
+                    deadline=started + options.run_timeout_seconds,
+                )
     except ProbeCancelled:
         return Outcome("stopped")
     except Exception as exc:

@@ -33,6 +33,7 @@ from graddiag.service.worker.lifecycle import (
     process_queue,
     stop_on_signals,
 )
+from graddiag.service.worker.memory_guard import guard_for
 from graddiag.service.worker.queue import Claim, progress_record
 
 if TYPE_CHECKING:
@@ -136,16 +137,18 @@ class _LocalExecutor:
         collector = _histogram_collector(claim, settings)
         try:
             data = self._cache.get() if claim.spec.dataset == "cifar10" else None
-            report = run_probe(
-                claim.spec,
-                data=data,
-                eval_samples=settings.eval_samples,
-                on_progress=lambda progress: self._on_progress(run_id, progress),
-                progress_interval=HEARTBEAT_MAX_INTERVAL_S,
-                should_stop=stop.is_set,
-                deadline=started + settings.run_timeout_seconds,
-                on_record=collector,
-            )
+            # The data set is loaded once per worker, outside the run's memory limit.
+            with guard_for(claim.spec, settings.max_run_memory_mb, settings.eval_samples) as guard:
+                report = run_probe(
+                    claim.spec,
+                    data=data,
+                    eval_samples=settings.eval_samples,
+                    on_progress=lambda progress: self._on_progress(run_id, progress),
+                    progress_interval=HEARTBEAT_MAX_INTERVAL_S,
+                    should_stop=guard.should_stop(stop.is_set),
+                    deadline=started + settings.run_timeout_seconds,
+                    on_record=collector,
+                )
         except ProbeCancelled:
             return Ending()
         except Exception as exc:
