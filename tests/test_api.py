@@ -508,6 +508,7 @@ async def test_runs_filter_by_finding_and_list_their_kinds(api: httpx.AsyncClien
     assert await ids("step_size", "forward_signal") == [both]  # repeated: runs with all of them
     assert await ids("forward_signal", verdict="healthy") == []
     assert await ids("nonfinite") == []
+    assert await ids(*["step_size"] * 3000) == sorted([step, both])  # one condition per distinct kind
     kinds = {r["id"]: r["finding_kinds"] for r in (await api.get("/v1/runs")).json()["items"]}
     assert kinds == {step: ["step_size"], both: ["forward_signal", "step_size"], clean: [], queued: None}
 
