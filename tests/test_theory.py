@@ -497,3 +497,20 @@ def test_theory_matches_a_real_deep_mlp(activation: str, init: str):
     # Observed gaps are ≤ 0.01 decades per layer; 0.05 still catches a wrong χ₁ or σ_w².
     assert theory.predicted_decades_per_layer is not None
     assert abs(measured - theory.predicted_decades_per_layer) <= 0.05, theory.reason
+
+
+def test_per_example_inputs_follow_the_diagonal_map_per_group():
+    weights, biases = _uniform_layers(12, 64, 2.0, 0.0)
+
+    def predicted(activation: str, q_input: float | list[float]) -> float | None:
+        spec = Spec(depth=12, width=64, activation=activation)
+        return theory_for(
+            spec, weights, biases, q_input=q_input, measured_decades_per_layer=None
+        ).predicted_decades_per_layer
+
+    # One q for every example is the scalar case; relu is homogeneous, so the spread of q cannot matter.
+    assert predicted("gelu", [0.8] * 64) == pytest.approx(predicted("gelu", 0.8), abs=1e-12)
+    spread = [0.1] * 32 + [3.0] * 32
+    assert predicted("relu", spread) == pytest.approx(predicted("relu", 1.55), abs=1e-9)
+    # gelu's E[φ′²] depends on q: half the examples near q = 0.1 decay at a different rate than the mean q's.
+    assert abs(predicted("gelu", spread) - predicted("gelu", 1.55)) > 0.005

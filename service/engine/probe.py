@@ -100,7 +100,8 @@ class _Probe:
     init_biases: list[Tensor | None]
     # Built once per recorded step, so progress reports do not rebuild every earlier record.
     records: list[LayerRecord] = field(default_factory=list)
-    input_second_moment: float | None = None
+    # Per example: the mean-field map is diagonal, and images differ in contrast.
+    input_second_moments: list[float] | None = None
     nonfinite_step: int | None = None
     nonfinite_layer: int | None = None
     steps_run: int = 0
@@ -154,7 +155,7 @@ def _train_step(probe: _Probe, step: int, record: bool, on_record: Callable[[int
     recorder.begin_step(record)
     inputs, labels = probe.source.batch(step)
     if step == 0:
-        probe.input_second_moment = float(inputs.detach().double().square().mean())
+        probe.input_second_moments = inputs.detach().flatten(1).double().square().mean(1).tolist()
     logits = model(inputs)
     loss = F.cross_entropy(logits, labels)
     probe.optimizer.zero_grad(set_to_none=False)
@@ -261,7 +262,7 @@ def _finish(probe: _Probe, *, started: float, data_s: float, train_s: float) -> 
         spec,
         probe.init_weights,
         probe.init_biases,
-        q_input=probe.input_second_moment,
+        q_input=probe.input_second_moments,
         measured_decades_per_layer=evidence.act_decades_per_layer,
     )
     verdict = decide(spec, evidence, theory, layers=probe.layers, records=probe.records)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,6 +74,8 @@ _LEGENDRE_NODES, _LEGENDRE_WEIGHTS = np.polynomial.legendre.leggauss(20)
 # 1e-100 .. 1e100 keeps φ(√q·z)² far from float64 underflow/overflow while evaluating there.
 _Q_TINY = 1e-100
 _Q_HUGE = 1e100
+# Quantile groups of the per-example input second moments that the per-example q-map follows.
+_Q_GROUPS = 8
 # Relative step below which the variance map counts as converged; geometric convergence reaches it
 # in tens of iterations, critical (algebraic) cases run to max_iter.
 _Q_RTOL = 1e-12
@@ -339,13 +341,40 @@ def _zero_mean(activation: str) -> bool:
 
 
 def _trajectory(
-    activation: str, norm: str, residual: bool, layers: list[tuple[float, float]], q_input: float
+    activation: str, norm: str, residual: bool, layers: list[tuple[float, float]], q_input: float | Sequence[float]
 ) -> _Trajectory:
     if norm != "none":
         return _normalised(activation, layers, norm)
-    if residual:
-        return _residual(activation, layers, q_input)
-    return _plain(activation, layers, q_input)
+    if isinstance(q_input, float | int):
+        return (_residual if residual else _plain)(activation, layers, float(q_input))
+    return _per_example(activation, residual, layers, q_input)
+
+
+def _per_example(
+    activation: str, residual: bool, layers: list[tuple[float, float]], q_inputs: Sequence[float]
+) -> _Trajectory:
+    # The q-map is diagonal: each example carries its own q_l (Poole et al. 2016), and real images differ
+    # in contrast (CIFAR-10's per-image second moments span 0.1 to 3). The map is nonlinear in q, so the
+    # batch's mean q misplaces χ₁(q_l) for activations whose E[φ′²] depends on q (gelu, silu). Examples are
+    # grouped by quantile of their input second moment; the predicted ‖∂L/∂h_l‖² is the groups' mean,
+    # each group weighted by its size and starting from the same ‖∂L/∂h‖ at the last interior layer.
+    ordered = sorted(float(q) for q in q_inputs)
+    groups = [
+        g
+        for g in (
+            ordered[i * len(ordered) // _Q_GROUPS : (i + 1) * len(ordered) // _Q_GROUPS] for i in range(_Q_GROUPS)
+        )
+        if g
+    ]
+    trajectories = [(_residual if residual else _plain)(activation, layers, statistics.fmean(g)) for g in groups]
+    weights = [len(g) / len(ordered) for g in groups]
+    profile = []
+    for i in range(len(trajectories[0].profile)):
+        total = sum(w * 10 ** (2 * t.profile[i]) for w, t in zip(weights, trajectories, strict=True))
+        profile.append(0.5 * math.log10(total) if total > 0 else -math.inf)
+    chi = [10 ** (2 * (profile[i] - profile[i + 1])) for i in range(len(profile) - 1)]
+    middle = trajectories[len(trajectories) // 2]
+    return _Trajectory(middle.model, middle.qs, chi, profile)
 
 
 def kaiming_sigma_w2(activation: str) -> float:
@@ -457,7 +486,7 @@ def theory_for(
     weights: list[Tensor],
     biases: list[Tensor | None],
     *,
-    q_input: float | None,
+    q_input: float | Sequence[float] | None,
     measured_decades_per_layer: float | None,
     tolerance: float = 0.05,
     relative_tolerance: float = 0.10,
@@ -465,7 +494,8 @@ def theory_for(
     """The mean-field prediction of ∂L/∂h's profile for a probed network, from its actual initial weights.
 
     ``weights``/``biases`` are every weight layer (linear, conv) in forward order as initialised, the
-    input and output layers included; ``q_input`` is the measured second moment of the network's input.
+    input and output layers included; ``q_input`` is the measured second moment of the network's input,
+    or one per example (then the diagonal map runs per quantile group of examples, see `_per_example`).
     The per-layer factors χ₁(q_l) follow the real q_l trajectory from there; the predicted profile is
     fitted like the measured one, and they agree when they differ by at most
     ``max(tolerance, relative_tolerance·|predicted|)`` decades per layer. ``agrees`` is None when there is
@@ -478,8 +508,9 @@ def theory_for(
     if why_not is not None:
         return Theory(applicable=False, reason=why_not)
     assert q_input is not None
+    q_mean = float(q_input) if isinstance(q_input, float | int) else statistics.fmean(q_input)
     layers = measured_layer_variances(weights, biases)
-    if not all(math.isfinite(w) and math.isfinite(b) for w, b in layers) or not math.isfinite(q_input):
+    if not all(math.isfinite(w) and math.isfinite(b) for w, b in layers) or not math.isfinite(q_mean):
         return Theory(
             applicable=False,
             reason="The initial weights, biases or inputs are not finite, so their variances are undefined.",
@@ -513,7 +544,7 @@ def theory_for(
         sentence = f"Mean-field theory ({described}) predicts no finite rate: the forward signal dies or overflows."
     else:
         sentence = (
-            f"Mean-field theory ({described}, from the measured input {_format_q(q_input)}) predicts "
+            f"Mean-field theory ({described}, from the measured input {_format_q(q_mean)}) predicts "
             f"{_format_decades(predicted)} decades per layer for ‖∂L/∂h‖"
         )
         if chi1 is not None:
@@ -534,7 +565,7 @@ def theory_for(
         model=trajectory.model,
         sigma_w2=sigma_w2,
         sigma_b2=sigma_b2,
-        q_input=q_input,
+        q_input=q_mean,
         q_star=last_q,
         chi1=chi1,
         chi1_per_layer=[c if math.isfinite(c) else None for c in trajectory.chi],

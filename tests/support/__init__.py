@@ -5,7 +5,8 @@
 - :mod:`tests.support.worker`: runs submitted straight to the store, polling, worker loops in threads;
 - :mod:`tests.support.api`: the app in-process with its lifespan, problem+json assertions;
 - :mod:`tests.support.server`: `graddiag serve` in a subprocess;
-- :mod:`tests.support.reports`: reports with known findings, forward-signal records and flagged layers.
+- :mod:`tests.support.reports`: reports with known findings, forward-signal records and flagged layers;
+- :mod:`tests.support.verdict_cases`: the labelled case table of the verdict (also run by bench/theory.py).
 
 The fixtures built on them (`settings`, `worker`, `base_url`, `client`) are in tests/conftest.py.
 """
