@@ -20,7 +20,7 @@ from graddiag.models.networks import build_network
 from graddiag.models.spec import Spec
 from graddiag.service.engine.data import make_source
 from graddiag.service.engine.probe import run_probe
-from graddiag.service.engine.report import Report
+from graddiag.service.engine.report import Finding, Report
 from graddiag.service.export.tensorboard import (
     EVENT_FILE,
     HistogramCollector,
@@ -31,7 +31,7 @@ from graddiag.service.export.tensorboard import (
 )
 
 SPEC = Spec(dataset="synthetic", depth=3, width=8, steps=4, batch_size=8, record_every=1)
-LAYER_FIELDS = ("grad_norm", "act_grad_norm", "rel_grad", "update_ratio")
+LAYER_FIELDS = ("grad_norm", "act_grad_norm", "rel_grad", "update_ratio", "act_norm", "penalty_grad_norm")
 STEP_TAGS = {
     "loss": "loss",
     "accuracy": "accuracy",
@@ -85,7 +85,10 @@ def test_scalars_equal_the_report(report: Report, tmp_path: Path) -> None:
     for field in LAYER_FIELDS:
         for index, name in names.items():
             expected = {r.step: f32(v) for r in report.records if r.layer == index and (v := getattr(r, field))}
-            assert scalars(acc, f"{field}/{name}") == expected, (field, name)
+            # A field never measured (penalty_grad_norm without a penalty) writes no tag at all.
+            drawn = scalars(acc, f"{field}/{name}") if f"{field}/{name}" in acc.Tags()["scalars"] else {}
+            assert drawn == expected, (field, name)
+    assert all(len(scalars(acc, f"act_norm/{name}")) == SPEC.steps for name in names.values())
     # grad_norm is measured at every recorded step (record_every=1: every step) for every layer.
     assert all(len(scalars(acc, f"grad_norm/{name}")) == SPEC.steps for name in names.values())
 
@@ -117,6 +120,18 @@ def test_verdict_and_spec_text_and_hparams(report: Report, tmp_path: Path) -> No
     assert {"eval/loss", "eval/accuracy"} <= metrics <= set(acc.Tags()["scalars"])
     domains = {info.name: [v.string_value for v in info.domain_discrete.values] for info in experiment.hparam_infos}
     assert "sigmoid" in domains["activation"] and domains["dataset"] == ["cifar10", "synthetic"]
+
+
+def test_verdict_text_lists_the_findings(report: Report, tmp_path: Path) -> None:
+    findings = [
+        Finding(kind="step_size", severity="warning", phase="training", message="Steps are large."),
+        Finding(kind="structural_zero_bias", severity="info", message="Biases feed batch norm."),
+    ]
+    with_findings = report.model_copy(update={"verdict": report.verdict.model_copy(update={"findings": findings})})
+    verdict = text(read(write_events(with_findings, tmp_path / "run")), "verdict")
+    assert "**Findings**" in verdict
+    assert "- **warning** step_size (during training): Steps are large." in verdict
+    assert "- **info** structural_zero_bias: Biases feed batch norm." in verdict
 
 
 def test_non_finite_values_are_skipped(report: Report, tmp_path: Path) -> None:

@@ -4,11 +4,11 @@ A pure layer over :class:`~service.engine.report.Report` (it imports neither the
 One run is one TensorBoard run directory holding one event file, with these tags:
 
 - per layer, at each recorded step: ``grad_norm/<layer>``, ``act_grad_norm/<layer>``,
-  ``rel_grad/<layer>``, ``update_ratio/<layer>`` (``<layer>`` is the LayerInfo name, e.g.
-  ``hidden2.linear``);
+  ``rel_grad/<layer>``, ``update_ratio/<layer>``, ``act_norm/<layer>`` (the forward signal) and, with a
+  penalty, ``penalty_grad_norm/<layer>`` (``<layer>`` is the LayerInfo name, e.g. ``hidden2.linear``);
 - per step: ``loss``, ``accuracy``, ``grad_norm_total/pre``, ``grad_norm_total/post``;
 - at the last step run: ``eval/loss``, ``eval/accuracy``;
-- text: ``verdict`` (label, reasons, advice, theory, evidence) and ``spec`` (a field/value table);
+- text: ``verdict`` (label, reasons, findings, advice, theory, evidence) and ``spec`` (a field/value table);
 - the spec as hparams (TensorBoard's HPARAMS tab; ``None`` fields are left out, see the spec text);
 - with ``histograms`` given: ``grad/<layer>`` weight-gradient histograms (see :class:`HistogramCollector`).
 
@@ -46,7 +46,7 @@ except ImportError as exc:  # torch.utils.tensorboard raises this when the tenso
 
 
 # Per-layer report fields written as scalars, tag prefix = field name.
-LAYER_SCALARS: Final = ("grad_norm", "act_grad_norm", "rel_grad", "update_ratio")
+LAYER_SCALARS: Final = ("grad_norm", "act_grad_norm", "rel_grad", "update_ratio", "act_norm", "penalty_grad_norm")
 # Per-step report fields and their tags.
 STEP_SCALARS: Final = {
     "loss": "loss",
@@ -244,6 +244,10 @@ def _verdict_markdown(report: Report) -> str:
         "",
         *[f"- {reason}" for reason in verdict.reasons],
     ]
+    if verdict.findings:
+        phases = {"init": " (at init)", "training": " (during training)", None: ""}
+        lines += ["", "**Findings**", ""]
+        lines += [f"- **{f.severity}** {f.kind}{phases[f.phase]}: {f.message}" for f in verdict.findings]
     if verdict.advice:
         lines += ["", "**Advice**", "", *[f"- {item}" for item in verdict.advice]]
     theory = verdict.theory
