@@ -13,7 +13,6 @@ import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,10 @@ from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine, make_sessionmaker, upgrade
 from graddiag.service.store.runs import RunFilters, create_run, delete_run, list_runs
 from graddiag.service.store.sweeps import SweepInvalid, create_sweep
+from graddiag.service.worker.queue import claim_next
+from tests.support import specs
+from tests.support.api import assert_problem, serve_app
+from tests.support.worker import background_worker, row, status_is, submit, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -53,28 +56,10 @@ def session(settings: Settings) -> Any:
     engine.dispose()
 
 
-@asynccontextmanager
-async def _api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://graddiag.test") as client,
-    ):
-        yield client
-
-
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with _api(settings) as client:
+    async with serve_app(settings) as client:
         yield client
-
-
-def _problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text[:2000]
-    assert response.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = response.json()
-    assert body["code"] == code and body["detail"]
-    return body
 
 
 # --- 3. sweep error bodies are bounded and validation stops early -------------------------------------
@@ -147,7 +132,7 @@ def test_sweep_validation_stops_early_and_keeps_memory_flat(session: Session) ->
 
 async def test_run_error_body_is_bounded_too(api: httpx.AsyncClient) -> None:
     flood = _compact({_key(i): 1 for i in range(KEYS)})
-    body = _problem(
+    body = assert_problem(
         await api.post("/v1/runs", content=flood, headers={"content-type": "application/json"}),
         422,
         "validation_error",
@@ -288,31 +273,24 @@ def test_served_access_log_redacts_encoded_token_keys(settings: Settings, capsys
 
 
 async def test_delete_removes_the_runs_tensorboard_folder(settings: Settings, tmp_path: Path) -> None:
-    from graddiag.service.worker.worker import run_worker
-
     config = settings.model_copy(update={"tensorboard_dir": tmp_path / "tb"})
-    stop = threading.Event()
-    worker = threading.Thread(target=run_worker, args=(config,), kwargs={"stop": stop, "grace_seconds": 0})
-    async with _api(config) as api:
-        worker.start()
-        try:
+    async with serve_app(config) as api:
+        with background_worker(config):
             ids = [
                 (
                     await api.post("/v1/runs", params={"wait": 60}, json={**TINY, "tensorboard": True, "seed": seed})
                 ).json()["id"]
                 for seed in (1, 2)
             ]
-        finally:
-            stop.set()
-            worker.join(30)
         folders = [config.tensorboard_run_dir(run_id) for run_id in ids]
         assert all(any(folder.iterdir()) for folder in folders), "the worker wrote no events"
         assert (await api.delete(f"/v1/runs/{ids[0]}")).status_code == 204
         assert not folders[0].exists()
         assert any(folders[1].iterdir())  # only the deleted run's folder goes
-        # A run whose events were never written (or already removed) deletes cleanly too.
-        assert (await api.delete(f"/v1/runs/{ids[1]}")).status_code == 204
-        assert not folders[1].exists() and (tmp_path / "tb").is_dir()
+        # A run that never had events (still queued: no worker now) deletes cleanly too.
+        queued = (await api.post("/v1/runs", json=TINY)).json()["id"]
+        assert (await api.delete(f"/v1/runs/{queued}")).status_code == 204
+        assert any(folders[1].iterdir()) and (tmp_path / "tb").is_dir()
         assert (await api.delete("/v1/runs/..")).status_code in (404, 405)
 
 
@@ -342,13 +320,56 @@ def test_events_written_after_the_run_was_deleted_are_removed(
     with make_sessionmaker(engine)() as session:
         run, _ = create_run(session, Spec(**{**TINY, "tensorboard": True}))
     engine.dispose()
-    stop = threading.Event()
-    worker = threading.Thread(
-        target=worker_module.run_worker, args=(config,), kwargs={"stop": stop, "max_runs": 1, "grace_seconds": 0}
-    )
-    worker.start()
-    worker.join(60)
-    stop.set()
-    assert not worker.is_alive() and written.is_set()
+    with background_worker(config, max_runs=1):
+        assert written.wait(60), "the worker never wrote the events"
+        wait_for(lambda: "lease lost before the results were stored" in caplog.text, 30, "the run to be settled")
     assert f"run {run.id}: lease lost before the results were stored; discarded" in caplog.text
     assert not config.tensorboard_run_dir(run.id).exists()
+
+
+# --- 8. expired leases are reaped while every worker is busy, and the queue keeps its order ---------------
+
+
+def test_expired_lease_is_reaped_while_the_worker_is_busy_and_keeps_its_place(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graddiag.service.worker import worker as worker_module
+
+    config = settings.model_copy(update={"lease_seconds": 1.0})
+    engine = make_engine(config.db_url)
+    spec = specs.TINY
+    orphan, busy, *later = (submit(engine, spec.model_copy(update={"seed": seed})) for seed in range(4))
+    # The oldest run's worker dies right after claiming it: its 1 s lease is never renewed.
+    claim = claim_next(engine, "dead-worker", lease_seconds=1.0)
+    assert claim is not None and claim.run_id == orphan
+    claimed_at = time.monotonic()
+
+    # The live worker trains `busy` until the test lets it finish.
+    probe, finish = worker_module.run_probe, threading.Event()
+
+    def held(spec: Spec, **kwargs: Any) -> Any:
+        if spec.seed == 1:
+            assert finish.wait(60)
+        return probe(spec, **kwargs)
+
+    monkeypatch.setattr(worker_module, "run_probe", held)
+    try:
+        with background_worker(config):
+            wait_for(status_is(engine, busy, "running"), 30, "the worker to claim the second run")
+            # Reaped on the worker's timer while its only run is still training (was: only once idle).
+            wait_for(status_is(engine, orphan, "queued"), 10, "the dead worker's run to be requeued")
+            requeued_after = time.monotonic() - claimed_at
+            assert row(engine, busy).status == "running"
+            finish.set()
+            for run_id in (orphan, busy, *later):
+                wait_for(status_is(engine, run_id, "succeeded"), 30, f"run {run_id} to succeed")
+        runs = {run_id: row(engine, run_id) for run_id in (orphan, busy, *later)}
+    finally:
+        finish.set()
+        engine.dispose()
+    # Within the lease plus one reaper period (1 s each here), with room for a loaded machine.
+    assert requeued_after < 5.0, requeued_after
+    # Back in its place by creation time: claimed next, before the runs submitted after it.
+    started = sorted(runs, key=lambda run_id: runs[run_id].started_epoch or 0.0)
+    assert started == [busy, orphan, *later], started
+    assert runs[orphan].attempt == 2 and all(runs[run_id].attempt == 1 for run_id in (busy, *later))
