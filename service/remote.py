@@ -224,7 +224,8 @@ def _config_label(config: dict[str, Any]) -> str:
 
 
 def render_sweep(status: Json, summary: Json) -> str:
-    """The verdict matrix (a row per non-depth combination, a column per depth) and each row's critical depth.
+    """The verdict matrix (a row per non-depth combination, a column per depth), each row's critical depth and
+    the shallowest depth of each of its findings.
 
     A cell without a verdict shows its run's status (queued, running, failed, cancelled).
     """
@@ -250,6 +251,17 @@ def render_sweep(status: Json, summary: Json) -> str:
     done = ", ".join(f"{count} {name}" for name, count in status["counts"].items() if count)
     lines += ["", f"sweep {status['id']}: {status['total']} runs ({done})"]
     lines.append("critical depth: the shallowest depth whose verdict is not healthy (— = healthy at every depth)")
+    # Where each finding first appears along depth, per row (`.get`: a server from before findings has none).
+    firsts = [
+        f"  {_config_label(config['config'])}: "
+        + ", ".join(
+            f"{kind} from depth {depth}" for kind, depth in sorted(found.items(), key=lambda kv: (kv[1], kv[0]))
+        )
+        for config in summary["configs"]
+        if (found := config.get("finding_depths"))
+    ]
+    if firsts:
+        lines += ["findings, by the shallowest depth where each appears:", *firsts]
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from graddiag.service.cli import main
 from graddiag.service.client import Client
-from graddiag.service.remote import parse_grid, parse_value
+from graddiag.service.remote import parse_grid, parse_value, render_sweep
 
 # Shared fixtures (imported so pytest finds them here too).
 from tests.support.api import TINY
@@ -134,6 +134,29 @@ def test_sweep_wait_prints_the_verdict_matrix(
 
     code, again, _ = run_cli(capsys, "status", "--sweep", sweep_id, "--url", base_url)
     assert code == 0 and table_rows(again) == table_rows(out)
+
+
+def test_sweep_matrix_lists_where_each_finding_first_appears() -> None:
+    runs = [{"grid": {"norm": norm, "depth": d}, "status": "succeeded"} for norm in ("none", "batch") for d in (2, 4)]
+    status = {"id": "5d26", "total": 4, "counts": {"succeeded": 4}, "runs": runs}
+    summary = {
+        "configs": [
+            {"config": {"norm": "none"}, "depths": [2, 4], "verdicts": ["healthy"] * 2, "critical_depth": None},
+            {
+                "config": {"norm": "batch"},
+                "depths": [2, 4],
+                "verdicts": ["healthy", "exploding"],
+                "critical_depth": 4,
+                "finding_depths": {"gradient_profile": 4, "structural_zero_bias": 2, "forward_signal": 4},
+            },
+        ]
+    }
+    lines = render_sweep(status, summary).splitlines()
+    at = lines.index("findings, by the shallowest depth where each appears:")
+    # Shallowest first, then by kind; a row without findings (or from an older server) has no line.
+    assert lines[at + 1 :] == [
+        "  norm=batch: structural_zero_bias from depth 2, forward_signal from depth 4, gradient_profile from depth 4"
+    ]
 
 
 def test_sweep_without_wait_prints_its_id_and_status_shows_pending_cells(
