@@ -9,16 +9,19 @@ requeues it for the next attempt.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Final
 
 import uvicorn
 
@@ -72,13 +75,42 @@ def cuda_devices() -> list[str]:
     return [str(i) for i in range(count)]
 
 
+# prctl(2) option: the signal the kernel sends this process when its parent dies.
+PR_SET_PDEATHSIG: Final = 1
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send `signum` to this process when its parent dies (Linux); False elsewhere.
+
+    Without it a worker whose `serve` was SIGKILLed lives on under PID 1, claiming runs for a service
+    that is gone (and, after a restart, beside the new one's workers). SIGTERM, not SIGKILL: the worker
+    then hands its run back to the queue at once instead of leaving it to the lease. The kernel ties the
+    signal to the thread that started the worker (the pool's supervisor may), so the worker also checks
+    that its parent *process* is gone before treating a SIGTERM as orphaning (worker._ParentWatch).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    except (OSError, AttributeError) as exc:
+        log.warning("worker: no parent-death signal (%s); the parent liveness check still applies", exc)
+        return False
+    return True
+
+
 def _worker_entry(settings: Settings, cuda_device: str | None) -> None:
     # Runs in the spawned child: pin the device before torch initialises CUDA.
     if cuda_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_device
+    die_with_parent()
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        return  # the parent died before the signal was armed: nothing would ever stop this worker
     from graddiag.service.worker.worker import worker_main
 
-    worker_main(settings)
+    worker_main(settings, parent=parent)
 
 
 class WorkerPool:

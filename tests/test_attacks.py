@@ -8,7 +8,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -32,6 +36,7 @@ from graddiag.service.store.sweeps import SweepInvalid, create_sweep
 from graddiag.service.worker.queue import claim_next
 from tests.support import specs
 from tests.support.api import assert_problem, serve_app
+from tests.support.server import Server
 from tests.support.worker import background_worker, row, status_is, submit, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -373,3 +378,104 @@ def test_expired_lease_is_reaped_while_the_worker_is_busy_and_keeps_its_place(
     started = sorted(runs, key=lambda run_id: runs[run_id].started_epoch or 0.0)
     assert started == [busy, orphan, *later], started
     assert runs[orphan].attempt == 2 and all(runs[run_id].attempt == 1 for run_id in (busy, *later))
+
+
+# --- 2. workers die with their serve ------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting to be reaped by PID 1 does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_sigkilled_serve_and_hand_their_runs_back(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'graddiag.db'}"
+    server = Server(url, tmp_path / "serve.log", workers=2, cache=tmp_path / "cache")
+    workers: list[int] = []
+    try:
+        server.wait_ready()
+        body = specs.LONG.model_dump(mode="json")
+        ids = [httpx.post(f"{server.url}/v1/runs", json={**body, "seed": seed}).json()["id"] for seed in range(3)]
+        engine = make_engine(url)
+        wait_for(lambda: sum(row(engine, run_id).status == "running" for run_id in ids) == 2, 60, "two runs training")
+        workers = server.worker_pids()
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        killed = time.monotonic()
+        # Was: the workers moved to PID 1 and kept claiming runs for a service that was gone.
+        outlived = wait_for(lambda: not any(_alive(pid) for pid in workers), 10, "the orphaned workers to exit")
+        assert outlived < 5.0, (outlived, server.tail())
+        # Each handed its run back on the way out: queued again at once, not left to its lease.
+        runs = [row(engine, run_id) for run_id in ids]
+        engine.dispose()
+        assert [run.status for run in runs] == ["queued"] * 3, [run.status for run in runs]
+        assert all(run.lease_owner is None for run in runs)
+        assert sorted(run.attempt for run in runs) == [0, 1, 1]
+        assert time.monotonic() - killed < 10
+        log = server.log.read_text()
+        assert log.count("died; handing the run back and exiting") == 2, server.tail()
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+class _FakeParent:
+    """Stands for the process that started a worker; `die()` makes it gone."""
+
+    pid = 4242
+
+    def __init__(self) -> None:
+        self._gone = threading.Event()
+
+    def die(self) -> None:
+        self._gone.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._gone.wait(timeout)
+
+    def is_alive(self) -> bool:
+        return not self._gone.is_set()
+
+
+def test_parent_liveness_check_stops_the_worker_without_a_signal(settings: Settings) -> None:
+    # The portable half (no parent-death signal): the worker notices by itself that its parent is gone.
+    from graddiag.service.worker.worker import run_worker
+
+    engine = make_engine(settings.db_url)
+    run_id = submit(engine, specs.LONG)
+    parent, stop = _FakeParent(), threading.Event()
+    worker = threading.Thread(
+        target=run_worker, args=(settings,), kwargs={"stop": stop, "parent": parent, "grace_seconds": 60}
+    )
+    worker.start()
+    try:
+        wait_for(lambda: (row(engine, run_id).progress or {}).get("step", 0) > 0, 30, "the run to train")
+        parent.die()
+        # At once, not after the 60 s grace a SIGTERM would give it: nobody is left to wait for the run.
+        took = wait_for(lambda: not worker.is_alive(), 10, "the worker to stop")
+        assert took < 3.0, took
+        run = row(engine, run_id)
+        assert run.status == "queued" and run.lease_owner is None and run.attempt == 1
+    finally:
+        stop.set()
+        worker.join(30)
+        engine.dispose()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_die_with_parent_arms_the_parent_death_signal() -> None:
+    code = (
+        "import ctypes; from graddiag.service.serve import die_with_parent; assert die_with_parent(); "
+        "value = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0); print(value.value)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert int(done.stdout) == signal.SIGTERM  # PR_GET_PDEATHSIG

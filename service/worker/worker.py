@@ -8,12 +8,14 @@ the stop flag every step. No database transaction is held open while training.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import torch
 
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 # Gradient histograms stay in memory until the run ends: this many float32 values in all (64 MiB), spread
 # over every recorded step and layer, bounds them however deep, wide and long the run is.
 HISTOGRAM_BUDGET_VALUES: Final = 16 * 2**20
+# The worker checks that its parent is alive at least this often (it also wakes the moment the parent
+# exits); an orphaned worker whose run has not stopped this long after exits anyway.
+PARENT_CHECK_SECONDS: Final = 0.5
+ORPHAN_EXIT_SECONDS: Final = 5.0
 
 
 def _histogram_collector(claim: Claim, settings: Settings) -> HistogramCollector | None:
@@ -110,6 +116,11 @@ class _LocalExecutor:
         for claim in claims:
             self._stops[claim.run_id].set()
 
+    def abandon(self) -> None:
+        """Stop every run now (the worker's parent died): each ends unfinished and goes back to the queue."""
+        for stop in list(self._stops.values()):
+            stop.set()
+
     def wait(self, timeout: float) -> list[tuple[Claim, Ending]]:
         """The runs whose thread ended, waiting up to `timeout` for the first."""
         try:
@@ -163,6 +174,62 @@ class _LocalExecutor:
         return Ending(report=report)
 
 
+class ParentProcess(Protocol):
+    """What the worker needs of the process that started it (multiprocessing.parent_process() is one)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait up to `timeout` seconds for the process to end."""
+
+    def is_alive(self) -> bool:
+        """Whether the process is still running."""
+
+
+class _ParentWatch:
+    """Stops the worker when the process that started it (`serve`, the pool) dies.
+
+    The portable half of dying with the parent (on Linux the kernel also sends SIGTERM: serve's
+    die_with_parent): a thread waits on the parent's sentinel, which becomes ready the moment the parent
+    exits, and checks it at least every PARENT_CHECK_SECONDS. An orphaned worker claims nothing more, hands
+    its run back to the queue at once (no grace: nobody waits for it) and exits; if the run does not stop
+    within ORPHAN_EXIT_SECONDS (one very long step), the process exits anyway and the lease takes over.
+    """
+
+    def __init__(self, parent: ParentProcess, stop: threading.Event, executor: _LocalExecutor) -> None:
+        self._parent = parent
+        self._stop = stop
+        self._executor = executor
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="parent-watch", daemon=True)
+
+    def __enter__(self) -> _ParentWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            self._parent.join(PARENT_CHECK_SECONDS)  # returns early when the parent exits
+            if not self._parent.is_alive():
+                self._orphaned()
+                return
+
+    def _orphaned(self) -> None:
+        log.warning("worker: parent process %s died; handing the run back and exiting", self._parent.pid)
+        self._stop.set()
+        deadline = time.monotonic() + ORPHAN_EXIT_SECONDS
+        # Repeated: a run claimed by a loop that had not yet seen `stop` is stopped too.
+        while not self._done.wait(0.2):
+            self._executor.abandon()
+            if time.monotonic() >= deadline:
+                log.error("worker: run still going %.0f s after the parent died; exiting now", ORPHAN_EXIT_SECONDS)
+                os._exit(70)  # EX_SOFTWARE; the run's lease expires and it is attempted again
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -170,33 +237,43 @@ def run_worker(
     worker_id: str | None = None,
     max_runs: int | None = None,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    parent: ParentProcess | None = None,
 ) -> None:
     """Claim and execute runs until `stop` is set (or `max_runs` runs were executed).
 
     A run that fails is recorded as failed and the loop goes on. When `stop` is set during a run, the
-    run may finish within `grace_seconds`; otherwise it is handed back to the queue.
+    run may finish within `grace_seconds`; otherwise it is handed back to the queue. With `parent` (the
+    process that started this worker), the worker stops at once, handing its run back, when it dies.
     """
     engine = make_engine(settings.db_url)
     executor = _LocalExecutor(settings, DatasetCache(settings.data_dir, settings.cache_dir))
+    stop = stop or threading.Event()
     try:
-        process_queue(
-            engine,
-            executor,
-            settings,
-            owner=worker_id or process_id(),
-            stop=stop or threading.Event(),
-            grace_seconds=grace_seconds,
-            max_runs=max_runs,
-        )
+        with _ParentWatch(parent, stop, executor) if parent is not None else contextlib.nullcontext():
+            process_queue(
+                engine,
+                executor,
+                settings,
+                owner=worker_id or process_id(),
+                stop=stop,
+                grace_seconds=grace_seconds,
+                max_runs=max_runs,
+            )
     finally:
         engine.dispose()
 
 
-def worker_main(settings: Settings) -> None:
-    """Process entry point: torch threads from settings, SIGTERM/SIGINT stop the worker gracefully."""
+def worker_main(settings: Settings, parent: ParentProcess | None = None) -> None:
+    """Process entry point: torch threads from settings, SIGTERM/SIGINT stop the worker gracefully, and
+    the death of `parent` (the process that started it, when given) stops it at once."""
     configure_logging()
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     stop = threading.Event()
     stop_on_signals(stop, "the current run")
-    run_worker(settings, stop=stop)
+    run_worker(settings, stop=stop, parent=parent)
+    if parent is not None and not parent.is_alive():
+        # Orphaned, its run handed back: nothing is left to clean up, and the interpreter's teardown (torch's
+        # above all) takes 1-3 s on a busy machine that the dead service's worker should not hold.
+        logging.shutdown()
+        os._exit(0)
