@@ -85,14 +85,28 @@ export function severityBadge(severity) {
   return el("span", { class: `badge severity-${severity}` }, severity);
 }
 
-/** Compact finding chips ({kind, severity?, message?}), most severe first; the message is the tooltip. */
+/** Compact finding chips ({kind, severity?, message?}): one per kind, most severe first, coloured by its most
+ * severe finding and counted when the kind repeats (e.g. ×4: both profiles at init and in training); the
+ * sentences are the tooltip. */
 export function findingChips(findings) {
+  const byKind = new Map();
+  for (const f of bySeverity(findings)) {
+    const seen = byKind.get(f.kind);
+    if (seen) seen.items.push(f);
+    else byKind.set(f.kind, { kind: f.kind, severity: f.severity, items: [f] });
+  }
   return el(
     "span",
     { class: "chips", dataset: { kinds: findings.map((f) => f.kind).join(" ") } },
-    ...bySeverity(findings).map((f) =>
-      el("span", { class: `chip${f.severity ? ` severity-${f.severity}` : ""}`, title: f.message || null }, kindLabel(f.kind)),
-    ),
+    ...[...byKind.values()].map((chip) => {
+      const messages = chip.items.map((f) => f.message).filter(Boolean);
+      const count = chip.items.length > 1 ? ` ×${chip.items.length}` : "";
+      return el(
+        "span",
+        { class: `chip${chip.severity ? ` severity-${chip.severity}` : ""}`, title: messages.join("\n") || null },
+        kindLabel(chip.kind) + count,
+      );
+    }),
   );
 }
 

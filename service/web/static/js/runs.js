@@ -80,7 +80,16 @@ function row(run, focusable) {
         ? el("a", { href: `${BASE}/sweeps/${run.sweep_id}`, tabindex: "-1" }, el("code", {}, shortId(run.sweep_id)))
         : "",
     ),
-    el("td", {}, el("time", { datetime: run.created_at }, new Date(run.created_at).toLocaleString())),
+    // Short date and time (the findings column needs the width); the full instant is the tooltip.
+    el(
+      "td",
+      {},
+      el(
+        "time",
+        { datetime: run.created_at, title: new Date(run.created_at).toLocaleString() },
+        new Date(run.created_at).toLocaleString(undefined, { dateStyle: "short", timeStyle: "short" }),
+      ),
+    ),
   );
 }
 
