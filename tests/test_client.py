@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import tarfile
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -177,6 +179,9 @@ async def test_async_client_end_to_end(aclient: AsyncClient, worker: None) -> No
     text = await aclient.gradients(run["id"], fmt="csv")
     assert text.splitlines()[0] == ",".join(RECORD_FIELDS)
     assert len((await aclient.compare(run["id"]))["runs"][0]["layers"]) == 4
+    # The events archive is bytes: one folder named after the run.
+    with tarfile.open(fileobj=io.BytesIO(await aclient.tensorboard(run["id"])), mode="r:gz") as archive:
+        assert {Path(name).parts[0] for name in archive.getnames()} == {run["id"]}
 
     sweep = await aclient.sweep({**TINY, "steps": 2}, {"depth": [2, 3]})
     assert (await aclient.wait_sweep(sweep["id"], timeout=60, poll=0.05))["done"]
