@@ -99,8 +99,9 @@ function evidenceList(evidence) {
   );
 }
 
-/** One finding: severity badge, kind and phase, its sentence, its evidence numbers, the layers and advice. */
-function findingItem(finding, layers) {
+/** One finding: severity badge, kind and phase, its sentence, its evidence numbers, the layers and `advice`
+ * (the finding's advice less what an earlier card already gave). */
+function findingItem(finding, layers, advice) {
   const names = new Map(layers.map((l) => [l.index, l.name]));
   const about = finding.layers.length
     ? el("p", { class: "muted" }, "Layers: ", [...new Set(finding.layers)].map((i) => names.get(i) ?? `#${i}`).join(", "))
@@ -118,7 +119,7 @@ function findingItem(finding, layers) {
     el("p", { class: "finding-message" }, finding.message),
     Object.keys(finding.evidence).length ? evidenceList(finding.evidence) : null,
     about,
-    finding.advice.length ? el("ul", { class: "advice" }, ...finding.advice.map((item) => el("li", {}, item))) : null,
+    advice.length ? el("ul", { class: "advice" }, ...advice.map((item) => el("li", {}, item))) : null,
   );
 }
 
@@ -128,10 +129,13 @@ function renderFindings(report) {
     return;
   }
   const findings = bySeverity(report.verdict.findings || []);
+  // Several findings of one kind (a profile at init and in training) share their advice: say it once.
+  const advised = new Set();
+  const fresh = (finding) => finding.advice.filter((item) => !advised.has(item) && advised.add(item));
   findingsSection.replaceChildren(
     el("h2", {}, "Findings ", el("span", { class: "muted" }, `(${findings.length})`)),
     findings.length
-      ? el("ol", { class: "findings-list" }, ...findings.map((f) => findingItem(f, report.layers)))
+      ? el("ol", { class: "findings-list" }, ...findings.map((f) => findingItem(f, report.layers, fresh(f))))
       : el("p", { class: "muted" }, "No findings: nothing beyond the verdict to report."),
   );
 }
