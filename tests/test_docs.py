@@ -10,7 +10,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pandas as pd
 import pytest
@@ -19,6 +19,7 @@ from sqlalchemy import text
 
 from graddiag.service.api import create_app
 from graddiag.service.api.runs import records_csv
+from graddiag.service.engine.report import FindingKind
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine, make_sessionmaker, upgrade
 from graddiag.service.store.runs import gradient_table, layer_rows, load_report
@@ -214,3 +215,9 @@ async def test_the_api_guide_names_every_route_and_metric(settings: Settings) ->
     # prometheus_client adds a `<histogram>_created` timestamp beside each client-side histogram.
     exposed = {family.name for family in text_string_to_metric_families(exposition)}
     assert metrics == {name for name in exposed if not name.endswith("_created")}
+
+
+def test_the_api_guide_lists_every_finding_kind() -> None:
+    guide = (DOCS / "api.md").read_text()
+    (row,) = re.findall(r"^\| `kind` \|(.*)\|$", guide, flags=re.MULTILINE)
+    assert re.findall(r"`(\w+)`", row) == list(get_args(FindingKind))
