@@ -500,3 +500,162 @@ async def test_run_over_its_time_limit_fails_with_the_reason(fault_settings: Set
     assert run["status"] == "failed" and run["report"] is None
     assert run["error"].startswith("ProbeTimeout: wall-clock limit reached at step ")
     assert "run_timeout_seconds=0.5" in run["error"]
+
+
+# --- chaos: all of it at once, on a seeded schedule -------------------------------------------------------
+
+CHAOS_SEED: Final = 20261201
+# 30 tiny runs of about a second each: the sweep is still going while every fault of the schedule lands.
+CHAOS_BASE: Final[dict[str, Any]] = {**SMALL, "width": 16, "batch_size": 16, "steps": 400, "record_every": 100}
+CHAOS_GRID: Final[dict[str, list[Any]]] = {"depth": [1, 2, 3], "seed": list(range(10))}
+# Each fault at least once; the seed orders them and picks the victims and the pauses.
+CHAOS_FAULTS: Final = ["kill_worker", "kill_worker", "kill_serve", "lock", "full_disk"]
+DISK_FULL: Final = "database or disk is full"
+# Every wait of the test comes out of this budget: it takes about a minute on two busy cores (most of it
+# starting serve and its workers, three times), and fails rather than hang past this.
+CHAOS_BUDGET_S: Final = 110.0
+
+
+class Chaos:
+    """`serve` on a database on a small disk, and the faults the schedule throws at it."""
+
+    def __init__(self, tmp_path: Path, disk: Path, rng: random.Random) -> None:
+        self.tmp_path = tmp_path
+        self.disk = disk
+        self.path = disk / "graddiag.db"
+        self.url = f"sqlite:///{self.path}"
+        self.rng = rng
+        self.logs: list[Path] = []
+        self.done: list[str] = []
+        self.deadline = time.monotonic() + CHAOS_BUDGET_S
+        self.server = self._start()
+
+    def left(self, at_most: float) -> float:
+        """A wait's timeout: `at_most`, cut to what is left of the test's budget."""
+        return max(0.1, min(at_most, self.deadline - time.monotonic()))
+
+    def _start(self) -> Server:
+        log = self.tmp_path / f"serve-{len(self.logs)}.log"  # logs stay off the small disk
+        self.logs.append(log)
+        server = Server(self.url, log, workers=2, cache=self.tmp_path / "cache")
+        server.wait_ready(self.left(90))
+        return server
+
+    def log_text(self) -> str:
+        return "".join(log.read_text(errors="replace") for log in self.logs)
+
+    def statuses(self) -> Counter[str]:
+        # Read-only and brief: WAL readers never wait for the lock holder or the writers.
+        with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5) as connection:
+            return Counter(status for (status,) in connection.execute("SELECT status FROM runs"))
+
+    def training_workers(self) -> list[int]:
+        """The pids of serve's workers that hold a running run (lease owners are host-pid-suffix)."""
+        with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5) as connection:
+            owners = [owner for (owner,) in connection.execute("SELECT lease_owner FROM runs WHERE status='running'")]
+        holding = {int(owner.rsplit("-", 2)[1]) for owner in owners if owner}
+        return sorted(holding & set(self.server.worker_pids()))
+
+    def kill_worker(self) -> None:
+        """SIGKILL one of serve's workers in the middle of a run; the pool starts another."""
+        training: list[int] = []
+
+        def found() -> bool:
+            training[:] = self.training_workers()
+            return bool(training)
+
+        wait_for(found, self.left(30), "a worker training a run")
+        os.kill(self.rng.choice(training), signal.SIGKILL)
+
+    def kill_serve(self) -> None:
+        """SIGKILL serve itself (its workers must follow it), then start a new one on the same database."""
+        workers = self.server.worker_pids()
+        os.kill(self.server.proc.pid, signal.SIGKILL)
+        self.server.proc.wait(10)
+        wait_for(lambda: not [pid for pid in workers if _running(pid)], self.left(10), "the orphaned workers to exit")
+        self.server = self._start()
+
+    def lock(self) -> None:
+        """Another process holds the database's write lock for 1-3 s."""
+        seconds = self.rng.uniform(1.0, 3.0)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", LOCK_HOLDER, str(self.path), str(seconds)], stdout=subprocess.PIPE, text=True
+        )
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert holder.wait(self.left(30)) == 0
+
+    def full_disk(self) -> None:
+        """Fill the disk until a write of the service fails with 'database or disk is full', then free it."""
+        before = self.log_text().count(DISK_FULL)
+        filler = _fill(self.disk)
+        try:
+            wait_for(
+                lambda: self.log_text().count(DISK_FULL) > before, self.left(30), "a write to fail on the full disk"
+            )
+        finally:
+            filler.unlink()
+
+    def run(self, fault: str) -> None:
+        time.sleep(self.rng.uniform(0.2, 1.5))
+        getattr(self, fault)()
+        self.done.append(fault)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; PID 1 reaps it
+
+
+@pytest.mark.slow
+def test_chaos_sweep_survives_kills_restarts_locks_and_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "16m")
+    # A run may be interrupted by several faults: attempts must not run out before the faults do.
+    monkeypatch.setenv("GRADDIAG_MAX_ATTEMPTS", "20")
+    rng = random.Random(CHAOS_SEED)
+    schedule = list(CHAOS_FAULTS)
+    rng.shuffle(schedule)
+    chaos: Chaos | None = None
+    try:
+        chaos = Chaos(tmp_path, disk, rng)
+        sweep = httpx.post(f"{chaos.server.url}/v1/sweeps", json={"base": CHAOS_BASE, "grid": CHAOS_GRID}, timeout=30)
+        assert sweep.status_code == 202, sweep.text
+        ids = [point["run_id"] for point in sweep.json()["runs"]]
+        assert len(ids) == 30
+        wait_for(lambda: chaos is not None and chaos.statuses()["running"] > 0, chaos.left(60), "the sweep to start")
+        for fault in schedule:
+            chaos.run(fault)
+        assert chaos.statuses()["succeeded"] < 30, "the sweep ended before the faults did: they tested nothing"
+        wait_for(
+            lambda: chaos is not None and chaos.statuses()["succeeded"] == 30, chaos.left(90), "every run to succeed"
+        )
+        chaos.server.stop()  # SIGTERM: exit status 0, no worker left behind
+
+        assert chaos.done == schedule and set(schedule) == set(CHAOS_FAULTS)
+        log = chaos.log_text()
+        engine = db.make_engine(chaos.url)
+        runs = [row(engine, run_id) for run_id in ids]
+        assert all(run.status == "succeeded" and run.error is None for run in runs), Counter(r.status for r in runs)
+        # Exactly once: one complete set of records each, and no run's success logged twice.
+        assert len(result_sets(engine, ids)) == 30
+        successes = Counter(match.group(1) for match in SUCCEEDED.finditer(log))
+        assert set(successes) <= set(ids) and max(successes.values()) == 1, successes.most_common(3)
+        # The faults bit: killed attempts were retried, and a write failed on the full disk.
+        assert sum(run.attempt for run in runs) > 30
+        assert DISK_FULL in log
+        engine.dispose()
+        assert integrity(chaos.path) == "ok"
+    finally:
+        if chaos is not None and chaos.server.proc.poll() is None:
+            workers = chaos.server.worker_pids()
+            chaos.server.proc.kill()
+            chaos.server.proc.wait(10)
+            for pid in workers:
+                if _running(pid):
+                    os.kill(pid, signal.SIGKILL)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
