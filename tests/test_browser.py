@@ -372,6 +372,10 @@ def test_sweep_page_shows_the_verdict_matrix_and_ratios(tab: Tab, sweep: dict[st
     outlined = page.locator("#matrix td.cell.has-finding").all()
     assert outlined and all("gradient_profile" in (td.get_attribute("data-findings") or "") for td in outlined)
     assert "finding=gradient_profile" in page.url
+    # The runs-table link follows the filter.
+    assert page.get_attribute("#runs-link", "href").endswith(
+        f"/?sweep_id={sweep['status']['id']}&finding=gradient_profile"
+    )
     assert not tab.errors
 
 

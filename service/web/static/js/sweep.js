@@ -10,6 +10,7 @@ const countsText = document.getElementById("counts");
 const state = document.getElementById("sweep-state");
 const findingFilter = document.getElementById("finding-filter");
 const filterNote = document.getElementById("filter-note");
+const runsLink = document.getElementById("runs-link");
 findingFilter.value = new URLSearchParams(location.search).get("finding") || "";
 
 /** "activation=sigmoid, init=xavier_normal"; the config without depth identifies a row. */
@@ -143,6 +144,10 @@ async function refresh() {
   filterNote.textContent = finding
     ? `${summary.configs.length} configuration${summary.configs.length === 1 ? "" : "s"} with a ${kindLabel(finding)} finding.`
     : "";
+  // The link to the runs table carries the filter: the sweep's runs with that finding.
+  const listed = new URLSearchParams({ sweep_id: main.dataset.sweepId, ...(finding ? { finding } : {}) });
+  runsLink.href = `${BASE}/?${listed}`;
+  runsLink.textContent = finding ? `runs with a ${kindLabel(finding)} finding` : `all ${status.total} runs`;
   return status;
 }
 
