@@ -352,8 +352,8 @@ def independent(spec: Spec, data: tuple[ImageSet, ImageSet] | None = None) -> In
     loss = F.cross_entropy(model(inputs), labels)
     for handle in handles:
         handle.remove()
-    weights = [layer.module.weight for layer in weight_layers]
-    grads = torch.autograd.grad(loss, outputs + weights)
+    weights = [layer.weight for layer in weight_layers]
+    grads = torch.autograd.grad(loss, [*outputs, *weights])
     act_grads, weight_grads = grads[: len(outputs)], grads[len(outputs) :]
     logs = np.log10([max(float(g.double().norm()), 1e-300) for g in act_grads])[1:-1]
     x = np.arange(len(logs))
