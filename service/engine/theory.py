@@ -29,6 +29,7 @@ is itself accurate: smooth φ at moderate q).
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -230,6 +231,7 @@ class Moments:
         return max(self.second - self.mean * self.mean, 0.0)
 
 
+@functools.lru_cache(maxsize=4096)
 def gaussian_expectations(activation: str, q: float) -> Moments:
     """E[φ], E[φ²], E[φ′²], E[φ′⁴] at variance q, by the panel quadrature above (q clamped as there, ∞ too)."""
     if not q >= 0:
