@@ -10,14 +10,38 @@ recorded step, never one ``.item()`` per layer, so a CUDA run does not synchroni
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from graddiag.models.networks import Layer
+
+class HookTarget(Protocol):
+    """Something a forward hook can be registered on: an nn.Module, or an adapter that picks its output."""
+
+    def register_forward_hook(self, hook: Callable[..., Any]) -> RemovableHandle: ...
+
+
+class RecordedLayer(Protocol):
+    """What the Recorder reads of a layer: graddiag's own `models.networks.Layer`, or a layer that
+    `service.engine.discover` found in a model graddiag did not build."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def module(self) -> HookTarget: ...
+    @property
+    def activation(self) -> HookTarget | None: ...
+    @property
+    def weight(self) -> Tensor: ...
+    @property
+    def bias(self) -> Tensor | None: ...
+
 
 # Columns of the per-layer matrix returned by Recorder.layer_stats, in this order.
 STAT_COLUMNS = (
@@ -58,7 +82,7 @@ def _saturated_fraction(activation: str, output: Tensor) -> Tensor:
 class Recorder:
     """Hooks into a network's layers and turns each step's gradients into device-side statistics."""
 
-    def __init__(self, layers: Sequence[Layer], activation: str) -> None:
+    def __init__(self, layers: Sequence[RecordedLayer], activation: str) -> None:
         self.layers = list(layers)
         self.weights: list[Tensor] = [layer.weight for layer in self.layers]
         self.biases: list[Tensor | None] = [layer.bias for layer in self.layers]
@@ -216,7 +240,7 @@ class Recorder:
         return torch.stack(columns, dim=1)
 
 
-def locate_nonfinite(layers: Sequence[Layer], model: nn.Module, inputs: Tensor) -> int | None:
+def locate_nonfinite(layers: Sequence[RecordedLayer], model: nn.Module, inputs: Tensor) -> int | None:
     """Index of the first layer where a non-finite value appeared, or None if none is found.
 
     Looks in the order a value goes bad: a weight an earlier update already broke, then the first
