@@ -5,6 +5,7 @@ One section per item of the issue; each test fails on the code the issue was fil
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -479,3 +480,16 @@ def test_die_with_parent_arms_the_parent_death_signal() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert int(done.stdout) == signal.SIGTERM  # PR_GET_PDEATHSIG
+
+
+# --- what held: attacks the issue tried that no test covered as such --------------------------------------
+
+
+async def test_thirty_concurrent_submits_with_one_idempotency_key_make_one_run(api: httpx.AsyncClient) -> None:
+    headers = {"Idempotency-Key": "issue-12-thirty"}
+    responses = await asyncio.gather(*(api.post("/v1/runs", json=TINY, headers=headers) for _ in range(30)))
+    assert sorted({response.status_code for response in responses}) in ([200, 202], [202])
+    assert sum(response.status_code == 202 for response in responses) >= 1
+    assert sum(response.headers.get("idempotent-replayed") == "true" for response in responses) == 29
+    assert len({response.json()["id"] for response in responses}) == 1
+    assert (await api.get("/v1/runs")).json()["total"] == 1

@@ -279,6 +279,39 @@ def test_sigterm_finishes_or_requeues_running_runs(tmp_path: Path) -> None:
     assert integrity(path) == "ok"
 
 
+@pytest.mark.slow
+def test_a_worker_stopped_past_its_lease_writes_nothing_when_it_resumes(tmp_path: Path) -> None:
+    path = tmp_path / "graddiag.db"
+    url = f"sqlite:///{path}"
+    server = Server(url, tmp_path / "serve.log", workers=2, cache=tmp_path / "cache")  # 2 s leases
+    engine = db.make_engine(url)
+    stopped: int | None = None
+    try:
+        server.wait_ready()
+        run_id = httpx.post(f"{server.url}/v1/runs", json={**SMALL, "steps": 2500}).json()["id"]
+        wait_for(lambda: (row(engine, run_id).progress or {}).get("step", 0) > 0, 60, "the run to train")
+        owner = row(engine, run_id).lease_owner
+        assert owner is not None
+        stopped = int(owner.rsplit("-", 2)[1])  # lease owners are host-pid-suffix
+        os.kill(stopped, signal.SIGSTOP)
+        # Frozen past its lease: the other worker's reaper requeues the run and that worker runs it again.
+        wait_for(lambda: row(engine, run_id).status == "succeeded", 90, "the other worker to finish the run")
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
+        # Resumed, the first worker learns the run is no longer its own and writes nothing.
+        wait_for(lambda: f"run {run_id}: lease lost" in server.log.read_text(), 30, "the resumed worker to give up")
+        time.sleep(1.0)  # time for a late write, were it possible
+        run = row(engine, run_id)
+        assert run.status == "succeeded" and run.attempt == 2 and run.lease_owner is None
+        assert len(result_sets(engine, [run_id])) == 1
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        server.stop()
+        engine.dispose()
+    assert integrity(path) == "ok"
+
+
 # --- the database locked by another process, or its disk full ----------------------------------------
 
 LOCK_HOLDER: Final = """
