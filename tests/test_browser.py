@@ -132,10 +132,12 @@ class Tab:
         self.page.on("console", lambda msg: msg.type == "error" and self.errors.append(f"console: {msg.text}"))
         self.page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
 
-    def open(self, path: str) -> Any:
+    def open(self, path: str, *, idle: bool = True) -> Any:
+        """Load `path`; with `idle`, wait until the network is quiet (not for a page following a live run:
+        its event stream stays open, so the network never is)."""
         response = self.page.goto(path)
         assert response is not None and response.status == 200, path
-        self.page.wait_for_load_state("networkidle")
+        self.page.wait_for_load_state("networkidle" if idle else "load")
         return self.page
 
     def screenshot(self, name: str) -> None:
@@ -401,15 +403,18 @@ def test_run_page_and_runs_table_update_live(tab: Tab, browser: Any, client: Cli
     table.open("/")
     table.page.evaluate("window.notReloaded = true")
     row_status = f"document.querySelector('#runs tr[data-id=\"{run_id}\"] td.col-status').textContent"
-    page = tab.open(f"/runs/{run_id}")
+    page = tab.open(f"/runs/{run_id}", idle=False)
     page.evaluate("window.notReloaded = true")
     page.wait_for_function("document.getElementById('status').textContent === 'running'")
     step = "(/step (\\d+) of/.exec(document.getElementById('progress-text').textContent) || [])[1]"
     page.wait_for_function(f"{step} !== undefined")
     first = int(page.evaluate(step))
     page.wait_for_function(f"{step} !== undefined && Number({step}) > {first}")
-    # The loss chart grows with the progress events.
-    page.wait_for_function("(document.getElementById('chart-loss').data || [{x: []}])[0].x.length >= 2")
+    # The loss chart grows with the progress events: plotly draws one marker per reported step. (Its data
+    # arrays alone would grow on a chart that never redraws, so the drawn markers are what is counted.)
+    drawn = "document.querySelectorAll('#chart-loss .scatterlayer path.point').length"
+    page.wait_for_function(f"{drawn} >= 3")
+    page.wait_for_function(f"{drawn} === document.getElementById('chart-loss').data[0].x.length")
     table.page.wait_for_function(f"{row_status} === 'running'")
     client.cancel(run_id)
     page.wait_for_function("document.getElementById('status').textContent === 'cancelled'")

@@ -59,7 +59,9 @@ function showProgress(state) {
   if (state.status === "running" && p && p.loss !== null && p.loss !== undefined && liveLoss.x.at(-1) !== p.step) {
     liveLoss.x.push(p.step);
     liveLoss.y.push(p.loss);
-    plot("chart-loss", [{ x: liveLoss.x, y: liveLoss.y, mode: "lines+markers", name: "training loss" }], {
+    // Copies: Plotly.react compares data arrays by identity and ignores points pushed into an array it
+    // already drew, so handing it the same arrays again would leave the chart frozen at its first points.
+    plot("chart-loss", [{ x: [...liveLoss.x], y: [...liveLoss.y], mode: "lines+markers", name: "training loss" }], {
       title: { text: "Loss (live)" },
       xaxis: { title: { text: "step" } },
       showlegend: false,
