@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -61,14 +62,37 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# Where a GPU driver shows itself without loading anything: NVIDIA's proc entries and device node, and
+# the ROCm kernel driver's node (torch.cuda counts ROCm devices too).
+_GPU_DRIVER_PATHS = ("/proc/driver/nvidia/gpus", "/dev/nvidiactl", "/dev/kfd")
+_COUNT_DEVICES = "import torch; print(torch.cuda.device_count())"
+
+
+def _torch_device_count() -> int:
+    """torch.cuda.device_count(), asked of a short-lived child so that this process never imports torch.
+
+    The API process would otherwise carry torch (about 700 MiB) only to count devices once. The child
+    sees the same environment (CUDA_VISIBLE_DEVICES, MIG), so its count is the one workers will see.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _COUNT_DEVICES], capture_output=True, text=True, timeout=120, check=True
+        )
+        return int(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        log.warning("could not count CUDA devices (%s); starting CPU workers", exc)
+        return 0
+
+
 def cuda_devices() -> list[str]:
     """The CUDA device ids workers may be pinned to, in CUDA_VISIBLE_DEVICES terms.
 
-    torch is imported here only to count devices; the API itself never runs torch.
+    Never imports torch here: on a machine without a GPU driver the answer is none at once, and
+    otherwise a child process counts the devices (see _torch_device_count).
     """
-    import torch
-
-    count = torch.cuda.device_count()
+    if not any(os.path.exists(path) for path in _GPU_DRIVER_PATHS):
+        return []
+    count = _torch_device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
         return [d.strip() for d in visible.split(",") if d.strip()][:count]
