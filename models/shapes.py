@@ -19,8 +19,10 @@ NUM_CLASSES: Final = 10
 INPUT_FEATURES: Final = math.prod(IMAGE_SHAPE)
 IMAGE_PIXELS: Final = IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
 
-# A parameterised layer of a network: a weight layer (linear, conv) or a normalisation layer.
-LayerKind = Literal["linear", "conv", "norm"]
+# A parameterised layer of a network: a weight layer (linear, conv) or a normalisation layer. The networks
+# graddiag builds have only these three; a user's model (graddiag.diagnose / watch) may also have an
+# embedding table and recurrent weights, which are recorded but stay out of the depth profile.
+LayerKind = Literal["linear", "conv", "norm", "embedding", "recurrent"]
 
 # A CNN has at most this many stages, a 2x2 max-pool between consecutive ones.
 MAX_STAGES: Final = 3

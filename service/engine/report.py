@@ -7,9 +7,9 @@ still valid JSON.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from graddiag.models.shapes import LayerKind
 from graddiag.models.spec import Spec
@@ -208,13 +208,111 @@ class Timing(_Row):
     steps_run: int
 
 
-class Report(_Row):
-    """Everything one probe measured and concluded."""
+class ModelDescription(_Row):
+    """A model graddiag did not build (``graddiag.diagnose`` / ``graddiag.watch``), in place of a spec.
 
-    spec: Spec
+    It also answers what the verdict reads of a run besides its records (``verdict.Setup``): the
+    optimizer, its learning rate and weight decay, the activation, the normalisation and the width that
+    sizes the finite-width allowance; the spec-only choices (init, clipping, L1) read as unknown/none.
+    """
+
+    class_name: str = Field(max_length=200, description="The model's class, e.g. torchvision's ResNet.")
+    params: int = Field(ge=0, description="Every parameter of the model, recorded or not.")
+    optimizer: str = Field(
+        max_length=100,
+        description="sgd, momentum, adam or adamw where the optimizer is one of those, else its class name.",
+    )
+    lr: float = Field(ge=0, allow_inf_nan=False, description="The first parameter group's learning rate.")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    loss: str | None = Field(None, max_length=200, description="The loss function's name; None under watch.")
+    activations: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="The activation modules' kinds called in the forward pass (relu, tanh, …), sorted.",
+    )
+    width: int | None = Field(
+        None, ge=1, description="The interior weight layers' median fan-in: the n of the finite-width allowance."
+    )
+    norm: str = Field("none", max_length=16, description="batch, layer, group or none: the norm layers found.")
+    branches: list[int] = Field(
+        default_factory=list,
+        max_length=100_000,
+        description="Layers beside the main path (e.g. ResNet's downsample): recorded, out of the depth profile.",
+    )
+    unrecorded: list[str] = Field(
+        default_factory=list,
+        max_length=100_000,
+        description="Parameters of no recorded layer (e.g. a class token); their gradients count in the totals.",
+    )
+    tied: dict[str, str] = Field(
+        default_factory=dict, description="A module sharing a recorded layer's weight → that layer's name."
+    )
+    eager_statistics: bool = Field(
+        True,
+        description="False when module hooks could not run (a torch.compile'd model under watch): act_norm, "
+        "act_grad_norm and saturation_frac are null, the parameter-gradient statistics are recorded.",
+    )
+
+    # The spec-only settings the verdict may read, as they stand for a model it did not build.
+    @property
+    def arch(self) -> str:
+        """Not one of graddiag's own architectures: `width` is then the fan-in itself."""
+        return "external"
+
+    @property
+    def activation(self) -> str:
+        """The one activation kind found, else relu (the finite-width allowance then uses relu's moments)."""
+        return self.activations[0] if len(self.activations) == 1 else "relu"
+
+    @property
+    def residual(self) -> bool:
+        """Whether layers were found beside the main path (identity skips leave no trace in hooks)."""
+        return bool(self.branches)
+
+    @property
+    def init(self) -> str:
+        """Unknown: graddiag did not initialise this model."""
+        return "unknown"
+
+    @property
+    def init_gain(self) -> float:
+        """Unknown, read as 1."""
+        return 1.0
+
+    @property
+    def bias_init(self) -> str:
+        """Unknown: graddiag did not initialise this model."""
+        return "unknown"
+
+    @property
+    def clip_value(self) -> float | None:
+        """None: graddiag does not clip a user's gradients (watch measures after the user's own clipping)."""
+        return None
+
+    @property
+    def l1(self) -> float:
+        """0: an L1 penalty in the user's loss is part of the data loss graddiag sees."""
+        return 0.0
+
+
+class Report(_Row):
+    """Everything one probe (or one diagnosis of a user's model) measured and concluded.
+
+    A probe's report has its `spec` and no `model` key; a report of a model graddiag did not build has
+    `spec` null and its `model` description.
+    """
+
+    spec: Spec | None = None
+    model: ModelDescription | None = Field(None, exclude_if=lambda value: value is None)
     layers: list[LayerInfo]
     steps: list[StepMetrics]
     records: list[LayerRecord]
     verdict: Verdict
     eval: EvalResult
     timing: Timing
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> Self:
+        if (self.spec is None) == (self.model is None):
+            raise ValueError("a report has either a spec (a probe) or a model description (diagnose/watch), not both")
+        return self

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from graddiag.models.spec import Spec
 from graddiag.service.engine.report import (
@@ -33,6 +34,49 @@ from graddiag.service.engine.report import (
     Verdict,
 )
 from graddiag.service.engine.theory import kaiming_sigma_w2, remedy_span, span_noise_decades
+
+
+class Setup(Protocol):
+    """What the verdict reads of a run besides its records: a probe's Spec, or the `ModelDescription`
+    (report.py) of a model graddiag did not build, which answers the spec-only settings as unknown."""
+
+    @property
+    def arch(self) -> str: ...
+    @property
+    def width(self) -> int | None: ...
+    @property
+    def activation(self) -> str: ...
+    @property
+    def init(self) -> str: ...
+    @property
+    def init_gain(self) -> float: ...
+    @property
+    def bias_init(self) -> str: ...
+    @property
+    def norm(self) -> str: ...
+    @property
+    def residual(self) -> bool: ...
+    @property
+    def optimizer(self) -> str: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def clip_value(self) -> float | None: ...
+    @property
+    def l1(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+
+
+# Advice for a profile of a model graddiag did not build: theory.remedy_span predicts a remedy's span for
+# graddiag's own MLPs and CNNs only, so these remedies come without a predicted number.
+UNPREDICTED_REMEDIES: dict[str, str] = {
+    "vanishing": "Normalise each block (batch or layer norm), add residual connections, or re-initialise with "
+    "Kaiming init and zero biases; graddiag predicts a remedy's effect only for its own MLPs and CNNs, so "
+    "diagnose the model again after the change.",
+    "exploding": "Normalise each block, shrink the initial weights or clip the gradient norm; graddiag predicts a "
+    "remedy's effect only for its own MLPs and CNNs, so diagnose the model again after the change.",
+}
 
 # The product's definition: a profile vanishes (explodes) when the first interior layer's value is at
 # least 100× smaller (larger) than the last's, however gentle the per-layer rate.
@@ -232,7 +276,7 @@ class _Judge:
 
     def __init__(
         self,
-        spec: Spec,
+        spec: Setup,
         evidence: Evidence,
         theory: Theory | None,
         layers: Sequence[LayerInfo],
@@ -254,7 +298,7 @@ class _Judge:
             return 0.0
         qs = self.theory.q_per_layer if self.theory is not None and self.theory.q_per_layer else None
         q_values = [q if q is not None else 1.0 for q in qs] if qs else [1.0] * n
-        fan_in = self.spec.width * (9 if self.spec.arch == "cnn" else 1)
+        fan_in = (self.spec.width or 0) * (9 if self.spec.arch == "cnn" else 1)
         sigma = span_noise_decades(
             self.spec.activation, q_values[: n - 1], fan_in, orthogonal=self.spec.init == "orthogonal"
         )
@@ -613,6 +657,8 @@ class _Judge:
                     "few units are saturated."
                 )
             )
+        if not isinstance(spec, Spec):
+            return [*advice, UNPREDICTED_REMEDIES[kind]]
         candidates: list[tuple[str, str]] = []
         if spec.norm == "none" and not spec.residual:
             if not spec.init.startswith("kaiming") or spec.init_gain != 1.0 or spec.bias_init != "zeros":
@@ -711,7 +757,7 @@ class _Judge:
 
 
 def decide(
-    spec: Spec,
+    spec: Setup,
     evidence: Evidence,
     theory: Theory | None,
     *,

@@ -21,6 +21,7 @@ Needs the ``tensorboard`` package: ``pip install 'graddiag[tensorboard]'``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import math
 import tarfile
@@ -125,14 +126,18 @@ def write_events(report: Report, log_dir: Path, *, histograms: Histograms | None
 
     last_step = max((m.step for m in report.steps), default=0)
     with SummaryWriter(log_dir=str(log_dir)) as writer:
-        exp, ssi, sei = _hparams_summaries(
-            _hparam_values(report.spec),
-            dict.fromkeys(HPARAM_METRICS, 0.0),  # only the tags matter; the values come from the scalars
-            _hparam_domains(report.spec),
-        )
-        for summary in (exp, ssi, sei):
-            writer.file_writer.add_summary(summary)
-        writer.add_text("spec", _spec_markdown(report.spec), global_step=0)
+        if report.spec is not None:
+            exp, ssi, sei = _hparams_summaries(
+                _hparam_values(report.spec),
+                dict.fromkeys(HPARAM_METRICS, 0.0),  # only the tags matter; the values come from the scalars
+                _hparam_domains(report.spec),
+            )
+            for summary in (exp, ssi, sei):
+                writer.file_writer.add_summary(summary)
+            writer.add_text("spec", _spec_markdown(report.spec), global_step=0)
+        elif report.model is not None:
+            # A model graddiag did not build has no spec hyperparameters: its description instead.
+            writer.add_text("model", _table(report.model.model_dump(mode="json")), global_step=0)
 
         for metrics in report.steps:
             for field, tag in STEP_SCALARS.items():
@@ -174,6 +179,13 @@ def export_run(report: Report, out_dir: Path, *, name: str | None = None, histog
 def run_name(report: Report) -> str:
     """A readable, stable run name: e.g. ``mlp-d10-w128-relu-3f2a9c1b`` (spec fingerprint prefix)."""
     spec = report.spec
+    if spec is None:
+        # A user's model: its class and a digest of its description and layers.
+        assert report.model is not None
+        digest = hashlib.sha256(report.model.model_dump_json().encode())
+        for layer in report.layers:
+            digest.update(layer.model_dump_json().encode())
+        return f"{report.model.class_name.lower()}-{digest.hexdigest()[:8]}"
     return f"{spec.arch}-d{spec.depth}-w{spec.width}-{spec.activation}-{spec.fingerprint()[:8]}"
 
 
@@ -232,9 +244,13 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def _table(values: Mapping[str, Any]) -> str:
+    rows = [f"| {name} | {_fmt(value)} |" for name, value in values.items()]
+    return "\n".join(["| field | value |", "| --- | --- |", *rows])
+
+
 def _spec_markdown(spec: Spec) -> str:
-    rows = [f"| {name} | {_fmt(value)} |" for name, value in spec.model_dump(mode="json").items()]
-    return "\n".join(["| field | value |", "| --- | --- |", *rows, "", f"fingerprint: `{spec.fingerprint()}`"])
+    return _table(spec.model_dump(mode="json")) + f"\n\nfingerprint: `{spec.fingerprint()}`"
 
 
 def _verdict_markdown(report: Report) -> str:
