@@ -43,6 +43,8 @@ EXIT_INTERRUPTED: Final = 130
 BAR_WIDTH: Final = 30
 # A sweep cell whose run has no verdict shows its status instead; a missing grid point shows this.
 NO_CELL: Final = "—"
+# How RUN_ID arguments are explained: the server takes any unique prefix of an id.
+ID_HELP: Final = "the run id or a unique prefix of it (at least 6 characters, as the commands print it)"
 
 
 class UsageError(Exception):
@@ -311,6 +313,10 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     if not args.wait:
         print(json.dumps(run, indent=2) if args.json else run["id"])
         return 0
+    if not args.json:
+        # The id first, on stdout (`graddiag submit --wait … | head -1`), as soon as the run is queued:
+        # the verdict table below may be minutes away. With --json the run's JSON carries it.
+        print(run["id"], flush=True)
     print(f"run {run['id']} submitted", file=sys.stderr)
     return print_outcome(follow_run(client, run["id"], args.poll), args.json)
 
@@ -418,6 +424,7 @@ def _export_from_db(args: argparse.Namespace) -> int:
     # Imported here: the other client commands need neither the store nor the API.
     from graddiag.service.export.archive import RunNotSucceeded, TensorBoardUnavailable, events_archive
     from graddiag.service.store.db import make_engine, make_sessionmaker
+    from graddiag.service.store.ids import AmbiguousId, resolve_run_id
     from graddiag.service.store.runs import RunNotFound
 
     settings = Settings(db_url=args.db)
@@ -429,8 +436,8 @@ def _export_from_db(args: argparse.Namespace) -> int:
     engine = make_engine(settings.db_url)
     try:
         with make_sessionmaker(engine)() as session:
-            archive = events_archive(session, settings, args.run_id)
-    except (RunNotFound, RunNotSucceeded, TensorBoardUnavailable) as exc:
+            archive = events_archive(session, settings, resolve_run_id(session, args.run_id))
+    except (RunNotFound, AmbiguousId, RunNotSucceeded, TensorBoardUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
@@ -485,17 +492,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sweep.set_defaults(handler=_guarded(cmd_sweep))
 
     status = sub.add_parser("status", parents=[connection], help="a run's or a sweep's state now")
-    status.add_argument("run_id", nargs="?", metavar="RUN_ID")
-    status.add_argument("--sweep", metavar="SWEEP_ID", help="a sweep instead of a run")
+    status.add_argument("run_id", nargs="?", metavar="RUN_ID", help=ID_HELP)
+    status.add_argument("--sweep", metavar="SWEEP_ID", help="a sweep (id or unique prefix) instead of a run")
     status.add_argument("--json", action="store_true", help="print the server's JSON")
     status.set_defaults(handler=_guarded(cmd_status))
 
     watch = sub.add_parser("watch", parents=[connection, follow], help="follow a run until it finishes")
-    watch.add_argument("run_id", metavar="RUN_ID")
+    watch.add_argument("run_id", metavar="RUN_ID", help=ID_HELP)
     watch.set_defaults(handler=_guarded(cmd_watch))
 
     export = sub.add_parser("export", parents=[connection], help="a run's gradient records as CSV or JSON")
-    export.add_argument("run_id", metavar="RUN_ID")
+    export.add_argument("run_id", metavar="RUN_ID", help=ID_HELP)
     export.add_argument("--format", choices=("csv", "json"), default="csv", help="csv (default) or json")
     export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     export.add_argument("--layer", type=int, help="only this layer index")
@@ -510,7 +517,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="From the server (--url, the default) or straight from the database (--db). The worker's "
         "events with gradient histograms when it wrote them, else events built from the stored records.",
     )
-    tensorboard.add_argument("run_id", metavar="RUN_ID")
+    tensorboard.add_argument("run_id", metavar="RUN_ID", help=ID_HELP)
     tensorboard.add_argument("dir", metavar="DIR", help="TensorBoard log root (created if missing)")
     tensorboard.add_argument("--db", metavar="URL", help="read the store at this SQLAlchemy URL instead of a server")
     tensorboard.set_defaults(handler=cmd_tensorboard_export)

@@ -60,6 +60,8 @@ def test_submit_wait_prints_the_verdict_table(
     assert f"verdict: {run['verdict'].upper()}" in out
     assert "input.linear" in out and "output.linear" in out and "theory:" in out
     assert f"run {run['id']} submitted" in err and f"run {run['id'][:8]} succeeded" in err
+    # The id is the first line on stdout, for `RUN=$(graddiag submit --wait … | head -1)`.
+    assert out.splitlines()[0] == run["id"]
 
 
 def test_watch_follows_a_run_to_its_verdict(

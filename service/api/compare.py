@@ -13,6 +13,7 @@ from graddiag.service.api.errors import ApiProblem, documented
 from graddiag.service.api.schemas import Comparison, FieldError, GradientPoint, LayerProfile, RunProfile
 from graddiag.service.engine.report import LayerRecord
 from graddiag.service.store import runs as store
+from graddiag.service.store.ids import resolve_run_id
 from graddiag.service.store.tables import Run
 
 MAX_COMPARED_RUNS = 20
@@ -65,7 +66,7 @@ def compare_runs(
     ],
 ) -> Comparison:
     """grad_norm, act_grad_norm and rel_grad of every layer at init and at the last step, per run."""
-    runs = [store.get_run(session, rid) for rid in run_id]
+    runs = [store.get_run(session, resolve_run_id(session, rid)) for rid in run_id]
     unfinished = [
         FieldError(
             loc=["query", "run_id", i],

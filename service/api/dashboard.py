@@ -22,6 +22,7 @@ from graddiag.service.api.deps import SessionDep
 from graddiag.service.engine.report import FindingKind, Label
 from graddiag.service.store import runs as run_store
 from graddiag.service.store import sweeps as sweep_store
+from graddiag.service.store.ids import AmbiguousId, resolve_run_id, resolve_sweep_id
 from graddiag.service.store.runs import RunNotFound
 from graddiag.service.store.sweeps import SweepNotFound
 from graddiag.service.store.tables import STATUSES
@@ -59,7 +60,12 @@ def _page(request: Request, template: str, status_code: int = 200, **context: An
 
 
 def _not_found(request: Request, what: str) -> HTMLResponse:
-    return _page(request, "not_found.html", status_code=404, what=what)
+    return _page(request, "not_found.html", status_code=404, title="Not found", what=what)
+
+
+def _ambiguous(request: Request, error: AmbiguousId) -> HTMLResponse:
+    # 409 as in the API, with a link to each candidate so the reader can pick.
+    return _page(request, "ambiguous.html", status_code=409, title="Ambiguous id", error=error)
 
 
 @router.get("/static/vendor/plotly.min.js")
@@ -79,9 +85,11 @@ def run_page(run_id: str, request: Request, session: SessionDep) -> HTMLResponse
     """One run: progress while it runs (server-sent events), its profiles, heatmap, forward signal, curves,
     verdict and findings."""
     try:
-        run = run_store.get_run(session, run_id)
+        run = run_store.get_run(session, resolve_run_id(session, run_id))
     except RunNotFound:
         return _not_found(request, f"run {run_id}")
+    except AmbiguousId as error:
+        return _ambiguous(request, error)
     return _page(request, "run.html", title=f"Run {run.id[:8]}", run=run)
 
 
@@ -90,9 +98,11 @@ def sweep_page(sweep_id: str, request: Request, session: SessionDep) -> HTMLResp
     """One sweep: the verdict and findings matrix (filterable by finding), the first/last gradient ratio
     against depth, critical depths."""
     try:
-        status = sweep_store.sweep_status(session, sweep_id)
+        status = sweep_store.sweep_status(session, resolve_sweep_id(session, sweep_id))
     except SweepNotFound:
         return _not_found(request, f"sweep {sweep_id}")
+    except AmbiguousId as error:
+        return _ambiguous(request, error)
     return _page(
         request, "sweep.html", title=f"Sweep {status.id[:8]}", sweep=status, finding_kinds=get_args(FindingKind)
     )
@@ -103,10 +113,12 @@ def compare_page(
     request: Request, session: SessionDep, run_id: Annotated[list[str] | None, Query()] = None
 ) -> HTMLResponse:
     """Two or more runs' per-layer profiles overlaid, read from GET /v1/compare."""
-    ids = run_id or []
-    for rid in ids:
+    ids = []
+    for rid in run_id or []:
         try:
-            run_store.get_run(session, rid)
+            ids.append(resolve_run_id(session, rid))
         except RunNotFound:
             return _not_found(request, f"run {rid}")
+        except AmbiguousId as error:
+            return _ambiguous(request, error)
     return _page(request, "compare.html", title="Compare", run_ids=ids)

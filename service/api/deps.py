@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from graddiag.service.settings import Settings
+from graddiag.service.store.ids import MIN_PREFIX, resolve_run_id, resolve_sweep_id
 
 
 def get_settings(request: Request) -> Settings:
@@ -39,3 +40,26 @@ def get_session(request: Request) -> Iterator[Session]:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
+
+
+_ID_HELP = f"The id, or any unique prefix of it of at least {MIN_PREFIX} characters."
+
+
+def run_id_path(run_id: Annotated[str, Path(description=_ID_HELP)], factory: SessionFactoryDep) -> str:
+    """The full id of the run the path names by id or unique prefix (404 for none, 409 when ambiguous).
+
+    Its own short session rather than the request's: an event stream would otherwise hold one open for
+    as long as it runs.
+    """
+    with factory() as session:
+        return resolve_run_id(session, run_id)
+
+
+def sweep_id_path(sweep_id: Annotated[str, Path(description=_ID_HELP)], factory: SessionFactoryDep) -> str:
+    """The full id of the sweep the path names by id or unique prefix (404 for none, 409 when ambiguous)."""
+    with factory() as session:
+        return resolve_sweep_id(session, sweep_id)
+
+
+RunIdDep = Annotated[str, Depends(run_id_path)]
+SweepIdDep = Annotated[str, Depends(sweep_id_path)]

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from graddiag.service.api.schemas import FieldError, Problem
 from graddiag.service.store.db import is_transient
+from graddiag.service.store.ids import AmbiguousId
 from graddiag.service.store.runs import RunFinished, RunNotFound
 from graddiag.service.store.sweeps import SweepInvalid, SweepNotFound
 
@@ -136,6 +137,11 @@ async def _not_found(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, 404, code, str(exc))
 
 
+async def _ambiguous(request: Request, exc: Exception) -> JSONResponse:
+    # The detail names the candidate ids, so the caller can pick one.
+    return problem_response(request, 409, "ambiguous_id", str(exc))
+
+
 async def _run_finished(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, 409, "run_finished", str(exc))
 
@@ -217,6 +223,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RunNotFound, _not_found)
     app.add_exception_handler(SweepNotFound, _not_found)
     app.add_exception_handler(RunFinished, _run_finished)
+    app.add_exception_handler(AmbiguousId, _ambiguous)
     app.add_exception_handler(ApiProblem, _api_problem)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(SQLAlchemyError, _database)

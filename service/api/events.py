@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from graddiag.service.api.deps import SessionFactoryDep
+from graddiag.service.api.deps import RunIdDep, SessionFactoryDep, SweepIdDep
 from graddiag.service.api.errors import documented
 from graddiag.service.api.schemas import RunProgress
 from graddiag.service.engine.report import Label
@@ -43,7 +43,7 @@ PING_SECONDS = 15.0
 # Tells EventSource how long to wait before reconnecting after a dropped (not ended) stream.
 RETRY_MS: Final = 3000
 
-router = APIRouter(tags=["events"], responses=documented(404))
+router = APIRouter(tags=["events"], responses=documented(404, 409))
 
 _STREAM: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "A stream of server-sent events."}
@@ -158,7 +158,7 @@ def _response(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
     responses=_STREAM,
     summary="Follow a run (server-sent events)",
 )
-async def run_events(run_id: str, factory: SessionFactoryDep) -> EventSourceResponse:
+async def run_events(run_id: RunIdDep, factory: SessionFactoryDep) -> EventSourceResponse:
     """`progress` events (status, attempt, progress) on every change and a closing `verdict` event."""
     return _response(run_stream(factory, await run_in_threadpool(_read_run, factory, run_id)))
 
@@ -169,6 +169,6 @@ async def run_events(run_id: str, factory: SessionFactoryDep) -> EventSourceResp
     responses=_STREAM,
     summary="Follow a sweep (server-sent events)",
 )
-async def sweep_events(sweep_id: str, factory: SessionFactoryDep) -> EventSourceResponse:
+async def sweep_events(sweep_id: SweepIdDep, factory: SessionFactoryDep) -> EventSourceResponse:
     """`progress` events (counts by status), a `run` event per finished run and a closing `done` event."""
     return _response(sweep_stream(factory, await run_in_threadpool(_read_sweep, factory, sweep_id)))

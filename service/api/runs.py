@@ -15,13 +15,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from graddiag.models.spec import MAX_DEPTH, MAX_STEPS, Spec
-from graddiag.service.api.deps import SessionDep, SessionFactoryDep, SettingsDep
+from graddiag.service.api.deps import RunIdDep, SessionDep, SessionFactoryDep, SettingsDep
 from graddiag.service.api.errors import documented
 from graddiag.service.api.limits import check_page_size, check_spec
 from graddiag.service.api.schemas import RunDetail, RunList, RunSummary
 from graddiag.service.engine.report import LayerInfo, LayerRecord
 from graddiag.service.store import runs as store
-from graddiag.service.store.tables import FINISHED, Run
+from graddiag.service.store.ids import expand_id
+from graddiag.service.store.tables import FINISHED, Run, Sweep
 
 MAX_WAIT_SECONDS = 600.0
 # A network has at most 2 * MAX_DEPTH + 2 parameterised layers (a weight and a norm per block, input,
@@ -130,6 +131,10 @@ async def submit_run(
 def list_runs(session: SessionDep, settings: SettingsDep, filters: Annotated[store.RunFilters, Query()]) -> RunList:
     """Runs matching every given filter, sorted (`sort=-created_at` by default) and paginated."""
     check_page_size(filters.limit, settings)
+    if filters.sweep_id is not None:
+        # A sweep named by a unique prefix of its id (as the dashboard and CLI print it) filters by that sweep.
+        full = expand_id(session, Sweep, filters.sweep_id)
+        filters = filters.model_copy(update={"sweep_id": full or filters.sweep_id})
     rows, total = store.list_runs(session, filters)
     return RunList(
         items=[RunSummary.model_validate(r, from_attributes=True) for r in rows],
@@ -139,14 +144,14 @@ def list_runs(session: SessionDep, settings: SettingsDep, filters: Annotated[sto
     )
 
 
-@router.get("/{run_id}", response_model=RunDetail, responses=documented(404), summary="Read one run")
-def get_run(run_id: str, session: SessionDep) -> RunDetail:
+@router.get("/{run_id}", response_model=RunDetail, responses=documented(404, 409), summary="Read one run")
+def get_run(run_id: RunIdDep, session: SessionDep) -> RunDetail:
     """Status, progress, attempt, error and timestamps; the verdict and the full report once succeeded."""
     return run_detail(session, store.get_run(session, run_id))
 
 
-@router.get("/{run_id}/layers", response_model=list[LayerInfo], responses=documented(404), summary="Run layers")
-def get_layers(run_id: str, session: SessionDep) -> list[LayerInfo]:
+@router.get("/{run_id}/layers", response_model=list[LayerInfo], responses=documented(404, 409), summary="Run layers")
+def get_layers(run_id: RunIdDep, session: SessionDep) -> list[LayerInfo]:
     """The run's parameterised layers in forward order (empty until it has succeeded)."""
     return store.layer_rows(session, run_id)
 
@@ -172,11 +177,11 @@ def records_json(rows: list[tuple[Any, ...]]) -> str:
 @router.get(
     "/{run_id}/gradients",
     response_model=list[LayerRecord],
-    responses={**documented(404), 200: {"content": {"text/csv": {}}}},
+    responses={**documented(404, 409), 200: {"content": {"text/csv": {}}}},
     summary="Per-step, per-layer records",
 )
 def get_gradients(
-    run_id: str,
+    run_id: RunIdDep,
     session: SessionDep,
     layer: Annotated[int | None, Query(ge=0, le=MAX_LAYER_INDEX, description="Only this layer index.")] = None,
     step_from: Annotated[int | None, Query(ge=0, le=MAX_STEPS, description="First step, inclusive.")] = None,
@@ -208,15 +213,15 @@ def get_gradients(
     },
     summary="Cancel a run",
 )
-def cancel_run(run_id: str, session: SessionDep, response: Response) -> RunDetail:
+def cancel_run(run_id: RunIdDep, session: SessionDep, response: Response) -> RunDetail:
     """A queued run is cancelled at once; a running one stops within ~2 s; a finished one is a 409."""
     run = store.cancel_run(session, run_id)
     response.status_code = 200 if run.status == "cancelled" else 202
     return run_detail(session, run)
 
 
-@router.delete("/{run_id}", status_code=204, responses=documented(404), summary="Delete a run")
-def delete_run(run_id: str, session: SessionDep, settings: SettingsDep) -> Response:
+@router.delete("/{run_id}", status_code=204, responses=documented(404, 409), summary="Delete a run")
+def delete_run(run_id: RunIdDep, session: SessionDep, settings: SettingsDep) -> Response:
     """Remove the run, all its records and its TensorBoard folder."""
     try:
         events_dir = settings.tensorboard_run_dir(run_id)

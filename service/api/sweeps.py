@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from graddiag.service.api.deps import SessionDep, SettingsDep
+from graddiag.service.api.deps import SessionDep, SettingsDep, SweepIdDep
 from graddiag.service.api.errors import documented
 from graddiag.service.api.limits import server_caps
 from graddiag.service.api.schemas import SweepIn
@@ -14,7 +14,7 @@ from graddiag.service.engine.report import FindingKind
 from graddiag.service.store import sweeps as store
 from graddiag.service.store.sweeps import SweepStatus, SweepSummary
 
-router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], responses=documented(404))
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], responses=documented(404, 409))
 # `?finding=`: validated against the engine's kinds, so a misspelt kind is a 422 naming the allowed ones.
 FindingFilter = Annotated[FindingKind | None, Query(description="Only what has a finding of this kind.")]
 
@@ -31,14 +31,14 @@ def submit_sweep(
 
 
 @router.get("/{sweep_id}", response_model=SweepStatus, summary="Sweep progress")
-def get_sweep(sweep_id: str, session: SessionDep, finding: FindingFilter = None) -> SweepStatus:
+def get_sweep(sweep_id: SweepIdDep, session: SessionDep, finding: FindingFilter = None) -> SweepStatus:
     """Counts by status and every run's grid values, status, verdict and findings (`finding`: only the runs
     with one of that kind; the counts stay the whole sweep's)."""
     return store.sweep_status(session, sweep_id, finding)
 
 
 @router.get("/{sweep_id}/summary", response_model=SweepSummary, summary="Verdict along depth")
-def get_sweep_summary(sweep_id: str, session: SessionDep, finding: FindingFilter = None) -> SweepSummary:
+def get_sweep_summary(sweep_id: SweepIdDep, session: SessionDep, finding: FindingFilter = None) -> SweepSummary:
     """For each combination of the non-depth axes: the verdict and findings at every depth, the critical
     depth and where each finding first appears (`finding`: only the combinations that have one of that kind)."""
     return store.sweep_summary(session, sweep_id, finding)

@@ -6,7 +6,7 @@ from typing import Final
 
 from fastapi import APIRouter, Response
 
-from graddiag.service.api.deps import SessionDep, SettingsDep
+from graddiag.service.api.deps import RunIdDep, SessionDep, SettingsDep
 from graddiag.service.api.errors import ApiProblem, documented
 from graddiag.service.export.archive import RunNotSucceeded, TensorBoardUnavailable, events_archive
 
@@ -26,7 +26,7 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"])
     },
     summary="TensorBoard events",
 )
-def get_tensorboard(run_id: str, session: SessionDep, settings: SettingsDep) -> Response:
+def get_tensorboard(run_id: RunIdDep, session: SessionDep, settings: SettingsDep) -> Response:
     """The run's TensorBoard event files as a tar.gz; with gradient histograms when the worker wrote them.
 
     409 until the run has succeeded; 501 when the server lacks the `graddiag[tensorboard]` extra.
