@@ -7,13 +7,14 @@ The public Python API, importable as ``import graddiag``:
 - :func:`run_probe` — the engine call underneath, for callers that bring their own data;
 - :func:`diagnose` — train any PyTorch model briefly on the caller's batches and return its judged
   :class:`Report` (with a :class:`ModelDescription` in place of a spec);
+- :func:`watch` — a context manager that records a model inside the caller's own training loop;
 - :class:`Spec` — the network and training spec (depth, activation, init, norm, optimizer, ...);
 - :class:`Report` — the one report shape the engine, CLI, store and API share;
 - :class:`Client` / :class:`AsyncClient` — the REST clients of a running service; they raise
   :class:`GraddiagError` for an error answer and :class:`RunFailed` for a run that did not succeed.
 
 Names are resolved lazily: ``import graddiag`` (and so every ``graddiag.service.*`` import, such as the
-API's) does not import torch; only touching ``probe``, ``run_probe`` or ``diagnose`` does.
+API's) does not import torch; only touching ``probe``, ``run_probe``, ``diagnose`` or ``watch`` does.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "probe": "graddiag.service.local",
     "run_probe": "graddiag.service.engine.probe",
     "diagnose": "graddiag.service.engine.diagnose",
+    "watch": "graddiag.service.engine.watch",
     "ModelDescription": "graddiag.service.engine.report",
     "Spec": "graddiag.models.spec",
     "Report": "graddiag.service.engine.report",
@@ -48,6 +50,7 @@ __all__ = [
     "diagnose",
     "probe",
     "run_probe",
+    "watch",
 ]
 
 if TYPE_CHECKING:
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
     from graddiag.service.engine.diagnose import diagnose
     from graddiag.service.engine.probe import run_probe
     from graddiag.service.engine.report import ModelDescription, Report
+    from graddiag.service.engine.watch import watch
     from graddiag.service.local import probe
 
 
