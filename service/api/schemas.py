@@ -9,13 +9,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, field_validator, model_validator
 
 from graddiag.models.shapes import LayerKind
 from graddiag.models.spec import Spec
 from graddiag.service.engine.report import FindingKind, Label, Report
+from graddiag.service.store.query import run_metrics
 from graddiag.service.store.runs import decode_finding_kinds
-from graddiag.service.store.tables import RunStatus
+from graddiag.service.store.tables import Run, RunStatus
 
 
 class FieldError(BaseModel):
@@ -67,12 +68,26 @@ class RunSummary(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    metrics: dict[str, float | None] | None = Field(
+        None,
+        description="Key result numbers: decades_per_layer, act_decades_per_layer, rel_grad_median, "
+        "eval_accuracy, eval_loss, total_s (null each until the run has them). Sort and filter on them.",
+    )
 
     @field_validator("finding_kinds", mode="before")
     @classmethod
     def _stored_kinds(cls, value: Any) -> Any:
         # Read from a Run row, the kinds are the store's delimited column; given as a list, they pass as is.
         return decode_finding_kinds(value) if isinstance(value, str) else value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _with_metrics(cls, data: Any, handler: ModelWrapValidatorHandler[RunSummary]) -> RunSummary:
+        # A Run row has no `metrics` attribute: they are picked from its evidence, evaluation and timing.
+        summary = handler(data)
+        if isinstance(data, Run) and summary.metrics is None:
+            summary.metrics = run_metrics(data)
+        return summary
 
 
 class RunDetail(RunSummary):

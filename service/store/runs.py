@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from graddiag.models.spec import Activation, Arch, Dataset, Init, Norm, Optimizer, Spec
+from graddiag.models.spec import Activation, Arch, BiasInit, ClipMode, Dataset, Device, Init, Norm, Optimizer, Spec
 from graddiag.service.engine.report import (
     EvalResult,
     FindingKind,
@@ -32,6 +32,15 @@ from graddiag.service.engine.report import (
     Timing,
     Verdict,
 )
+from graddiag.service.store.query import (
+    JSON_SPEC_FIELDS,
+    SORTABLE,
+    Clause,
+    field_expression,
+    filter_condition,
+    parse_filter,
+    sort_expression,
+)
 from graddiag.service.store.tables import SPEC_COLUMNS, Base, Run, RunLayer, RunRecord, RunStatus, RunStep, stamp
 
 RowModel = TypeVar("RowModel", LayerInfo, StepMetrics, LayerRecord)
@@ -39,9 +48,6 @@ RowModel = TypeVar("RowModel", LayerInfo, StepMetrics, LayerRecord)
 # driver raises OverflowError instead of matching nothing).
 SqlInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
-SORTABLE: Final[frozenset[str]] = frozenset(
-    {"created_at", "finished_at", "depth", "width", "lr", "status", "verdict", "activation"}
-)
 # The verdict is split over columns: the label (filtered on), the evidence (read by dashboards), the rest.
 _VERDICT_SPLIT: Final[frozenset[str]] = frozenset({"label", "evidence"})
 
@@ -77,6 +83,18 @@ class RunFilters(BaseModel):
     clip_value: float | None = None
     dataset: Dataset | None = None
     seed: SqlInt | None = None
+    # The spec fields without a column of their own (read from the spec JSON).
+    init_gain: float | None = None
+    init_std: float | None = None
+    bias_init: BiasInit | None = None
+    clip_mode: ClipMode | None = None
+    weight_decay: float | None = None
+    l1: float | None = None
+    batch_size: SqlInt | None = None
+    steps: SqlInt | None = None
+    record_every: SqlInt | None = None
+    device: Device | None = None
+    tensorboard: bool | None = None
     status: RunStatus | None = None
     verdict: Label | None = None
     sweep_id: str | None = None
@@ -85,7 +103,18 @@ class RunFilters(BaseModel):
     )
     depth_min: SqlInt | None = None
     depth_max: SqlInt | None = None
-    sort: str = Field("-created_at", description=f"Column, '-' for descending: {', '.join(sorted(SORTABLE))}.")
+    filter: str | None = Field(
+        None,
+        description="Clauses NAME OP VALUE joined by 'and', on any spec field, status, verdict or result metric, "
+        "e.g. \"verdict = 'vanishing' and decades_per_layer < -0.3\" (operators = != < <= > >=; values are "
+        "numbers, quoted strings, true, false or null).",
+    )
+    sort: str = Field(
+        "-created_at",
+        description="A spec field, created_at, started_at, finished_at, status, verdict or a result metric "
+        "(decades_per_layer, act_decades_per_layer, rel_grad_median, eval_accuracy, eval_loss, total_s, …); "
+        "'-' for descending.",
+    )
     limit: int = Field(50, ge=1, le=1000)
     offset: int = Field(0, ge=0, le=2**63 - 1)
 
@@ -108,6 +137,17 @@ class RunFilters(BaseModel):
         if value.removeprefix("-") not in SORTABLE:
             raise ValueError(f"sort by one of {', '.join(sorted(SORTABLE))} (prefix '-' for descending)")
         return value
+
+    @field_validator("filter")
+    @classmethod
+    def _parsable_filter(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_filter(value)  # a mistake is a 422 naming it; the route parses again to build the SQL
+        return value
+
+    def clauses(self) -> list[Clause]:
+        """The parsed `filter` expression (empty without one)."""
+        return parse_filter(self.filter) if self.filter is not None else []
 
 
 def build_run(
@@ -177,6 +217,12 @@ def _conditions(filters: RunFilters) -> list[ColumnElement[bool]]:
         value = getattr(filters, name)
         if value is not None:
             conditions.append(getattr(Run, name) == value)
+    for name in JSON_SPEC_FIELDS:
+        value = getattr(filters, name)
+        if value is not None:
+            conditions.append(field_expression(name) == value)
+    if filters.filter is not None:
+        conditions.append(filter_condition(filters.clauses()))
     for kind in filters.finding or ():
         # autoescape: kinds hold '_', a LIKE wildcard; the delimiters make it match whole kinds only.
         conditions.append(Run.finding_kinds.contains(f",{kind},", autoescape=True))
@@ -191,12 +237,10 @@ def list_runs(session: Session, filters: RunFilters) -> tuple[list[Run], int]:
     """One page of the runs matching `filters`, in their order, and how many match in all."""
     conditions = _conditions(filters)
     total = session.scalar(select(func.count()).select_from(Run).where(*conditions)) or 0
-    column = getattr(Run, filters.sort.removeprefix("-"))
-    order = column.desc() if filters.sort.startswith("-") else column.asc()
     # NULLS LAST on both backends (SQLite puts NULL first, PostgreSQL last); the id makes pages stable.
     # Sort and skip over ids alone, then load the page's rows: sorting whole rows (spec and evidence
     # JSON) for a deep offset costs several times more.
-    page = select(Run.id).where(*conditions).order_by(order.nulls_last(), Run.id)
+    page = select(Run.id).where(*conditions).order_by(sort_expression(filters.sort), Run.id)
     page = page.limit(filters.limit).offset(filters.offset)
     ids = list(session.scalars(page))
     rows = {run.id: run for run in session.scalars(select(Run).where(Run.id.in_(ids)))}
