@@ -493,3 +493,32 @@ async def test_thirty_concurrent_submits_with_one_idempotency_key_make_one_run(a
     assert sum(response.headers.get("idempotent-replayed") == "true" for response in responses) == 29
     assert len({response.json()["id"] for response in responses}) == 1
     assert (await api.get("/v1/runs")).json()["total"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status"),
+    [
+        ("/v1/runs", {"activation": "relu' OR '1'='1"}, 422),
+        ("/v1/runs", {"sort": "depth; DROP TABLE runs"}, 422),
+        ("/v1/runs", {"sweep_id": "x' OR 1=1 --"}, 200),
+        ("/v1/runs/' OR '1'='1", {}, 404),
+        ("/v1/sweeps/1;DELETE FROM runs", {}, 404),
+    ],
+)
+async def test_sql_in_parameters_is_only_ever_a_value(
+    api: httpx.AsyncClient, path: str, params: dict[str, str], status: int
+) -> None:
+    run_id = (await api.post("/v1/runs", json=TINY)).json()["id"]
+    response = await api.get(path, params=params)
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert response.json()["total"] == 0  # matched as a literal value, which no run has
+    listing = (await api.get("/v1/runs")).json()
+    assert listing["total"] == 1 and listing["items"][0]["id"] == run_id  # nothing dropped or deleted
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000])
+@pytest.mark.parametrize("path", ["/v1/runs", "/v1/sweeps"])
+async def test_deeply_nested_json_is_a_400_problem(api: httpx.AsyncClient, path: str, body: bytes) -> None:
+    response = await api.post(path, content=body, headers={"content-type": "application/json"})
+    assert_problem(response, 400, "bad_request")
