@@ -20,7 +20,7 @@ from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine, make_sessionmaker
 from graddiag.service.store.runs import create_run
 from graddiag.service.store.tables import SPEC_COLUMNS, RunRecord
-from tests.support.api import LONG, RECORD_FIELDS, TINY, assert_problem, serve_app
+from tests.support.api import CSV_FIELDS, LONG, TINY, assert_problem, serve_app
 from tests.support.reports import plain_report, store_report, succeed, with_findings
 
 pytestmark = pytest.mark.anyio
@@ -294,10 +294,13 @@ async def test_layers_gradients_and_csv_match_the_report(api: httpx.AsyncClient,
     assert response.headers["content-type"].startswith("text/csv")
     assert run_id in response.headers["content-disposition"]
     reader = csv.DictReader(io.StringIO(response.text))
-    assert reader.fieldnames == RECORD_FIELDS
+    assert reader.fieldnames == CSV_FIELDS
+    table = list(reader)
+    names = {layer["index"]: layer["name"] for layer in report["layers"]}
+    assert [row.pop("layer_name") for row in table] == [names[r["layer"]] for r in rows]
     parsed = [
         {k: (None if v == "" else int(v) if k in ("step", "layer") else float(v)) for k, v in row.items()}
-        for row in reader
+        for row in table
     ]
     assert parsed == rows
 
@@ -318,7 +321,7 @@ async def test_unfinished_run_has_no_records(api: httpx.AsyncClient) -> None:
     assert (await api.get(f"/v1/runs/{run_id}/layers")).json() == []
     assert (await api.get(f"/v1/runs/{run_id}/gradients")).json() == []
     csv_text = (await api.get(f"/v1/runs/{run_id}/gradients", params={"format": "csv"})).text
-    assert csv_text.strip() == ",".join(RECORD_FIELDS)
+    assert csv_text.strip() == ",".join(CSV_FIELDS)
 
 
 async def test_csv_of_50_layers_by_500_steps(api: httpx.AsyncClient, settings: Settings) -> None:
@@ -333,7 +336,8 @@ async def test_csv_of_50_layers_by_500_steps(api: httpx.AsyncClient, settings: S
     lines = response.text.splitlines()
     assert len(lines) == 1 + 50 * 500
     rows = (await api.get(f"/v1/runs/{run_id}/gradients", params={"layer": 49, "step_from": 499})).json()
-    last = dict(zip(RECORD_FIELDS, next(csv.reader([lines[-1]])), strict=True))
+    last = dict(zip(CSV_FIELDS, next(csv.reader([lines[-1]])), strict=True))
+    assert last.pop("layer_name") == "hidden49.linear"
     assert {k: float(v) for k, v in last.items()} == {k: float(v) for k, v in rows[0].items()}
 
 
@@ -537,7 +541,7 @@ async def test_run_serves_findings_and_the_new_record_fields(api: httpx.AsyncCli
     assert {"act_norm", "penalty_grad_norm"} <= set(rows[0])
     assert [r["act_norm"] for r in rows if r["step"] == 0] == [1.0, 2.0, 4.0, 8.0]
     reader = csv.DictReader(io.StringIO((await api.get(f"/v1/runs/{run_id}/gradients?format=csv")).text))
-    assert reader.fieldnames == RECORD_FIELDS and reader.fieldnames[-2:] == ["act_norm", "penalty_grad_norm"]
+    assert reader.fieldnames == CSV_FIELDS and reader.fieldnames[-2:] == ["act_norm", "penalty_grad_norm"]
     csv_rows = list(reader)
     assert [float(r["act_norm"]) for r in csv_rows if r["step"] == "0"] == [1.0, 2.0, 4.0, 8.0]
     assert csv_rows[0]["penalty_grad_norm"] == "0.001" and csv_rows[-1]["penalty_grad_norm"] == ""

@@ -18,7 +18,7 @@ from graddiag.service.client import AsyncClient, Client, GraddiagError, RunFaile
 from graddiag.service.engine.report import Report
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine
-from tests.support.api import LONG, RECORD_FIELDS, TINY
+from tests.support.api import CSV_FIELDS, LONG, TINY
 from tests.support.reports import plain_report, store_report, succeed, with_findings
 
 
@@ -49,7 +49,7 @@ def test_run_returns_the_succeeded_run_with_its_report(client: Client, worker: N
         r for r in rows if r["layer"] == 2 and 1 <= r["step"] <= 2
     ]
     table = list(csv.DictReader(io.StringIO(client.gradients(run["id"], fmt="csv"))))
-    assert len(table) == len(rows) and list(table[0]) == RECORD_FIELDS
+    assert len(table) == len(rows) and list(table[0]) == CSV_FIELDS
     assert float(table[-1]["grad_norm"]) == rows[-1]["grad_norm"]
 
 
@@ -177,7 +177,7 @@ async def test_async_client_end_to_end(aclient: AsyncClient, worker: None) -> No
     assert await aclient.layers(run["id"]) == run["report"]["layers"]
     assert await aclient.gradients(run["id"]) == run["report"]["records"]
     text = await aclient.gradients(run["id"], fmt="csv")
-    assert text.splitlines()[0] == ",".join(RECORD_FIELDS)
+    assert text.splitlines()[0] == ",".join(CSV_FIELDS)
     assert len((await aclient.compare(run["id"]))["runs"][0]["layers"]) == 4
     # The events archive is bytes: one folder named after the run.
     with tarfile.open(fileobj=io.BytesIO(await aclient.tensorboard(run["id"])), mode="r:gz") as archive:

@@ -87,7 +87,7 @@ async def test_listed_runs_carry_their_key_numbers(api: httpx.AsyncClient, runs:
     ("expression", "expected"),
     [
         ("verdict = 'vanishing' and decades_per_layer < -0.3", ["steep"]),
-        ("verdict == \"vanishing\" AND steps >= 30", ["steep", "mild"]),
+        ('verdict == "vanishing" AND steps >= 30', ["steep", "mild"]),
         ("decades_per_layer = null", ["none"]),
         ("decades_per_layer != null and eval_accuracy > 0.2", ["mild", "flat"]),
         ("weight_decay != 0", ["mild"]),

@@ -343,6 +343,12 @@ def layer_rows(session: Session, run_id: str) -> list[LayerInfo]:
 RECORD_FIELDS: Final[tuple[str, ...]] = tuple(LayerRecord.model_fields)
 
 
+def layer_names(session: Session, run_id: str) -> dict[int, str]:
+    """The run's layer names by index (empty until it succeeded)."""
+    query = select(RunLayer.index, RunLayer.name).where(RunLayer.run_id == run_id)
+    return {index: name for index, name in session.execute(query)}
+
+
 def gradient_table(
     session: Session,
     run_id: str,

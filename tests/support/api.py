@@ -20,6 +20,8 @@ TINY: dict[str, Any] = specs.TINY.model_dump(mode="json", exclude_defaults=True)
 LONG: dict[str, Any] = {**TINY, "depth": 2, "width": 4, "batch_size": 2, "steps": 5000}
 # The columns of the gradient records, in the order the API serves them.
 RECORD_FIELDS = list(LayerRecord.model_fields)
+# The CSV export's columns: the records' with each layer's name beside its index.
+CSV_FIELDS = ["step", "layer", "layer_name", *RECORD_FIELDS[2:]]
 
 
 @asynccontextmanager
