@@ -136,6 +136,20 @@ def test_sweep_validation_stops_early_and_keeps_memory_flat(session: Session) ->
     assert list_runs(session, RunFilters())[1] == 0
 
 
+@pytest.mark.parametrize("where", ["base", "grid"])
+async def test_more_keys_than_a_spec_has_fields_are_refused_at_once(api: httpx.AsyncClient, where: str) -> None:
+    fields = len(Spec.model_fields)
+    body: dict[str, Any] = {"base": {}, "grid": {"depth": [2]}}
+    body[where] = {f"k{i}": [1] for i in range(fields + 1)}
+    problem = assert_problem(await api.post("/v1/sweeps", json=body), 422, "validation_error")
+    assert [e["loc"] for e in problem["errors"]] == [["body", where]]
+    assert problem["errors"][0]["msg"].startswith(f"Value error, {fields + 1} keys, but a spec has {fields} fields")
+    # As many unknown keys as a spec has fields still reach the sweep's own validation, which names them.
+    body[where] = {f"k{i}": [1] for i in range(fields)}
+    problem = assert_problem(await api.post("/v1/sweeps", json=body), 422, "sweep_invalid")
+    assert len(problem["errors"]) == 20 and problem["errors"][0]["loc"] == [where, "k0"]
+
+
 async def test_run_error_body_is_bounded_too(api: httpx.AsyncClient) -> None:
     flood = _compact({_key(i): 1 for i in range(KEYS)})
     body = assert_problem(

@@ -6,6 +6,7 @@ The spec and the report are the engine's own models, so `GET /v1/runs/{id}` serv
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 from typing import Any, Literal
 
@@ -121,6 +122,17 @@ class SweepIn(BaseModel):
         description="Spec field → values, e.g. {'activation': ['sigmoid', 'relu'], 'depth': [2, 10]}.",
         examples=[{"activation": ["sigmoid", "relu"], "depth": [2, 5, 10, 20, 30]}],
     )
+
+    @field_validator("base", "grid", mode="before")
+    @classmethod
+    def _no_more_keys_than_spec_fields(cls, value: Any) -> Any:
+        # Each key must be a spec field, so more keys than fields is wrong whatever they are: refused before
+        # anything checks them one by one (95,000 keys would otherwise make 95,000 checks and errors).
+        fields = Spec.model_fields
+        if isinstance(value, dict) and len(value) > len(fields):
+            named = ", ".join(repr(str(key)[:40]) for key in itertools.islice((k for k in value if k not in fields), 3))
+            raise ValueError(f"{len(value)} keys, but a spec has {len(fields)} fields (not fields: {named}, …)")
+        return value
 
 
 class GradientPoint(BaseModel):
