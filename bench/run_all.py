@@ -19,11 +19,13 @@ from typing import cast
 # name -> module with a main(argv: list[str] | None) -> int | None. Add new benchmarks here.
 BENCHMARKS: list[tuple[str, str]] = [
     ("engine", "bench.engine"),
+    ("recording", "bench.recording"),
     ("service", "bench.service"),
     ("theory", "bench.theory"),
     ("load", "bench.load"),
     ("memory", "bench.memory"),
     ("dispatch", "bench.dispatch"),
+    ("watch", "bench.watch"),
 ]
 
 

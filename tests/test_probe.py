@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from graddiag.models.networks import build_network
 from graddiag.models.spec import Spec
 from graddiag.service.engine.data import make_source
 from graddiag.service.engine.probe import ProbeCancelled, ProbeTimeout, Progress, run_probe
+from graddiag.service.engine.recorder import Recorder
 
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "softsign", "identity"]
 INITS = [
@@ -279,3 +281,76 @@ def test_on_record_sees_the_gradients_that_were_measured() -> None:
     assert sorted(seen) == [0, 2, 4]
     for record in report.records:
         assert record.grad_norm == pytest.approx(seen[record.step][record.layer], rel=1e-5)
+
+
+def test_an_unrecorded_step_registers_no_hook_and_takes_no_norm() -> None:
+    # Counted per step between should_stop() polls (each poll opens the next step).
+    counts: dict[str, int] = {"forward_hooks": 0, "hook_calls": 0, "tensor_hooks": 0, "norms": 0}
+    per_step: list[dict[str, int]] = []
+
+    def counting(name: str, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def poll() -> bool:
+        per_step.append(dict(counts))
+        return False
+
+    patches = [
+        mock.patch.object(
+            torch.nn.Module, "register_forward_hook", counting("forward_hooks", torch.nn.Module.register_forward_hook)
+        ),
+        mock.patch.object(Recorder, "_on_output", counting("hook_calls", Recorder._on_output)),
+        mock.patch.object(torch.Tensor, "register_hook", counting("tensor_hooks", torch.Tensor.register_hook)),
+        mock.patch.object(torch, "_foreach_norm", counting("norms", torch._foreach_norm)),
+        mock.patch.object(torch.linalg, "vector_norm", counting("norms", torch.linalg.vector_norm)),
+    ]
+    for patch in patches:
+        patch.start()
+    try:
+        report = run_probe(tiny(activation="tanh", steps=12, record_every=10), eval_samples=8, should_stop=poll)
+    finally:
+        for patch in reversed(patches):
+            patch.stop()
+    delta = [{k: b[k] - a[k] for k in a} for a, b in itertools.pairwise(per_step)]  # delta[k]: step k
+    assert all(v > 0 for v in delta[0].values()) and all(v > 0 for v in delta[10].values())
+    for step in range(1, 10):
+        assert delta[step] == {"forward_hooks": 0, "hook_calls": 0, "tensor_hooks": 0, "norms": 0}, step
+    assert sorted({r.step for r in report.records}) == [0, 10, 11]
+
+
+def test_unrecorded_steps_keep_their_loss_and_totals_come_from_records_and_clipping() -> None:
+    plain = run_probe(tiny(steps=12, record_every=5), eval_samples=8)
+    assert all(s.loss is not None and s.accuracy is not None for s in plain.steps)
+    measured = [s.step for s in plain.steps if s.grad_norm_total_pre is not None]
+    assert measured == [0, 5, 10, 11]
+    # clip_grad_norm_ computes the total on every step anyway: it is kept, and the post-clip total with it.
+    clipped = run_probe(tiny(steps=12, record_every=5, clip_value=1e-3), eval_samples=8)
+    assert all(s.grad_norm_total_pre is not None for s in clipped.steps)
+    assert all(s.grad_norm_total_post == pytest.approx(1e-3, rel=1e-3) for s in clipped.steps)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_the_update_read_from_the_optimizer_equals_the_weights_difference(optimizer: str, weight_decay: float) -> None:
+    spec = tiny(optimizer=optimizer, weight_decay=weight_decay, steps=3, lr=0.1)
+    report = run_probe(spec, eval_samples=8)
+    # The same run by hand: the update ratio is ‖W_before - W_after‖ / ‖W_before‖ at every step.
+    model = build_network(spec)
+    optimizer_ = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9 if optimizer == "momentum" else 0, weight_decay=weight_decay
+    )
+    source = make_source(spec, data=None, device=torch.device("cpu"), eval_samples=8)
+    for step in range(spec.steps):
+        x, y = source.batch(step)
+        optimizer_.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = [layer.weight.detach().clone() for layer in model.layers]
+        optimizer_.step()
+        for layer, w in zip(model.layers, before, strict=True):
+            record = next(r for r in report.records if r.step == step and r.layer == layer.index)
+            expected = (w - layer.weight.detach()).norm().item() / w.norm().item()
+            assert record.update_ratio == pytest.approx(expected, rel=1e-4), (step, layer.name)

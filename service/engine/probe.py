@@ -93,8 +93,11 @@ class _Probe:
     optimizer: torch.optim.Optimizer
     recorder: Recorder
     layers: list[LayerInfo]
-    # Whole-model figures stay on the device: (loss, accuracy, total norm pre, total norm post).
-    metrics: Tensor
+    # Whole-model figures stay on the device until the report: every step's loss and accuracy, and
+    # the total gradient norms (pre, post clipping) of the steps where they are computed anyway.
+    losses: list[Tensor]
+    accuracies: list[Tensor]
+    totals: dict[int, tuple[Tensor, Tensor]]
     # The weight layers' weights and biases as initialised, for the mean-field prediction.
     init_weights: list[Tensor]
     init_biases: list[Tensor | None]
@@ -125,7 +128,9 @@ def _set_up(spec: Spec, data: tuple[ImageSet, ImageSet] | None, eval_samples: in
         optimizer=make_optimizer(spec, list(model.parameters())),
         recorder=recorder,
         layers=_layer_infos(model),
-        metrics=torch.full((spec.steps, 4), float("nan"), device=device),
+        losses=[],
+        accuracies=[],
+        totals={},
         init_weights=[layer.weight.detach().clone() for layer in weight_layers],
         init_biases=[layer.bias.detach().clone() if layer.bias is not None else None for layer in weight_layers],
     )
@@ -149,8 +154,47 @@ def _coupled_weight_decay(spec: Spec) -> float:
     return 0.0 if spec.optimizer == "adamw" else spec.weight_decay
 
 
+def _clip(probe: _Probe) -> Tensor | None:
+    """Clip the gradients as the spec asks; the total norm before clipping where clipping computes it."""
+    spec, params = probe.spec, probe.recorder.params
+    if spec.clip_value is None:
+        return None
+    if spec.clip_mode == "norm":
+        return nn.utils.clip_grad_norm_(params, spec.clip_value, foreach=True)
+    nn.utils.clip_grad_value_(params, spec.clip_value, foreach=True)
+    return None
+
+
+def _clipped_total(probe: _Probe, total_pre: Tensor) -> Tensor:
+    """The total norm after clip_grad_norm_ scaled every gradient by min(1, clip/(total + 1e-6))."""
+    assert probe.spec.clip_value is not None
+    return total_pre * torch.clamp(probe.spec.clip_value / (total_pre + 1e-6), max=1.0)
+
+
+def _stop_nonfinite(
+    probe: _Probe, step: int, inputs: Tensor, grad_norms: Tensor | None = None, **stats: Tensor | None
+) -> bool:
+    """Record the step where a value went non-finite (its rows, the first bad layer) and stop: False."""
+    recorder, model = probe.recorder, probe.model
+    probe.nonfinite_step = step
+    probe.nonfinite_layer = locate_nonfinite(model.layers, model, inputs)
+    grad_norms = grad_norms if grad_norms is not None else recorder.param_grad_norms(precise=True)
+    zero_fracs = stats.get("zero_fracs")
+    zero_fracs = zero_fracs if zero_fracs is not None else recorder.zero_fractions()
+    rows = recorder.layer_stats(
+        grad_norms, zero_fracs, stats.get("penalty_norms"), weight_norms=stats.get("weight_norms")
+    )
+    probe.records += _records(step, rows.cpu().tolist())
+    return False
+
+
 def _train_step(probe: _Probe, step: int, record: bool, on_record: Callable[[int, list[Layer]], None] | None) -> bool:
-    """One forward, backward, measurement and update; False when a value went non-finite (stop)."""
+    """One forward, backward, measurement and update; False when a value went non-finite (stop).
+
+    A step that records nothing does what a bare training loop does (plus the spec's penalty and
+    clipping) and keeps its loss and accuracy on the device; on the CPU it also reads the loss, to stop
+    at the first non-finite one.
+    """
     spec, model, recorder = probe.spec, probe.model, probe.recorder
     recorder.begin_step(record)
     inputs, labels = probe.source.batch(step)
@@ -160,45 +204,84 @@ def _train_step(probe: _Probe, step: int, record: bool, on_record: Callable[[int
     loss = F.cross_entropy(logits, labels)
     probe.optimizer.zero_grad(set_to_none=False)
     loss.backward()
+    loss = loss.detach()
+    probe.losses.append(loss)
+    probe.accuracies.append((logits.detach().argmax(1) == labels).float().mean())
+    probe.steps_run = step + 1
+    if record:
+        return _recorded_step(probe, step, inputs, loss, on_record)
 
+    # A gradient that overflows while its loss is still finite breaks the weights it updates, so the
+    # next step's loss is non-finite: detection is at most one step late, and names the broken layer.
+    if probe.device.type == "cpu" and not math.isfinite(loss.item()):
+        return _stop_nonfinite(probe, step, inputs)
+    if spec.l1 > 0:
+        _add_l1(probe)
+    total_pre = _clip(probe)
+    if total_pre is not None:
+        # clip_grad_norm_ computed the total anyway: keep it, and stop on it as on the loss.
+        probe.totals[step] = (total_pre, _clipped_total(probe, total_pre))
+        if probe.device.type == "cpu" and not math.isfinite(float(total_pre)):
+            return _stop_nonfinite(probe, step, inputs)
+    probe.optimizer.step()
+    return True
+
+
+def _recorded_step(
+    probe: _Probe, step: int, inputs: Tensor, loss: Tensor, on_record: Callable[[int, list[Layer]], None] | None
+) -> bool:
+    """Measure the step (after backward, before penalty and clipping), then update and read the update."""
+    spec, model, recorder = probe.spec, probe.model, probe.recorder
     # Every per-layer statistic is of the data loss: measured before the penalty joins the gradient.
-    grad_norms = recorder.param_grad_norms(precise=record)
-    zero_fracs = recorder.zero_fractions() if record else None
-    penalty_norms = recorder.penalty_grad_norms(spec.l1, _coupled_weight_decay(spec)) if record else None
-    if record and on_record is not None:
+    grad_norms = recorder.param_grad_norms(precise=True)
+    zero_fracs = recorder.zero_fractions()
+    penalty_norms = recorder.penalty_grad_norms(spec.l1, _coupled_weight_decay(spec))
+    weight_norms = recorder.weight_norms()
+    if on_record is not None:
         on_record(step, model.layers)
     if spec.l1 > 0:
         _add_l1(probe)
-        # The totals are of the gradient clipping and the optimizer see: data loss plus L1.
-        total_pre = torch.linalg.vector_norm(recorder.param_grad_norms())
+    clip_total = _clip(probe)
+    # The norms of the gradients the optimizer receives: data loss, plus L1, after clipping.
+    seen = grad_norms if spec.l1 == 0 and spec.clip_value is None else recorder.param_grad_norms(precise=True)
+    if clip_total is not None:
+        total_pre = clip_total
+    elif spec.clip_value is not None:  # clipped by value: the total before it, of data loss plus L1
+        total_pre = (
+            torch.linalg.vector_norm(grad_norms)
+            if spec.l1 == 0
+            else torch.linalg.vector_norm(recorder.param_grad_norms())
+        )
     else:
-        total_pre = torch.linalg.vector_norm(grad_norms)
-    if spec.clip_value is not None:
-        if spec.clip_mode == "norm":
-            nn.utils.clip_grad_norm_(recorder.params, spec.clip_value, foreach=True)
-        else:
-            nn.utils.clip_grad_value_(recorder.params, spec.clip_value, foreach=True)
-        total_post = torch.linalg.vector_norm(recorder.param_grad_norms())
-    else:
-        total_post = total_pre
-    accuracy = (logits.detach().argmax(1) == labels).float().mean()
-    probe.metrics[step] = torch.stack((loss.detach(), accuracy, total_pre, total_post))
-    probe.steps_run = step + 1
+        total_pre = torch.linalg.vector_norm(seen)
+    total_post = torch.linalg.vector_norm(seen)
+    probe.totals[step] = (total_pre, total_post)
 
     # On the CPU a finiteness check costs nothing; on CUDA it is a sync, so only at recorded steps.
-    if (probe.device.type == "cpu" or record) and not bool(torch.isfinite(probe.metrics[step]).all()):
-        probe.nonfinite_step = step
-        probe.nonfinite_layer = locate_nonfinite(model.layers, model, inputs)
-        zero_fracs = zero_fracs if zero_fracs is not None else recorder.zero_fractions()
-        probe.records += _records(step, recorder.layer_stats(grad_norms, zero_fracs, penalty_norms).cpu().tolist())
-        return False
+    if not bool(torch.isfinite(torch.stack((loss, total_pre, total_post))).all()):
+        return _stop_nonfinite(
+            probe,
+            step,
+            inputs,
+            grad_norms,
+            zero_fracs=zero_fracs,
+            penalty_norms=penalty_norms,
+            weight_norms=weight_norms,
+        )
 
-    if record:
+    # ‖ΔW‖ from what the optimizer computes where that is exact; a copy of the weights otherwise (Adam).
+    update_norms = None
+    if spec.optimizer == "sgd":
+        update_norms = recorder.sgd_update_norms(spec.lr, spec.weight_decay, seen)
+    elif spec.optimizer != "momentum":
         recorder.snapshot_weights()
     probe.optimizer.step()
-    if record:
-        assert zero_fracs is not None
-        probe.records += _records(step, recorder.layer_stats(grad_norms, zero_fracs, penalty_norms).cpu().tolist())
+    if spec.optimizer == "momentum":
+        update_norms = recorder.momentum_update_norms(probe.optimizer, spec.lr)
+    stats = recorder.layer_stats(
+        grad_norms, zero_fracs, penalty_norms, weight_norms=weight_norms, update_norms=update_norms
+    )
+    probe.records += _records(step, stats.cpu().tolist())
     return True
 
 
@@ -225,8 +308,8 @@ def _train(
                 break
             if on_progress is not None and time.monotonic() - last_progress >= progress_interval:
                 last_progress = time.monotonic()
-                loss_now = _finite_or_none(float(probe.metrics[step, 0]))
-                steps = _steps(probe.metrics, probe.steps_run)
+                loss_now = _finite_or_none(float(probe.losses[step]))
+                steps = _steps(_metrics(probe), probe.steps_run)
                 label = decide(spec, measure(probe.layers, probe.records, steps), None).label
                 on_progress(Progress(step + 1, spec.steps, loss_now, label))
     finally:
@@ -238,12 +321,16 @@ def _train(
 def _finish(probe: _Probe, *, started: float, data_s: float, train_s: float) -> Report:
     """Held-out evaluation, the evidence, the theory and the verdict, assembled into the report."""
     spec = probe.spec
-    step_metrics = _steps(probe.metrics, probe.steps_run)
-    # A CUDA run checks finiteness only at recorded steps; find the first bad step afterwards.
+    metrics = _metrics(probe)
+    step_metrics = _steps(metrics, probe.steps_run)
+    # A CUDA run checks finiteness only at recorded steps; find the first bad step afterwards: a loss,
+    # or a total norm where one was computed (the others are NaN for "not measured").
     if probe.nonfinite_step is None:
-        bad = [m.step for m in step_metrics if None in (m.loss, m.grad_norm_total_pre)]
-        if bad:
-            probe.nonfinite_step = bad[0]
+        measured = torch.zeros_like(metrics[:, 2], dtype=torch.bool)
+        measured[list(probe.totals)] = True
+        bad = ~torch.isfinite(metrics[:, 0]) | (measured & ~torch.isfinite(metrics[:, 2]))
+        if bool(bad.any()):
+            probe.nonfinite_step = int(bad.nonzero()[0])
 
     eval_started = time.perf_counter()
     heldout_x, heldout_y = probe.source.heldout()
@@ -366,6 +453,19 @@ def _records(step: int, rows: list[list[float]]) -> list[LayerRecord]:
         )
         for index, row in enumerate(rows)
     ]
+
+
+def _metrics(probe: _Probe) -> Tensor:
+    """The (steps run × 4) matrix of loss, accuracy, total norm pre and post clipping (NaN: not computed)."""
+    metrics = torch.full((probe.steps_run, 4), float("nan"), device=probe.device)
+    if probe.steps_run:
+        metrics[:, 0] = torch.stack(probe.losses[: probe.steps_run])
+        metrics[:, 1] = torch.stack(probe.accuracies[: probe.steps_run])
+    if probe.totals:
+        steps = list(probe.totals)
+        metrics[steps, 2] = torch.stack([pre for pre, _ in probe.totals.values()]).to(metrics.dtype)
+        metrics[steps, 3] = torch.stack([post for _, post in probe.totals.values()]).to(metrics.dtype)
+    return metrics
 
 
 def _steps(metrics: Tensor, steps_run: int) -> list[StepMetrics]:

@@ -2,9 +2,12 @@
 
 Measurement point: every statistic of a step is taken after ``backward()`` and before gradient
 clipping, except ``grad_norm_total_post`` (after clipping) and ``update_ratio`` (the step the
-optimizer actually took, so it reflects clipping). All per-layer norms come from one batched
-``torch._foreach_norm`` pass and stay on the device; the host receives one stacked tensor per
+optimizer takes, so it reflects clipping). All per-layer norms come from batched
+``torch._foreach_norm`` passes and stay on the device; the host receives one stacked tensor per
 recorded step, never one ``.item()`` per layer, so a CUDA run does not synchronise per layer.
+
+Only recorded steps cost anything: the forward hooks exist while a recorded step runs (``begin_step``
+registers and removes them), and every method here is called on recorded steps only by the probe.
 """
 
 from __future__ import annotations
@@ -70,12 +73,37 @@ _CHUNK = 1 << 16
 
 
 def _precise_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """L2 norm of each tensor, one batched pass; tensors over _CHUNK entries are summed chunk by chunk."""
-    norms = torch.stack(torch._foreach_norm(list(tensors)))
+    """L2 norm of each tensor, one batched pass; tensors over _CHUNK entries are summed chunk by chunk.
+
+    Small tensors and the chunks of large ones go through a single ``_foreach_norm`` call, so the
+    float64 combination costs no second read of the large tensors.
+    """
+    pieces: list[Tensor] = []
+    owners: list[int] = []
     for i, tensor in enumerate(tensors):
         if tensor.numel() > _CHUNK:
-            parts = torch.stack(torch._foreach_norm(list(tensor.reshape(-1).split(_CHUNK))))
-            norms[i] = parts.double().square().sum().sqrt()
+            parts = tensor.reshape(-1).split(_CHUNK)
+            pieces += parts
+            owners += [i] * len(parts)
+        else:
+            pieces.append(tensor)
+            owners.append(i)
+    norms = torch.stack(torch._foreach_norm(pieces))
+    if len(pieces) == len(tensors):
+        return norms
+    device = norms.device
+    index = torch.tensor(owners, device=device)
+    squares = torch.zeros(len(tensors), dtype=torch.float64, device=device).index_add_(
+        0, index, norms.double().square()
+    )
+    return squares.sqrt().to(norms.dtype)
+
+
+def _exact_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """`_precise_norms`, with the norms float32 may have underflowed recomputed in float64 (a recorded step's)."""
+    norms = _precise_norms(tensors)
+    for i in (norms < _UNDERFLOW_NORM).nonzero().flatten().tolist():
+        norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
     return norms
 
 
@@ -123,11 +151,17 @@ class Recorder:
         self._saturation: list[Tensor | None] = [None] * len(self.layers)
         self._weights_before: list[Tensor] | None = None
         self._buffers: list[Tensor] | None = None
+        self._activation = activation
+        self._numels = torch.tensor([float(w.numel()) for w in self.weights], device=self.weights[0].device)
+        # Hooks exist only while a recorded step runs: an unrecorded step's forward and backward make
+        # no Python call a bare loop would not make (begin_step registers and removes them).
         self._handles: list[RemovableHandle] = []
+
+    def _register_hooks(self) -> None:
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.module.register_forward_hook(partial(self._on_output, i)))
-            if activation in SATURATING and layer.activation is not None:
-                hook = partial(self._on_activation, i, activation)
+            if self._activation in SATURATING and layer.activation is not None:
+                hook = partial(self._on_activation, i, self._activation)
                 self._handles.append(layer.activation.register_forward_hook(hook))
 
     def close(self) -> None:
@@ -147,8 +181,14 @@ class Recorder:
     def _on_output_grad(self, index: int, grad: Tensor) -> None:
         grad = grad.detach()
         norm = torch.linalg.vector_norm(grad)
-        # A second pass on a prescaled copy keeps gradients whose squares underflow float32 (entries
-        # below ~1e-19) exact, without a host sync; the first pass keeps huge ones from overflowing.
+        # Gradients whose squares underflow float32 (entries below ~1e-19) are measured again. On the
+        # CPU reading the norm costs nothing, so only those take a second (float64) pass; on CUDA a
+        # prescaled copy's norm is taken every time instead, so that no step waits on the device.
+        if grad.device.type == "cpu":
+            if float(norm) < _UNDERFLOW_NORM:
+                norm = torch.linalg.vector_norm(grad, dtype=torch.float64).to(norm.dtype)
+            self._act_grad[index] = norm
+            return
         rescued = torch.linalg.vector_norm(grad * _PRESCALE) / _PRESCALE
         self._act_grad[index] = torch.where(norm < _UNDERFLOW_NORM, rescued, norm)
 
@@ -157,7 +197,11 @@ class Recorder:
             self._saturation[index] = _saturated_fraction(activation, output.detach())
 
     def begin_step(self, record: bool) -> None:
-        """Arm (or disarm) the hooks for the coming forward and backward pass."""
+        """Register the hooks for a recorded step's forward and backward pass, or remove them for another."""
+        if record and not self._handles:
+            self._register_hooks()
+        elif not record and self._handles:
+            self.close()
         self.recording = record
         if record or self._stale:
             self._act_grad = [None] * len(self.layers)
@@ -172,11 +216,38 @@ class Recorder:
         Elsewhere only the total matters, and tiny layers do not change it.
         """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        norms = _precise_norms(grads) if precise else torch.stack(torch._foreach_norm(grads))
-        if precise:
-            for i in (norms < _UNDERFLOW_NORM).nonzero().flatten().tolist():
-                norms[i] = torch.linalg.vector_norm(grads[i], dtype=torch.float64)
-        return norms
+        return _exact_norms(grads) if precise else torch.stack(torch._foreach_norm(grads))
+
+    def weight_norms(self) -> Tensor:
+        """Per layer, ‖W‖ now: call it before the optimizer step to have the weights the gradient was taken at."""
+        return _precise_norms([w.detach() for w in self.weights])
+
+    def sgd_update_norms(self, lr: float, weight_decay: float, grad_norms: Tensor | None = None) -> Tensor:
+        """Per layer, ‖ΔW‖ = lr·‖g + wd·W‖ that plain SGD (no momentum) is about to apply: call it before its step.
+
+        `g` is each weight's gradient as the optimizer will see it (penalty and clipping included). With
+        no weight decay, `grad_norms` (`param_grad_norms(precise=True)` of exactly those gradients) gives
+        the answer without another pass. This is the step SGD computes; where it is below float32's
+        resolution of W, the weights themselves move less (or not at all).
+        """
+        if weight_decay == 0 and grad_norms is not None:
+            return lr * grad_norms[self._weight_pos]
+        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights]
+        if weight_decay != 0:
+            grads = list(torch._foreach_add(grads, [w.detach() for w in self.weights], alpha=weight_decay))
+        return lr * _exact_norms(grads)
+
+    def momentum_update_norms(self, optimizer: torch.optim.Optimizer, lr: float) -> Tensor:
+        """Per layer, ‖ΔW‖ = lr·‖buf‖ of SGD with momentum (no dampening, not Nesterov): call it after its step.
+
+        The momentum buffer is the step direction itself (buf = μ·buf + g + wd·W; W -= lr·buf), so its
+        norm is the update without a copy of the weights.
+        """
+        state = optimizer.state
+        buffers = [
+            state[w]["momentum_buffer"] if "momentum_buffer" in state[w] else torch.zeros_like(w) for w in self.weights
+        ]
+        return lr * _exact_norms(buffers)
 
     def snapshot_weights(self) -> None:
         """Copy the weights before the optimizer step, to measure the update it makes."""
@@ -205,23 +276,34 @@ class Recorder:
 
     def zero_fractions(self) -> Tensor:
         """Per layer, the fraction of exactly-zero entries of ∂L/∂W: call it before a penalty is added."""
-        nan = torch.tensor(float("nan"), device=self.weights[0].device)
         # bool().sum(dtype=int32) counts non-zeros ~10x faster than count_nonzero (and 2x faster than an
-        # int64 sum) on the CPU; int32 is exact up to 2**31 entries, far above any capped layer.
-        return torch.stack(
+        # int64 sum) on the CPU; int32 is exact up to 2**31 entries, far above any capped layer. The
+        # division is one vector operation over the layers' sizes, not one per layer.
+        nonzero = torch.stack(
             [
-                1 - w.grad.bool().sum(dtype=torch.int32) / w.grad.numel() if w.grad is not None else nan
+                w.grad.bool().sum(dtype=torch.int32) if w.grad is not None else self._numels.new_tensor(float("nan"))
                 for w in self.weights
             ]
         )
+        return 1 - nonzero / self._numels
 
-    def layer_stats(self, grad_norms: Tensor, zero_fracs: Tensor, penalty_norms: Tensor | None = None) -> Tensor:
+    def layer_stats(
+        self,
+        grad_norms: Tensor,
+        zero_fracs: Tensor,
+        penalty_norms: Tensor | None = None,
+        *,
+        weight_norms: Tensor | None = None,
+        update_norms: Tensor | None = None,
+    ) -> Tensor:
         """The (layers × STAT_COLUMNS) matrix of the recorded step, on the device (NaN = not measured).
 
         `grad_norms` and `zero_fracs` are the results of `param_grad_norms` and `zero_fractions` for this
         step, of the data loss alone (before any penalty and before clipping); `penalty_norms` that of
-        `penalty_grad_norms`. Call this after
-        the optimizer step when `snapshot_weights` was called before it.
+        `penalty_grad_norms`. `weight_norms` (`weight_norms()` taken before the step) and `update_norms`
+        (‖ΔW‖ read from the optimizer, `sgd_update_norms` or `momentum_update_norms`) spare the weight
+        snapshot; without them, call this after the optimizer step when `snapshot_weights` was called
+        before it (no snapshot and no `update_norms`: the update is not measured).
         """
         device = grad_norms.device
         nan = torch.tensor(float("nan"), device=device)
@@ -229,8 +311,10 @@ class Recorder:
         bias_grad = torch.stack([grad_norms[i] if i is not None else nan for i in self._bias_pos])
         # Norms of the weights the gradient was computed at, i.e. before this step's update.
         before = self._weights_before if self._weights_before is not None else [w.detach() for w in self.weights]
-        weight_norm = _precise_norms(before)
-        if self._weights_before is not None:
+        weight_norm = weight_norms if weight_norms is not None else _precise_norms(before)
+        if update_norms is not None:
+            update_ratio = update_norms / weight_norm
+        elif self._weights_before is not None:
             # In place: the buffers become W_before - W_after, refilled at the next snapshot.
             torch._foreach_sub_(self._weights_before, [w.detach() for w in self.weights])
             update_ratio = _precise_norms(self._weights_before) / weight_norm

@@ -1,0 +1,282 @@
+"""What recording costs on whole runs: `run_probe` at the default record_every=10 and at every step,
+against a bare PyTorch loop over the same batches.
+
+Networks: MLP depth 20 width 256 and CNN depth 8 width 32; batch 128, SGD lr 0.01, CIFAR-10; the
+spec's default 100 steps (``--steps``, ``--cnn-steps``). Three arms, each a whole run of every step:
+
+(a) bare: ``build_network`` + the probe's own optimizer over ``make_source(spec).batch(step)`` for
+    every step (forward, loss, zero_grad, backward, step), nothing recorded; timed from before the
+    first batch to after the last step.
+(d) probe, default: ``run_probe`` with ``record_every=10`` (steps 0, 10, ..., 90 and the last are
+    recorded); its ``timing.train_s``, i.e. the whole training loop with every record, hook and
+    host copy in it.
+(e) probe, every step: the same with ``record_every=1``.
+
+The three train the same network from the same initial weights on the same batches (their last
+losses are compared). Arms are interleaved: each repetition runs all three, in an order that rotates
+from one repetition to the next, so every arm sees the same spells of load on a shared machine;
+ratios are paired within a repetition and the median over repetitions is reported. The whole
+``run_probe`` call (set-up, held-out evaluation of ``--eval-samples`` images, theory and verdict
+included) against the bare loop plus its set-up is reported too.
+
+torch threads: ``--threads`` (default 1, as each graddiag worker runs on a CPU machine: one
+single-threaded worker per core).
+
+    python -m bench.recording [--reps 5] [--steps 100] [--cnn-steps 100] [--threads 1] [--only mlp,cnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from graddiag.models.networks import build_network
+from graddiag.models.spec import Spec
+from graddiag.service.engine import probe as probe_module
+from graddiag.service.engine.data import ImageSet, load_cifar10, make_source
+from graddiag.service.engine.probe import make_optimizer, run_probe
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10"
+CPU = torch.device("cpu")
+TARGET_DEFAULT = 1.03
+TARGET_EVERY_STEP_MLP = 1.20
+NETS = {"mlp": ("MLP depth 20, width 256", "mlp", 20, 256), "cnn": ("CNN depth 8, width 32", "cnn", 8, 32)}
+ARMS = ("a_bare", "d_default", "e_every_step")
+
+Data = tuple[ImageSet, ImageSet]
+
+
+def make_spec(key: str, steps: int, record_every: int) -> Spec:
+    _, arch, depth, width = NETS[key]
+    return Spec(
+        arch=arch,  # type: ignore[arg-type]
+        depth=depth,
+        width=width,
+        batch_size=128,
+        steps=steps,
+        record_every=record_every,
+        optimizer="sgd",
+        lr=0.01,
+        device="cpu",
+        dataset="cifar10",
+        seed=0,
+    )
+
+
+def _clock() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): with one torch thread the CPU time is the work done,
+    which other processes' load on a shared machine disturbs far less than the wall time."""
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clock()
+    return wall - start[0], cpu - start[1]
+
+
+def run_bare(spec: Spec, data: Data) -> dict[str, float]:
+    """Arm (a): the loop a user would write, over the probe's batches; seconds of the loop and with set-up."""
+    started = _clock()
+    model = build_network(spec).to(CPU)
+    model.train()
+    optimizer = make_optimizer(spec, list(model.parameters()))
+    source = make_source(spec, data=data, device=CPU, eval_samples=1)
+    loop_started = _clock()
+    loss = torch.tensor(float("nan"))
+    for step in range(spec.steps):
+        inputs, labels = source.batch(step)
+        loss = F.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+    (train_s, train_cpu), (total_s, total_cpu) = _since(loop_started), _since(started)
+    return {"train_s": train_s, "train_cpu_s": train_cpu, "total_s": total_s, "total_cpu_s": total_cpu,
+            "last_loss": float(loss)}  # fmt: skip
+
+
+def run_probe_arm(spec: Spec, data: Data, eval_samples: int) -> dict[str, float]:
+    """Arms (d) and (e): one whole run_probe call; its training loop's seconds (wall and CPU) and the call's."""
+    loop: dict[str, float] = {}
+    train = probe_module._train
+
+    def timed_train(*args: Any, **kwargs: Any) -> None:
+        started = _clock()
+        try:
+            train(*args, **kwargs)
+        finally:
+            loop["train_s"], loop["train_cpu_s"] = _since(started)
+
+    started = _clock()
+    with mock.patch.object(probe_module, "_train", timed_train):
+        report = run_probe(spec, data=data, eval_samples=eval_samples)
+    total_s, total_cpu = _since(started)
+    if report.timing.steps_run != spec.steps:
+        raise RuntimeError(f"the probe stopped early at step {report.timing.steps_run}")
+    last = report.steps[-1].loss
+    return {
+        **loop,
+        "total_s": total_s,
+        "total_cpu_s": total_cpu,
+        "last_loss": float("nan") if last is None else last,
+        "records": len({r.step for r in report.records}),
+    }
+
+
+def measure(key: str, data: Data, steps: int, reps: int, eval_samples: int) -> dict[str, Any]:
+    specs = {
+        "a_bare": make_spec(key, steps, 10),
+        "d_default": make_spec(key, steps, 10),
+        "e_every_step": make_spec(key, steps, 1),
+    }
+
+    def run(arm: str, spec: Spec) -> dict[str, float]:
+        gc.collect()
+        return run_bare(spec, data) if arm == "a_bare" else run_probe_arm(spec, data, eval_samples)
+
+    # Untimed warm-up of each arm (first-call allocations, lazy imports), on a few steps.
+    for arm in ARMS:
+        run(arm, specs[arm].model_copy(update={"steps": min(steps, 12)}))
+    rows: list[dict[str, dict[str, float]]] = []
+    loads = []
+    for rep in range(reps):
+        loads.append(round(os.getloadavg()[0], 2))
+        order = ARMS[rep % 3 :] + ARMS[: rep % 3]
+        row = {arm: run(arm, specs[arm]) for arm in order}
+        rows.append(row)
+        print(
+            f"  {key} rep {rep + 1}/{reps} ({' → '.join(order)}): "
+            + ", ".join(f"{arm} {1000 * row[arm]['train_s'] / steps:.2f} ms/step" for arm in ARMS),
+            flush=True,
+        )
+
+    def ratios(arm: str, field: str) -> list[float]:
+        return [round(r[arm][field] / r["a_bare"][field], 4) for r in rows]
+
+    def ms(arm: str, field: str = "train_s") -> float:
+        return round(1000 * statistics.median(r[arm][field] for r in rows) / steps, 3)
+
+    out: dict[str, Any] = {
+        "net": NETS[key][0],
+        "steps": steps,
+        "reps": reps,
+        "loadavg_1min_at_rep_start": loads,
+        "ms_per_step": {arm: ms(arm) for arm in ARMS},
+        "cpu_ms_per_step": {arm: ms(arm, "train_cpu_s") for arm in ARMS},
+        "recorded_steps": {"d_default": rows[0]["d_default"]["records"], "e_every_step": steps},
+        "last_loss": {arm: rows[0][arm]["last_loss"] for arm in ARMS},
+    }
+    for arm in ("d_default", "e_every_step"):
+        train, total = ratios(arm, "train_s"), ratios(arm, "total_s")
+        cpu = ratios(arm, "train_cpu_s")
+        out[f"{arm}_over_a"] = {
+            "train_median": round(statistics.median(train), 3),
+            "train_per_rep": train,
+            "train_cpu_median": round(statistics.median(cpu), 3),
+            "train_cpu_per_rep": cpu,
+            "whole_call_median": round(statistics.median(total), 3),
+            "whole_call_per_rep": total,
+        }
+    return out
+
+
+def _mark(ratio: float, target: float) -> str:
+    return "met" if ratio <= target else "**missed**"
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "### Recording cost on whole runs",
+        "",
+        f"{result['machine']}, torch {result['torch']}, {result['threads']} torch thread(s), {result['date']}. "
+        f"Load average (1 min) at start {result['loadavg_at_start'][0]}, at end {result['loadavg_at_end'][0]}. "
+        "Batch 128, SGD lr 0.01, CIFAR-10. Command: `python -m bench.run_all --only recording`.",
+        "",
+        "| network | steps | (a) bare loop | (d) probe, record_every=10 | (e) probe, every step "
+        f"| (d)/(a) wall (target ≤ {TARGET_DEFAULT}) | (d)/(a) CPU "
+        f"| (e)/(a) wall (target ≤ {TARGET_EVERY_STEP_MLP}, MLP) | (e)/(a) CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["nets"]:
+        d, e = row["d_default_over_a"], row["e_every_step_over_a"]
+        e_mark = _mark(e["train_median"], TARGET_EVERY_STEP_MLP) if row["net"].startswith("MLP") else ""
+        ms = row["ms_per_step"]
+        lines.append(
+            f"| {row['net']} | {row['steps']} | {ms['a_bare']} ms | {ms['d_default']} ms | {ms['e_every_step']} ms "
+            f"| {d['train_median']:.3f} {_mark(d['train_median'], TARGET_DEFAULT)} | {d['train_cpu_median']:.3f} "
+            f"| {e['train_median']:.3f} {e_mark} | {e['train_cpu_median']:.3f} |"
+        )
+    lines += [
+        "",
+        "Milliseconds per step (wall) are whole training loops over every step, recorded steps included, "
+        "medians over repetitions; ratios are paired within a repetition, medians over repetitions, of wall "
+        "time and of the process's CPU time (with one torch thread, the work done: the least disturbed by "
+        "other processes on a shared machine). The arms run interleaved, their order rotating per repetition.",
+        "",
+    ]
+    for row in result["nets"]:
+        d, e = row["d_default_over_a"], row["e_every_step_over_a"]
+        losses = row["last_loss"]
+        lines.append(
+            f"- {row['net']}, {row['reps']} × {row['steps']} steps ({row['recorded_steps']['d_default']} recorded "
+            f"at the default): per repetition (d)/(a) wall {', '.join(map(str, d['train_per_rep']))}, CPU "
+            f"{', '.join(map(str, d['train_cpu_per_rep']))}; (e)/(a) wall {', '.join(map(str, e['train_per_rep']))}, "
+            f"CPU {', '.join(map(str, e['train_cpu_per_rep']))}. The whole `run_probe` call (set-up, evaluation "
+            f"of {result['eval_samples']} held-out images, theory, verdict) over bare loop + set-up: (d) "
+            f"{d['whole_call_median']}, (e) {e['whole_call_median']}. Last losses (a) {losses['a_bare']:.6f}, "
+            f"(d) {losses['d_default']:.6f}, (e) {losses['e_every_step']:.6f}; 1-min load at each repetition's "
+            f"start {', '.join(map(str, row['loadavg_1min_at_rep_start']))}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the whole-run recording benchmark and write bench/results/recording.{json,md}."""
+    parser = argparse.ArgumentParser(prog="bench.recording", description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--cnn-steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-samples", type=int, default=500)
+    parser.add_argument("--only", default="mlp,cnn", help="comma-separated networks")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GRADDIAG_DATA_DIR", DEFAULT_DATA)))
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "graddiag")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args, _ = parser.parse_known_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_cifar10(args.data_dir, args.cache_dir)
+    result: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "eval_samples": args.eval_samples,
+        "nets": [],
+    }
+    for key in args.only.split(","):
+        steps = args.steps if key == "mlp" else args.cnn_steps
+        result["nets"].append(measure(key, data, steps, args.reps, args.eval_samples))
+    result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "recording.json").write_text(json.dumps(result, indent=1) + "\n")
+    markdown = _markdown(result)
+    (args.out_dir / "recording.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
