@@ -536,3 +536,12 @@ async def test_sql_in_parameters_is_only_ever_a_value(
 async def test_deeply_nested_json_is_a_400_problem(api: httpx.AsyncClient, path: str, body: bytes) -> None:
     response = await api.post(path, content=body, headers={"content-type": "application/json"})
     assert_problem(response, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/runs/{id}", "/v1/sweeps/{id}", "/v1/runs/{id}/gradients", "/v1/sweeps/{id}/summary"]
+)
+async def test_a_huge_id_does_not_come_back_whole(api: httpx.AsyncClient, path: str) -> None:
+    response = await api.get(path.format(id="a" * 60_000))
+    assert response.status_code in (404, 422)
+    assert len(response.content) <= MAX_ERROR_BODY_BYTES, len(response.content)

@@ -49,6 +49,8 @@ class ApiProblem(Exception):
 MAX_FIELD_ERRORS = 20
 MAX_LOC_CHARS = 64
 MAX_MSG_CHARS = 400
+# The detail sentence too: it may quote a path parameter (a 60 KB run id would come back whole).
+MAX_DETAIL_CHARS = 1000
 
 
 def printable(text: str, limit: int | None = None) -> str:
@@ -106,7 +108,7 @@ def problem_response(
     body = Problem(
         title=HTTPStatus(status).phrase,
         status=status,
-        detail=printable(detail),
+        detail=printable(detail, MAX_DETAIL_CHARS),
         instance=printable(request.url.path, MAX_MSG_CHARS),
         code=code,
         errors=list(errors) if errors is not None else None,
