@@ -1,8 +1,9 @@
 """Memory benchmark: the estimate behind the memory cap against the measured peak of real runs.
 
 For each spec a fresh subprocess does what a worker does: fixes glibc's mmap threshold (the memory
-guard's `pin_malloc_mmap_threshold`), imports torch, trains a 1-step warm-up probe (so torch's own
-allocations are in the baseline), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``),
+guard's `pin_malloc_mmap_threshold`), imports torch, trains two tiny warm-up probes (an MLP and a CNN,
+so torch's and numpy's first-use allocations are in the baseline, as in a worker after its first
+run), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``),
 runs ``run_probe(spec, eval_samples=2000)`` (the worker's default evaluation) and reads the peak
 (``VmHWM``). The peak growth over the RSS before the run is what the run cost; it is compared with
 ``estimate_run_memory_mb`` (models/memory.py), which the API compares with ``max_run_memory_mb``.
@@ -90,7 +91,10 @@ import torch
 torch.set_num_threads(1)
 from graddiag.models.spec import Spec
 from graddiag.service.engine.probe import run_probe
-run_probe(Spec(dataset="synthetic", depth=1, width=2, steps=1, batch_size=2), eval_samples=10)
+# Warm-up through every code path (theory of an MLP and a CNN included): first-use allocations (lazy
+# imports, BLAS buffers) belong to the worker process, which pays them once, not to a run.
+for warm in ({"depth": 4, "width": 8}, {"arch": "cnn", "depth": 3, "width": 4}):
+    run_probe(Spec(dataset="synthetic", steps=2, batch_size=4, **warm), eval_samples=10)
 before = resident_bytes()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM to the current RSS
@@ -130,7 +134,7 @@ def _markdown(result: dict[str, Any]) -> str:
         f"{result['machine']}. Command: `{result['command']}` ({result['wall_s']:.0f} s). Synthetic data, "
         f"{STEPS} steps, eval_samples={EVAL_SAMPLES}, 1 torch thread, glibc mmap threshold fixed as the "
         "worker's memory guard fixes it. *peak growth*: VmHWM during `run_probe` minus the RSS before it, in "
-        f"a fresh process that imported torch and ran a 1-step probe (that baseline: "
+        f"a fresh process that imported torch and ran two tiny probes (that baseline: "
         f"{result['baseline_mib']['min']:.0f}–{result['baseline_mib']['max']:.0f} MiB; models/memory.py "
         f"reports {TORCH_BASELINE_MIB:.0f} MiB beside the estimate). *estimate*: `estimate_run_memory_mb`, "
         f"what the API compares with `max_run_memory_mb` (default {DEFAULT_CAP_MIB:.0f} MiB).",

@@ -3,15 +3,16 @@
 The API refuses a spec whose estimate is over `max_run_memory_mb`, and the worker's memory guard stops a
 run that grows far past its estimate, so the estimate must hold for every spec the caps accept. It is
 the peak growth of a process's resident memory while `run_probe` trains the spec and evaluates it, over
-a process that already imported torch and ran one probe (torch's own libraries, thread pools and kernels
-are that baseline, `TORCH_BASELINE_MIB`, not part of any run). It is built from what really stays alive:
+a process that already imported torch and ran two tiny probes (torch's own libraries, thread pools,
+kernels and lazy imports are that baseline, `TORCH_BASELINE_MIB`, paid once per worker, not per run).
+It is built from what really stays alive (on the CPU; a CUDA run keeps its tensors in GPU memory):
 
-* parameters: the weights, their gradients, the optimizer's state, the probe's copy of the linear
+* parameters: the weights, their gradients, the optimizer's state, the probe's copy of the weight
   layers' initial weights, the recorder's snapshot of the weights (`recorder_buffer_bytes`);
 * the training step: the data batch, every tensor autograd saves for backward (per activation, per
   norm, per residual sum and pool, `ACTIVATIONS` and the trace below, read from autograd), and the
-  gradients and temporaries backward holds at its worst layer; or, if larger, the optimizer step's
-  temporaries;
+  gradients and temporaries backward holds at its worst layer; or, if larger, the temporaries of the
+  optimizer step, of the theory's float64 reads and of the input's second moment;
 * the held-out evaluation after training: the held-out sample and a no-grad forward pass in batches of
   `EVAL_BATCH` (the probe's), each block's input held while its layers run;
 * the report's Python records (one per layer and recorded step) and a fixed allowance for the rest.
@@ -45,10 +46,10 @@ FLOAT: Final = 4  # bytes of a float32
 INDEX: Final = 8  # bytes of an int64 (a max-pool's saved indices)
 # run_probe evaluates the held-out sample in batches of this many examples (engine/probe.py `_evaluate`).
 EVAL_BATCH: Final = 500
-# Resident memory of a process that imported torch and ran one tiny probe (measured by bench/memory.py on
+# Resident memory of a process that imported torch and ran two tiny probes (measured by bench/memory.py on
 # the CUDA build of torch 2.x, x86_64; the CPU build is smaller). Reported beside the estimate, not in it:
 # it is paid once per worker process, not per run.
-TORCH_BASELINE_MIB: Final = 935.0
+TORCH_BASELINE_MIB: Final = 954.0
 # What a run allocates besides the modelled tensors (autograd's graph nodes, the allocator's slack, the
 # network's modules and hooks): a fixed part and a part per layer, fitted to bench/results/memory.json.
 FIXED_OVERHEAD_MIB: Final = 8.0
@@ -61,6 +62,12 @@ STEP_BYTES: Final = 1536
 RECORDER_SATURATING: Final = frozenset({"sigmoid", "tanh", "softsign"})
 # Extra tensors (of its input's size) a norm layer's backward allocates besides the two gradients.
 NORM_BACKWARD_TEMPS: Final = 1
+# After training, the mean-field theory reads each weight layer in float64 and squares it
+# (engine/theory.py): about this many float32 copies of the largest layer at once.
+THEORY_LAYER_COPIES: Final = 4
+# At step 0 the probe measures the input's second moment for the theory in float64 (engine/probe.py
+# `_train_step`): a float64 copy of the batch and its square, four float32 batches at once.
+INPUT_MOMENT_BATCHES: Final = 4
 # Optimizer state per parameter (float32 copies), and the temporaries its foreach step allocates.
 OPTIMIZER_STATES: Final = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 OPTIMIZER_STEP_TEMPS: Final = {"sgd": 0, "momentum": 0, "adam": 1, "adamw": 1}
@@ -308,10 +315,10 @@ def estimate_run_memory(spec: Spec, eval_samples: int) -> MemoryEstimate:
     # After backward: Adam's step, a weight decay the optimizer adds to the gradient, and the probe's L1
     # (sign of the weights) and penalty norms allocate parameter-sized temporaries.
     temps = OPTIMIZER_STEP_TEMPS[spec.optimizer] + (spec.weight_decay > 0 or spec.l1 > 0)
-    training = batch + max(step, FLOAT * params * temps)
+    theory = THEORY_LAYER_COPIES * largest_layer
+    training = batch + max(step, FLOAT * params * temps, theory, INPUT_MOMENT_BATCHES * batch)
     eval_batch = min(EVAL_BATCH, eval_samples)
-    # The last training batch stays referenced while the held-out sample is evaluated.
-    evaluation = batch + eval_samples * INPUT_FEATURES * FLOAT + eval_batch * trace.evaluation_peak()
+    evaluation = eval_samples * INPUT_FEATURES * FLOAT + eval_batch * trace.evaluation_peak()
     recorded_steps = -(-spec.steps // spec.record_every) + 1
     report = recorded_steps * layer_count(spec) * RECORD_BYTES + spec.steps * STEP_BYTES
     overhead = FIXED_OVERHEAD_MIB * MIB + layer_count(spec) * OVERHEAD_PER_LAYER_BYTES

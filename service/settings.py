@@ -51,7 +51,10 @@ class Settings(BaseSettings):
         1_048_576, ge=1024, le=64 * 2**20, description="Largest request body accepted; larger ones get a 413."
     )
     max_run_memory_mb: float = Field(
-        4096.0, gt=0, description="Refuse specs whose estimated training memory (weights, activations) is larger."
+        4096.0,
+        gt=0,
+        description="Refuse specs whose estimated peak memory (training and evaluation) is larger; a run that "
+        "grows past it (or 1.5x its estimate) while training is failed.",
     )
     api_busy_timeout_seconds: float = Field(
         5.0, gt=0, le=60, description="How long an API request waits for a locked SQLite database before a 503."

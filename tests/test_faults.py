@@ -510,12 +510,12 @@ async def test_full_disk_gives_503_and_loses_nothing(
 
 
 async def test_spec_over_the_memory_cap_is_refused_naming_its_size_fields(fault_settings: Settings) -> None:
-    settings = fault_settings.model_copy(update={"max_run_memory_mb": 64})
+    settings = fault_settings.model_copy(update={"max_run_memory_mb": 128})
     big = {**SMALL, "depth": 4, "width": 1024, "batch_size": 1024}
     async with serve_app(settings) as api:
         body = assert_problem(await api.post("/v1/runs", json=big), 422, "validation_error")
         assert {tuple(e["loc"]) for e in body["errors"]} == {("body", f) for f in ("depth", "width", "batch_size")}
-        assert all(e["type"] == "over_cap" and "max_run_memory_mb=64" in e["msg"] for e in body["errors"])
+        assert all(e["type"] == "over_cap" and "max_run_memory_mb=128" in e["msg"] for e in body["errors"])
         assert (await api.post("/v1/runs", json={**big, "width": 64})).status_code == 202
 
         sweep = await api.post("/v1/sweeps", json={"base": big, "grid": {"width": [64, 1024]}})

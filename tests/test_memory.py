@@ -23,12 +23,14 @@ from graddiag.models.memory import (
     ACTIVATIONS,
     EVAL_BATCH,
     RECORD_BYTES,
+    RECORDER_SATURATING,
     STEP_BYTES,
     estimate_run_memory,
     estimate_run_memory_mb,
 )
 from graddiag.models.networks import make_activation
 from graddiag.models.spec import Activation, Spec
+from graddiag.service.engine.recorder import SATURATING
 from graddiag.service.engine.report import LayerRecord, StepMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +113,10 @@ def test_forward_and_backward_take_what_the_table_says() -> None:
         backward = after_forward + out + table.backward_temps
         assert measured[name][0] == pytest.approx(forward, abs=0.3), (name, measured[name])
         assert measured[name][1] == pytest.approx(max(forward, backward), abs=0.3), (name, measured[name])
+
+
+def test_the_recorder_measures_saturation_of_the_activations_the_model_counts() -> None:
+    assert frozenset(SATURATING) == RECORDER_SATURATING
 
 
 def test_report_records_take_at_most_what_the_model_allows() -> None:
