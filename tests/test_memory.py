@@ -146,6 +146,8 @@ def test_the_evaluation_is_in_the_estimate() -> None:
     feature_map = EVAL_BATCH * 256 * 32 * 32 * 4 / 2**20
     assert full.evaluation_mib >= 3 * feature_map  # input, denominator and output of the softsign
     assert full.run_mib > small.run_mib + 2 * feature_map
+    # The issue measured the relu spec at 1,050 MiB (its estimate: 6 MiB).
+    assert estimate_run_memory_mb(spec.model_copy(update={"activation": "relu"}), 2000) >= 1050 / MAX_RATIO
 
 
 def test_the_attacks_of_issue_12_are_refused_by_the_default_cap() -> None:
