@@ -207,6 +207,8 @@ def test_cache_is_rebuilt_when_the_source_changes(folder_data, tmp_path, monkeyp
 def test_corrupt_cache_file_is_rebuilt(folder_data, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     expected, _ = load_cifar10(folder_data, cache)
+    # The loaded tensors map the cache file, which this test damages in place: keep a copy of them.
+    expected = ImageSet(expected.images.clone(), expected.labels.clone())
     (path,) = cache.glob("*.pt")
     calls = _count_decodes(monkeypatch)
     for damage in (b"garbage", path.read_bytes()[: path.stat().st_size // 2]):
@@ -553,3 +555,53 @@ def test_real_cifar10(cifar10_dir, real_cache_dir, capsys):
     assert (per_channel.std(dim=1) - 1).abs().max() < 0.05
     xb, yb = source.batch(0)
     assert xb.shape == (128, 3, 32, 32) and yb.shape == (128,)
+
+
+# --------------------------------------------------------------------------------------------
+# Workers share one decoded copy
+
+_MAPPED_CHILD = """
+import json, os, sys
+from graddiag.service.engine.data import DatasetCache
+train, test = DatasetCache(sys.argv[1], sys.argv[2]).get()
+address = train.images.data_ptr()
+for line in open("/proc/self/maps"):
+    fields = line.split()
+    start, end = (int(x, 16) for x in fields[0].split("-"))
+    if start <= address < end:
+        print("MAPPED:" + json.dumps({"path": fields[5] if len(fields) > 5 else "", "inode": int(fields[4])}))
+"""
+
+
+def _mapping_of(address: int) -> str:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) > 5 else ""
+    return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_two_workers_map_the_same_cache_file(folder_data, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    train, _ = load_cifar10(folder_data, cache)  # decodes, writes the cache, then maps it
+    (path,) = cache.glob("*.pt")
+    assert _mapping_of(train.images.data_ptr()) == str(path.resolve())
+    seen = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", _MAPPED_CHILD, str(folder_data), str(cache)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        (line,) = [x for x in done.stdout.splitlines() if x.startswith("MAPPED:")]
+        seen.append(json.loads(line.removeprefix("MAPPED:")))
+    # Both workers' images are pages of one file (one inode): the page cache holds them once.
+    assert seen[0] == seen[1] == {"path": str(path.resolve()), "inode": path.stat().st_ino}

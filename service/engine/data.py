@@ -9,7 +9,9 @@ CIFAR-10 is read from a caller-given directory in either of two layouts:
   CIFAR-10 equals torchvision's ``CIFAR10`` order).
 
 Either way the images are decoded once into a ``(N, 3, 32, 32)`` uint8 tensor and cached as a
-``.pt`` file in a caller-given cache directory, so later loads only read that file. Batches are
+``.pt`` file in a caller-given cache directory, so later loads only map that file: the tensors are
+memory-mapped (read-only use, ``torch.load(mmap=True)``), so every worker on a machine shares one copy
+in the page cache instead of holding its own. Batches are
 drawn by index from memory and converted to normalised float32 per batch; nothing here touches
 PIL or transforms inside the training loop, and nothing reads the environment.
 """
@@ -306,7 +308,10 @@ def _read_cache(path: Path, key: str) -> tuple[ImageSet, ImageSet] | None:
         return None
     try:
         # weights_only: the cache holds only tensors and strings, and must never run pickled code.
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the tensors' storage is the file's pages, shared by every process that maps it (no
+        # process writes to them; batches index into them). The file is only ever replaced whole
+        # (os.replace in _write_cache), never rewritten in place, so a mapping never sees it change.
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if payload.get("key") != key:
             raise ValueError("cache key mismatch")
         return (
@@ -404,7 +409,10 @@ def load_cifar10(
         _write_cache(path, key, data)
     except Exception as exc:
         log.warning("could not write the CIFAR-10 cache %s (%s); continuing without it", path, exc)
-    return data
+        return data
+    # Map the file just written, so this process shares the page cache with the others too and its
+    # decoded copy can be freed.
+    return _read_cache(path, key) or data
 
 
 class DatasetCache:
