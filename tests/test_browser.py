@@ -300,9 +300,29 @@ def test_run_page_draws_the_run(tab: Tab, sweep: dict[str, Any]) -> None:
     for element_id, field in (("chart-act", "act_grad_norm"), ("chart-rel", "rel_grad")):
         traces = chart(page, element_id)
         assert same(traces[0]["y"], at_step(report, 0, field)), element_id
-    loss = chart(page, "chart-loss")[0]
+    loss, smoothed = chart(page, "chart-loss")[:2]
     assert loss["y"] == pytest.approx([s["loss"] for s in report["steps"]])
+    # TensorBoard's smoothing (a debiased moving average, 0.6 by default) over the raw curve; the slider
+    # redraws it, 0 leaves the raw curve alone.
+    assert smoothed["name"] == "smoothed (0.60)"
+    assert smoothed["y"] == pytest.approx(tensorboard_smoothing([s["loss"] for s in report["steps"]], 0.6))
+    page.fill("#smoothing", "0")
+    page.wait_for_function("document.getElementById('chart-loss').data.length === 2")  # raw + held-out
     assert len(chart(page, "chart-accuracy")[0]["y"]) == len(report["steps"])
+    # Every chart's axes say what they show.
+    for element_id in ("chart-profile", "chart-heatmap", "chart-forward", "chart-act", "chart-rel", "chart-loss"):
+        for axis in ("xaxis", "yaxis"):
+            assert page.evaluate(f"document.getElementById('{element_id}').layout.{axis}.title.text"), element_id
+    assert "dashed line is the mean-field prediction" in page.inner_text("#caption-profile")
+
+    # Downloads: the records as CSV with layer names, the run as JSON, the TensorBoard events.
+    assert page.get_attribute("#download-csv", "href") == f"/v1/runs/{run['id']}/gradients?format=csv"
+    with page.expect_download() as download:
+        page.click("#download-csv")
+    header = Path(download.value.path()).read_text().splitlines()[0]
+    assert header.startswith("step,layer,layer_name,")
+    assert page.get_attribute("#download-json", "href") == f"/v1/runs/{run['id']}"
+    assert page.get_attribute("#download-tensorboard", "href") == f"/v1/runs/{run['id']}/tensorboard"
 
     assert page.inner_text("#verdict-badge") == run["verdict"] == "vanishing"
     assert page.locator("#verdict li").count() == len(report["verdict"]["reasons"]) + len(report["verdict"]["advice"])
@@ -339,6 +359,45 @@ def test_run_page_draws_the_run(tab: Tab, sweep: dict[str, Any]) -> None:
     assert not tab.errors
 
 
+def tensorboard_smoothing(values: list[float], weight: float) -> list[float]:
+    last, out = 0.0, []
+    for i, value in enumerate(values, start=1):
+        last = last * weight + (1 - weight) * value
+        out.append(last / (1 - weight**i))
+    return out
+
+
+def _tick_value(text: str) -> float:
+    """The number a plotly tick label states: "0.02", "10<sup>−2</sup>", "2×10<sup>−5</sup>"."""
+    text = text.replace("\u2212", "-")
+    if "<sup>" in text:
+        head, power = text.split("<sup>")
+        mantissa = float(head.removesuffix("10").removesuffix("×") or 1)
+        return mantissa * 10 ** int(power.removesuffix("</sup>"))
+    return float(text)
+
+
+def test_cnn_run_page_says_what_it_draws(tab: Tab, client: Client) -> None:
+    # A residual CNN: no mean-field prediction to draw.
+    run = client.run({**BASE, "arch": "cnn", "depth": 4, "width": 4, "steps": 6, "residual": True}, timeout=120)
+    page = tab.open(f"/runs/{run['id']}")
+    page.wait_for_selector("#verdict h2")
+    # No mean-field line, and the caption says so (and why) instead of describing one.
+    names = [t["name"] for t in chart(page, "chart-profile")]
+    assert len(names) == 2 and not any(name.startswith("mean-field") for name in names)
+    caption = page.inner_text("#caption-profile")
+    assert "dashed" not in caption and "no mean-field line" in caption
+    # Every tick label of every log axis states its own value (no bare "4 5 6" between powers of ten).
+    for element_id in ("chart-profile", "chart-forward", "chart-act", "chart-rel"):
+        ticks = page.evaluate(
+            f"document.getElementById('{element_id}')._fullLayout.yaxis._vals.map(t => [t.x, t.text])"
+        )
+        assert ticks, element_id
+        for position, text in ticks:
+            assert math.isclose(_tick_value(text), 10**position, rel_tol=0.02), (element_id, text, position)
+    assert not tab.errors
+
+
 def test_sweep_page_shows_the_verdict_matrix_and_ratios(tab: Tab, sweep: dict[str, Any]) -> None:
     page = tab.open(f"/sweeps/{sweep['status']['id']}")
     page.wait_for_selector("#matrix tbody tr")
@@ -357,10 +416,17 @@ def test_sweep_page_shows_the_verdict_matrix_and_ratios(tab: Tab, sweep: dict[st
     assert configs["sigmoid"]["critical_depth"] is not None
     assert configs["relu"]["critical_depth"] is None or configs["relu"]["critical_depth"] > 6
 
+    # The chart draws the span the verdict judged, and marks (rather than drops) the depth-2 runs, which have
+    # no interior profile to fit; the ±2-decade guides have legend entries.
     traces = {t["name"]: t for t in chart(page, "chart-ratio")}
     for activation, config in configs.items():
         trace = traces[f"activation={activation}"]
-        assert trace["x"] == config["depths"] and trace["y"] == pytest.approx(config["first_last_ratio"])
+        assert trace["x"] == config["depths"]
+        assert [y is None for y in trace["y"]] == [s is None for s in config["profile_span"]]
+        assert [y for y in trace["y"] if y is not None] == pytest.approx([s for s in config["profile_span"] if s])
+    assert configs["sigmoid"]["profile_span"][0] is None  # depth 2
+    assert traces["no value (fewer than 2 interior layers)"]["x"] == [2, 2]
+    assert "+2 decades: exploding threshold" in traces and "−2 decades: vanishing threshold" in traces
     assert "6 succeeded" in page.inner_text("#counts")
     tab.screenshot("sweep")
 

@@ -6,7 +6,7 @@ import itertools
 import math
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
@@ -81,6 +81,19 @@ class SweepConfig(BaseModel):
     verdicts: list[Label | None]
     critical_depth: int | None
     first_last_ratio: list[float | None]
+    profile_span: list[float | None] = Field(
+        description="Per depth, the fitted change across the interior layers at initialisation, in decades, of "
+        "the profile the verdict judges steeper: the weight gradient ‖∂L/∂W‖ or the back-propagated signal "
+        "‖∂L/∂h‖ (see profile_statistic). Null before the run succeeded, and when the network has fewer than "
+        "2 interior layers (no profile to fit: depth 2 for an mlp)."
+    )
+    profile_statistic: list[Literal["grad_norm", "act_grad_norm"] | None] = Field(
+        description="Per depth, which profile profile_span measures; null where it is null."
+    )
+    span_threshold: list[float | None] = Field(
+        description="Per depth, the span (either sign) at which the verdict calls the profile vanishing or "
+        "exploding: 2 decades plus the run's finite-width allowance."
+    )
     findings: list[list[FindingBrief] | None] = Field(
         description="Per depth, the run's findings (null until it succeeded), in the order of `depths`."
     )
@@ -280,6 +293,25 @@ def _first_last_decades(run: Run) -> float | None:
     return math.log10(ratio) if isinstance(ratio, int | float) and ratio > 0 else None
 
 
+_SPAN_DECADES = 2.0  # the verdict's span threshold before the finite-width allowance (engine.verdict)
+
+
+def _profile_span(run: Run) -> tuple[float | None, Literal["grad_norm", "act_grad_norm"] | None, float | None]:
+    """(span, statistic, threshold) of the steeper of the run's two profiles at initialisation."""
+    evidence = run.evidence or {}
+    spans = [
+        (value, statistic)
+        for statistic, key in (("grad_norm", "span_decades"), ("act_grad_norm", "act_span_decades"))
+        if isinstance(value := evidence.get(key), int | float) and math.isfinite(value)
+    ]
+    noise = evidence.get("noise_decades")
+    threshold = _SPAN_DECADES + (noise if isinstance(noise, int | float) else 0.0) if evidence else None
+    if not spans:
+        return None, None, threshold
+    span, statistic = max(spans, key=lambda pair: abs(pair[0]))
+    return float(span), cast(Literal["grad_norm", "act_grad_norm"], statistic), threshold
+
+
 def sweep_summary(session: Session, sweep_id: str, finding: FindingKind | None = None) -> SweepSummary:
     """Per combination of the non-depth grid axes: verdicts and findings by depth and the critical depth.
 
@@ -304,6 +336,7 @@ def sweep_summary(session: Session, sweep_id: str, finding: FindingKind | None =
         for run, cell in zip(members, findings, strict=True):
             for item in cell or ():
                 finding_depths[item.kind] = min(finding_depths.get(item.kind, run.depth), run.depth)
+        spans = [_profile_span(run) if run.status == "succeeded" else (None, None, None) for run in members]
         unhealthy = [
             run.depth for run, verdict in zip(members, verdicts, strict=True) if verdict not in (None, "healthy")
         ]
@@ -314,6 +347,9 @@ def sweep_summary(session: Session, sweep_id: str, finding: FindingKind | None =
                 verdicts=verdicts,
                 critical_depth=min(unhealthy, default=None),
                 first_last_ratio=[_first_last_decades(run) for run in members],
+                profile_span=[span for span, _, _ in spans],
+                profile_statistic=[statistic for _, statistic, _ in spans],
+                span_threshold=[threshold for _, _, threshold in spans],
                 findings=findings,
                 finding_depths=finding_depths,
             )

@@ -127,6 +127,38 @@ export function recordsAt(records, step) {
 /** Positive values only: a log axis cannot show zero or missing values (plotly leaves a gap for null). */
 export const positive = (v) => (v !== null && v !== undefined && v > 0 ? v : null);
 
+/** A tick label that states its whole value: "0.02", "300", "2×10⁻⁵" (plotly's rich text for the power). */
+export function tickLabel(value) {
+  const [mantissa, exponent] = value.toExponential(1).split("e").map(Number);
+  if (exponent >= -3 && exponent <= 4) return String(Number(value.toPrecision(2)));
+  const power = `10<sup>${exponent < 0 ? "−" : ""}${Math.abs(exponent)}</sup>`;
+  return Math.abs(mantissa - 1) < 1e-9 ? power : `${Number(mantissa.toFixed(1))}×${power}`;
+}
+
+/** A log y axis for `values`. Across under 3 decades plotly labels the ticks between the powers of ten
+ * with a bare digit ("4 5 6 7 8 9 10⁻² 2 3"), which reads as the numbers 4…3; there the ticks are placed
+ * here (1, 2, 5 × 10ᵏ, or five evenly spaced ones within a decade) and each label gives its full value. */
+export function logAxis(title, values) {
+  const axis = { type: "log", exponentformat: "power", title: { text: title } };
+  const logs = values.filter((v) => v !== null && v !== undefined && v > 0 && Number.isFinite(v)).map(Math.log10);
+  if (!logs.length) return axis;
+  const [lo, hi] = [Math.min(...logs), Math.max(...logs)];
+  if (hi - lo >= 3) return axis;
+  const pad = Math.max(0.05, (hi - lo) * 0.08);
+  const [from, to] = [lo - pad, hi + pad];
+  let ticks = [];
+  for (let k = Math.floor(from); k <= Math.ceil(to); k += 1) {
+    for (const m of [1, 2, 5]) {
+      const v = m * 10 ** k;
+      if (Math.log10(v) >= from && Math.log10(v) <= to) ticks.push(v);
+    }
+  }
+  if (ticks.length < 3) {
+    ticks = Array.from({ length: 5 }, (_, i) => Number((10 ** (from + ((to - from) * i) / 4)).toPrecision(2)));
+  }
+  return { ...axis, range: [from, to], tickmode: "array", tickvals: ticks, ticktext: ticks.map(tickLabel) };
+}
+
 const FONT = { family: "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", size: 12 };
 
 /** Draw (or redraw) a chart with the dashboard's defaults. */

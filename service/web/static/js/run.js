@@ -8,6 +8,7 @@ import {
   fmt,
   getJSON,
   kindLabel,
+  logAxis,
   placeholder,
   plot,
   positive,
@@ -28,7 +29,40 @@ const CHARTS = ["chart-profile", "chart-heatmap", "chart-forward", "chart-act", 
 const PHASES = { init: "at initialisation", training: "during training" };
 // Marks a layer whose bias gradient is zero by construction (a bias followed by batch norm).
 const ZERO_BIAS = "bias gradient zero by construction (bias feeds batch norm): recorded, not judged";
-const LOG_Y = { type: "log", exponentformat: "power" };
+const smoothing = document.getElementById("smoothing");
+const smoothingValue = document.getElementById("smoothing-value");
+const smoothingControl = document.getElementById("smoothing-control");
+const downloads = document.getElementById("downloads");
+
+/** TensorBoard's smoothing: an exponential moving average with its start-up bias removed; gaps stay gaps. */
+function smooth(values, weight) {
+  let last = 0;
+  let count = 0;
+  return values.map((v) => {
+    if (v === null || v === undefined || !Number.isFinite(v)) return null;
+    last = last * weight + (1 - weight) * v;
+    count += 1;
+    return last / (1 - weight ** count);
+  });
+}
+
+/** The run's downloads: its records as CSV (with layer names), the run and report as JSON, TensorBoard events. */
+function showDownloads(run) {
+  const path = `${BASE}/v1/runs/${encodeURIComponent(run.id)}`;
+  const short = run.id.slice(0, 8);
+  downloads.replaceChildren(
+    "Download: ",
+    el("a", { href: `${path}/gradients?format=csv`, download: `${short}-gradients.csv`, id: "download-csv" }, "gradient records (CSV)"),
+    " · ",
+    el("a", { href: path, download: `${short}-run.json`, id: "download-json" }, "run and report (JSON)"),
+    " · ",
+    el("a", { href: `${path}/tensorboard`, download: `${short}-tensorboard.tar.gz`, id: "download-tensorboard" }, "TensorBoard events (tar.gz)"),
+  );
+  downloads.hidden = false;
+}
+
+/** Every y value of some traces (for a log axis's range and ticks). */
+const ys = (traces) => traces.flatMap((trace) => trace.y);
 // Training loss as the progress events report it, drawn while the run trains.
 const liveLoss = { x: [], y: [] };
 
@@ -221,11 +255,20 @@ function drawCharts(report) {
     ticktext: layers.map((l) => String(l.index)),
   };
   const theory = theoryTrace(layers, atInit, report.verdict.theory);
-  plot("chart-profile", [...profileTraces(layers, atInit, atEnd, "grad_norm", first, last), ...(theory ? [theory] : [])], {
+  const profile = [...profileTraces(layers, atInit, atEnd, "grad_norm", first, last), ...(theory ? [theory] : [])];
+  plot("chart-profile", profile, {
     title: { text: "Gradient norm per layer" },
     xaxis: layerAxis,
-    yaxis: { ...LOG_Y, title: { text: "‖∂L/∂W‖" } },
+    yaxis: logAxis("‖∂L/∂W‖", ys(profile)),
   });
+  // The caption says what is drawn: the mean-field line only where the theory applies (not for a CNN, nor
+  // with normalisation or residuals), and why not otherwise.
+  const reason = report.verdict.theory.reason;
+  document.getElementById("caption-profile").textContent =
+    "‖∂L/∂W‖ of each layer (log scale) at initialisation and at the last recorded step; " +
+    (theory
+      ? "the dashed line is the mean-field prediction, anchored at the last interior layer."
+      : `no mean-field line: ${report.verdict.theory.applicable ? "the prediction is not finite here" : reason.charAt(0).toLowerCase() + reason.slice(1)}`);
 
   const byKey = new Map(records.map((r) => [`${r.layer}:${r.step}`, r.grad_norm]));
   const z = layers.map((l) =>
@@ -256,23 +299,26 @@ function drawCharts(report) {
     },
   );
   if (records.some((r) => positive(r.act_norm) !== null)) {
-    plot("chart-forward", profileTraces(layers, atInit, atEnd, "act_norm", first, last), {
+    const forward = profileTraces(layers, atInit, atEnd, "act_norm", first, last);
+    plot("chart-forward", forward, {
       title: { text: "Forward signal per layer" },
       xaxis: layerAxis,
-      yaxis: { ...LOG_Y, title: { text: "RMS of the layer's output" } },
+      yaxis: logAxis("RMS of the layer's output", ys(forward)),
     });
   } else {
     placeholder("chart-forward", "This run recorded no forward signal (it predates the act_norm record).");
   }
-  plot("chart-act", profileTraces(layers, atInit, atEnd, "act_grad_norm", first, last), {
+  const act = profileTraces(layers, atInit, atEnd, "act_grad_norm", first, last);
+  plot("chart-act", act, {
     title: { text: "Activation gradient per layer" },
     xaxis: layerAxis,
-    yaxis: { ...LOG_Y, title: { text: "‖∂L/∂h‖" } },
+    yaxis: logAxis("‖∂L/∂h‖", ys(act)),
   });
-  plot("chart-rel", profileTraces(layers, atInit, atEnd, "rel_grad", first, last), {
+  const rel = profileTraces(layers, atInit, atEnd, "rel_grad", first, last);
+  plot("chart-rel", rel, {
     title: { text: "Relative gradient per layer" },
     xaxis: layerAxis,
-    yaxis: { ...LOG_Y, title: { text: "‖∂L/∂W‖ / ‖W‖" } },
+    yaxis: logAxis("‖∂L/∂W‖ / ‖W‖", ys(rel)),
   });
 
   const x = steps.map((s) => s.step);
@@ -281,18 +327,31 @@ function drawCharts(report) {
     value === null || value === undefined || !x.length
       ? []
       : [{ x: [x[0], x.at(-1)], y: [value, value], mode: "lines", name, line: { dash: "dot", color: "#555" } }];
-  plot(
-    "chart-loss",
-    [{ x, y: steps.map((s) => s.loss), mode: "lines", name: "training loss", line: { color: "#0072b2" } }, ...heldLine(held.loss, `held-out (${held.samples})`)],
-    { title: { text: "Loss" }, xaxis: { title: { text: "step" } } },
-  );
+  const drawLoss = () => {
+    const weight = Number(smoothing.value);
+    smoothingValue.textContent = weight.toFixed(2);
+    const raw = steps.map((s) => s.loss);
+    plot(
+      "chart-loss",
+      [
+        // The raw curve stays, faint, under the smoothed one (as TensorBoard draws it).
+        { x, y: raw, mode: "lines", name: "training loss", opacity: weight > 0 ? 0.3 : 1, line: { color: "#0072b2" } },
+        ...(weight > 0 ? [{ x, y: smooth(raw, weight), mode: "lines", name: `smoothed (${weight.toFixed(2)})`, line: { color: "#0072b2", width: 2 } }] : []),
+        ...heldLine(held.loss, `held-out (${held.samples})`),
+      ],
+      { title: { text: "Loss" }, xaxis: { title: { text: "step" } }, yaxis: { title: { text: "cross-entropy" } } },
+    );
+  };
+  smoothingControl.hidden = false;
+  smoothing.oninput = drawLoss;
+  drawLoss();
   plot(
     "chart-accuracy",
     [
       { x, y: steps.map((s) => s.accuracy), mode: "lines", name: "training accuracy", line: { color: COLORS.healthy } },
       ...heldLine(held.accuracy, `held-out (${held.samples})`),
     ],
-    { title: { text: "Accuracy" }, xaxis: { title: { text: "step" } }, yaxis: { rangemode: "tozero" } },
+    { title: { text: "Accuracy" }, xaxis: { title: { text: "step" } }, yaxis: { title: { text: "fraction correct" }, rangemode: "tozero" } },
   );
 }
 
@@ -314,6 +373,7 @@ async function finish() {
   }
   renderVerdict(run);
   renderFindings(run.report);
+  if (run.report) showDownloads(run);
   if (run.report) drawCharts(run.report);
   else if (!liveLoss.x.length) placeholder("chart-loss", `No loss curve: the run ${run.status === "failed" ? "failed" : "was cancelled"}.`);
 }

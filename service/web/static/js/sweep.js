@@ -98,35 +98,76 @@ function renderMatrix(summary, runs, finding) {
   matrix.replaceChildren(head, body);
 }
 
-function renderRatio(summary) {
-  const traces = summary.configs
-    .map((config, i) => ({
-      name: configLabel(config.config),
+const STATISTIC = { grad_norm: "‖∂L/∂W‖", act_grad_norm: "‖∂L/∂h‖" };
+
+/** The span the verdict judged, per configuration along depth. A finished run without a span (fewer than
+ * two interior layers: nothing to fit) is drawn as an open marker on the zero line, named in the legend,
+ * rather than silently left out. */
+function renderSpan(summary) {
+  const traces = [];
+  const missing = { x: [], text: [] };
+  summary.configs.forEach((config, i) => {
+    const label = configLabel(config.config);
+    const finished = config.verdicts.map((v) => v !== null);
+    if (!config.profile_span.some((v) => v !== null) && !finished.some(Boolean)) return;
+    traces.push({
+      name: label,
       x: config.depths,
-      y: config.first_last_ratio,
+      y: config.profile_span,
+      customdata: config.depths.map((_, j) => [STATISTIC[config.profile_statistic[j]] || "—", config.span_threshold[j] ?? NaN]),
+      hovertemplate: `${label}<br>depth %{x}: %{y:+.2f} decades of %{customdata[0]}<br>threshold ±%{customdata[1]:.2f}<extra></extra>`,
       mode: "lines+markers",
       line: { color: PALETTE[i % PALETTE.length] },
       connectgaps: false,
-    }))
-    .filter((trace) => trace.y.some((v) => v !== null));
+    });
+    config.depths.forEach((depth, j) => {
+      if (finished[j] && config.profile_span[j] === null) {
+        missing.x.push(depth);
+        missing.text.push(`${label}, depth ${depth}: no span — fewer than 2 interior layers to fit`);
+      }
+    });
+  });
   if (!traces.length) {
     placeholder("chart-ratio", findingFilter.value ? "No configuration has this finding." : "Drawn as runs finish.");
     return;
   }
-  plot("chart-ratio", traces, {
-    title: { text: "First / last interior layer gradient norm at initialisation" },
-    xaxis: { title: { text: "depth" } },
-    yaxis: { title: { text: "log10(first / last)" }, zeroline: true },
-    shapes: [-2, 2].map((y) => ({
-      type: "line",
-      xref: "paper",
-      x0: 0,
-      x1: 1,
-      y0: y,
-      y1: y,
-      line: { dash: "dot", color: "#999", width: 1 },
-    })),
+  const depths = summary.configs.flatMap((c) => c.depths);
+  const [lo, hi] = [Math.min(...depths), Math.max(...depths)];
+  const guide = (y, name) => ({
+    name,
+    x: [lo, hi],
+    y: [y, y],
+    mode: "lines",
+    hoverinfo: "skip",
+    line: { dash: "dot", color: "#999", width: 1 },
+    legendgroup: "guides",
   });
+  plot(
+    "chart-ratio",
+    [
+      ...traces,
+      ...(missing.x.length
+        ? [
+            {
+              name: "no value (fewer than 2 interior layers)",
+              x: missing.x,
+              y: missing.x.map(() => 0),
+              text: missing.text,
+              hovertemplate: "%{text}<extra></extra>",
+              mode: "markers",
+              marker: { symbol: "circle-open", size: 11, color: "#555" },
+            },
+          ]
+        : []),
+      guide(2, "+2 decades: exploding threshold"),
+      guide(-2, "−2 decades: vanishing threshold"),
+    ],
+    {
+      title: { text: "Gradient span across the interior at initialisation (what the verdict judges)" },
+      xaxis: { title: { text: "depth" } },
+      yaxis: { title: { text: "fitted change, decades (input side)" }, zeroline: true },
+    },
+  );
 }
 
 let pending = null;
@@ -140,7 +181,7 @@ async function refresh() {
   ]);
   showCounts(status);
   renderMatrix(summary, status.runs, finding);
-  renderRatio(summary);
+  renderSpan(summary);
   filterNote.textContent = finding
     ? `${summary.configs.length} configuration${summary.configs.length === 1 ? "" : "s"} with a ${kindLabel(finding)} finding.`
     : "";
