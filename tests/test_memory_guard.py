@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from graddiag.service.worker.memory_guard import (
     MemoryLimitExceeded,
     guard_for,
     pin_malloc_mmap_threshold,
+    private_resident_bytes,
     resident_bytes,
 )
 from graddiag.service.worker.worker import run_worker
@@ -49,6 +51,23 @@ def test_resident_memory_is_read_and_the_threshold_pinned() -> None:
     assert after - before >= 60 * MIB
     del block
     assert pin_malloc_mmap_threshold()  # glibc on Linux: the bench and the worker rely on it
+
+
+def test_the_guard_counts_a_runs_tensors_not_a_mapped_files_pages(tmp_path: Path) -> None:
+    # The CIFAR-10 cache is memory-mapped: reading it maps page cache into the process, not run memory.
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"\1" * (64 * MIB))
+    total, private = resident_bytes(), private_resident_bytes()
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == 64 * MIB // 4096
+        total_after, private_after = resident_bytes(), private_resident_bytes()
+    assert total is not None and private is not None and total_after is not None and private_after is not None
+    assert total_after - total >= 60 * MIB
+    assert private_after - private < 8 * MIB
+    block = torch.ones(64 * MIB // 4)
+    grown = private_resident_bytes()
+    assert grown is not None and grown - private_after >= 60 * MIB
+    del block
 
 
 def test_a_block_over_its_limit_raises_at_the_next_module_call() -> None:

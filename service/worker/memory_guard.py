@@ -2,7 +2,7 @@
 
 The API refuses specs whose estimate (models/memory.py) is over the cap, but an estimate can be wrong,
 and a run far over it would take the whole box down (workers, API and database share it). The guard
-turns that into one failed run: a watchdog thread reads the process's resident memory every
+turns that into one failed run: a watchdog thread reads the process's private resident memory every
 `POLL_INTERVAL_S`, and once the growth since the run started passes the limit, the run's own thread
 raises `MemoryLimitExceeded` at its next module call (a global forward pre-hook, so within one layer of
 the forward or the held-out evaluation) or at its next `should_stop` poll (once per step). The worker
@@ -52,13 +52,29 @@ class MemoryLimitExceeded(Exception):
     """A run's memory grew past its limit; the run is failed with this message."""
 
 
-def resident_bytes() -> int | None:
-    """The process's resident set size now (Linux `/proc/self/statm`), or None where it cannot be read."""
+def _statm() -> list[int] | None:
     try:
         with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * _PAGE_SIZE
-    except (OSError, IndexError, ValueError):
+            return [int(field) * _PAGE_SIZE for field in statm.read().split()]
+    except (OSError, ValueError):
         return None
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set size now (Linux `/proc/self/statm`), or None where it cannot be read."""
+    fields = _statm()
+    return fields[1] if fields is not None and len(fields) > 2 else None
+
+
+def private_resident_bytes() -> int | None:
+    """Resident memory that is not a file's pages (statm: resident - shared), or None where unreadable.
+
+    What the guard watches: a run's tensors are anonymous memory. The pages of the memory-mapped CIFAR-10
+    cache are page cache, shared by every worker and reclaimable; a run touching images maps more of
+    them into this process (up to the whole data set, once per worker), which is not the run's memory.
+    """
+    fields = _statm()
+    return fields[1] - fields[2] if fields is not None and len(fields) > 2 else None
 
 
 def pin_malloc_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -149,7 +165,7 @@ class MemoryGuard:
     def _watch(self) -> None:
         limit = self.limit_mib * MIB
         while not self._done.wait(self.poll_interval_s):
-            now = resident_bytes()
+            now = private_resident_bytes()
             if now is None:
                 return
             growth = now - self._start
@@ -161,7 +177,7 @@ class MemoryGuard:
 
     def __enter__(self) -> MemoryGuard:
         pin_malloc_mmap_threshold()
-        start = resident_bytes()
+        start = private_resident_bytes()
         self._owner = threading.get_ident()
         if start is None:
             log.warning("memory guard: cannot read this process's resident memory; the run is not guarded")
