@@ -6,12 +6,18 @@ temporary SQLite file, and `graddiag serve --workers 0` answering HTTP. Targets 
 issue): pickup <= 0.5 s; the default split >= 90 % of the best split's throughput; GET /v1/runs with
 filters p95 <= 50 ms; CSV export <= 0.3 s.
 
-    python -m bench.service [--sweep-runs 20] [--list-requests 200] [--only pickup,split,list,csv]
+    python -m bench.service [--sweep-runs 20] [--list-requests 200] [--only pickup,split,list,csv,memory,readme-sweep]
+
+`memory`: `graddiag serve` with 1..`--memory-workers` workers on CIFAR-10, at rest after every worker
+ran a probe: the API process's RSS (target <= 150 MiB, and whether it mapped torch), each worker's PSS
+and the PSS each extra worker adds (the data set is one memory-mapped file, shared). `readme-sweep`:
+the README's 15-run CIFAR-10 sweep through `graddiag serve` with its default workers, timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -252,6 +258,182 @@ def bench_list_and_csv(tmp: Path, requests: int) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------------------------
+# Memory of `graddiag serve` at rest, and the README's sweep, on CIFAR-10
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10"
+# A small CIFAR-10 probe: enough to make a worker load the data set, little else.
+CIFAR_TINY = {"dataset": "cifar10", "depth": 2, "width": 16, "steps": 2, "batch_size": 16, "record_every": 1}
+# A cheap probe that draws 51,200 training images (with replacement): it touches most pages of the data
+# set, as a worker that has run a few real probes has, so the data's share of a worker's memory shows.
+CIFAR_TOUCH = {"dataset": "cifar10", "depth": 1, "width": 8, "steps": 400, "batch_size": 128, "record_every": 100}
+# The README's sweep (section "The service").
+README_SWEEP_BASE = {"init": "kaiming_normal", "bias_init": "zeros", "width": 256, "steps": 30, "record_every": 5}
+README_SWEEP_GRID = {"activation": ["sigmoid", "tanh", "relu"], "depth": [2, 5, 10, 20, 30]}
+MIB = 1024.0
+
+
+def _kib_fields(path: Path, names: tuple[str, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in names:
+            out[key] = round(int(value.split()[0]) / MIB, 1)
+    return out
+
+
+def _process_memory(pid: int, mapped: str) -> dict[str, Any]:
+    """RSS, PSS (whole process, its anonymous and file-backed parts) and the Rss/Pss of the mappings of `mapped`.
+
+    PSS divides every shared page among the processes that map it: summed over processes it counts each page
+    once, so the PSS a worker adds is what it really costs the machine.
+    """
+    proc = Path(f"/proc/{pid}")
+    memory: dict[str, Any] = {
+        **_kib_fields(proc / "status", ("VmRSS",)),
+        **_kib_fields(proc / "smaps_rollup", ("Pss", "Pss_Anon", "Pss_File")),
+    }
+    rss = pss = 0
+    current = ""
+    for line in (proc / "smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            current = fields[5] if len(fields) > 5 else ""
+        elif current == mapped and fields[0] in ("Rss:", "Pss:"):
+            if fields[0] == "Rss:":
+                rss += int(fields[1])
+            else:
+                pss += int(fields[1])
+    memory["data_mapping"] = {"Rss": round(rss / MIB, 1), "Pss": round(pss / MIB, 1)}
+    memory["torch_imported"] = any("/torch/" in line for line in (proc / "maps").read_text().splitlines())
+    return memory
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The worker processes `graddiag serve` spawned (multiprocessing's resource tracker left out)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [c for c in children if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@contextmanager
+def _serve(tmp: Path, name: str, workers: int, data_dir: Path, cache_dir: Path) -> Iterator[tuple[str, int]]:
+    url = f"sqlite:///{tmp / f'{name}.db'}"
+    port = _free_port()
+    args = ["serve", "--workers", str(workers), "--port", str(port), "--db", url]
+    args += ["--data-dir", str(data_dir), "--cache-dir", str(cache_dir)]
+    with _process(args, {}) as proc:
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(ready, 120, "serve")
+        yield base, proc.pid
+
+
+def _run_all(base: str, specs: list[dict[str, Any]], timeout: float) -> None:
+    ids = [httpx.post(f"{base}/v1/runs", json=spec, timeout=30).json()["id"] for spec in specs]
+
+    def finished() -> bool:
+        return all(httpx.get(f"{base}/v1/runs/{i}", timeout=30).json()["status"] == "succeeded" for i in ids)
+
+    _wait(finished, timeout, "the runs")
+
+
+def bench_memory(tmp: Path, data_dir: Path, cache_dir: Path, max_workers: int) -> dict[str, Any]:
+    """`graddiag serve` at rest after every worker ran a CIFAR-10 probe: the API's RSS, each worker's PSS."""
+    from graddiag.service.engine.data import load_cifar10
+
+    load_cifar10(data_dir, cache_dir)  # the cache exists before the workers start, as after `make serve` once
+    (cache_file,) = sorted(cache_dir.glob("cifar10-*.pt"), key=lambda p: p.stat().st_mtime)[-1:]
+    mapped = str(cache_file.resolve())
+    rows = []
+    for workers in range(1, max_workers + 1):
+        with _serve(tmp, f"memory-{workers}", workers, data_dir, cache_dir) as (base, pid):
+            pids = _workers_of(pid)
+            # Every worker must have loaded the data: submit rounds of runs until each maps the file.
+            for round_ in range(20):
+                _run_all(base, [{**CIFAR_TOUCH, "seed": round_ * 10 + i} for i in range(workers)], 300)
+                if all(_process_memory(w, mapped)["data_mapping"]["Rss"] > 0 for w in pids):
+                    break
+            time.sleep(3.0)  # at rest: no run in flight
+            api = _process_memory(pid, mapped)
+            per_worker = [_process_memory(w, mapped) for w in pids]
+        rows.append(
+            {
+                "workers": workers,
+                "api": api,
+                "worker_memory": per_worker,
+                "workers_pss_total_mib": round(sum(w["Pss"] for w in per_worker), 1),
+            }
+        )
+        print(f"  memory with {workers} worker(s): API {api['VmRSS']} MiB RSS, workers PSS "
+              f"{[w['Pss'] for w in per_worker]} MiB", flush=True)  # fmt: skip
+    extra = [round(b["workers_pss_total_mib"] - a["workers_pss_total_mib"], 1) for a, b in itertools.pairwise(rows)]
+    return {
+        "cache_file_mib": round(cache_file.stat().st_size / MIB / MIB, 1),
+        "configurations": rows,
+        "pss_per_extra_worker_mib": extra,
+        "api_rss_mib": max(row["api"]["VmRSS"] for row in rows),
+        "api_target_mib": 150,
+        "api_torch_imported": any(row["api"]["torch_imported"] for row in rows),
+    }
+
+
+def bench_readme_sweep(tmp: Path, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """The README's 15-run sweep on CIFAR-10 through `graddiag serve` with its default workers: wall time, summary."""
+    from graddiag.service.serve import plan_workers
+    from graddiag.service.settings import Settings
+
+    workers, settings, _ = plan_workers(Settings(workers=None))
+    with _serve(tmp, "readme-sweep", workers, data_dir, cache_dir) as (base, _pid):
+        # Warm every worker (process start, imports, data set) so the figure is the sweep itself.
+        _run_all(base, [{**CIFAR_TINY, "seed": 100 + i} for i in range(workers)], 300)
+        started = time.perf_counter()
+        sweep = httpx.post(f"{base}/v1/sweeps", json={"base": README_SWEEP_BASE, "grid": README_SWEEP_GRID}, timeout=30)
+        sweep_id = sweep.json()["id"]
+
+        def done() -> bool:
+            return bool(httpx.get(f"{base}/v1/sweeps/{sweep_id}", timeout=30).json()["done"])
+
+        _wait(done, 3600, "the sweep")
+        seconds = time.perf_counter() - started
+        summary = httpx.get(f"{base}/v1/sweeps/{sweep_id}/summary", timeout=30).json()
+    return {
+        "base": README_SWEEP_BASE,
+        "grid": README_SWEEP_GRID,
+        "runs": 15,
+        "workers": workers,
+        "torch_threads": settings.torch_threads,
+        "seconds": round(seconds, 1),
+        "summary": summary,
+    }
+
+
+def _sweep_table(summary: dict[str, Any]) -> list[str]:
+    depths = sorted({d for config in summary["configs"] for d in config["depths"]})
+    lines = [
+        "| activation | "
+        + " | ".join(f"depth {d}" if i == 0 else str(d) for i, d in enumerate(depths))
+        + " | critical depth |",
+        "|---|" + "---|" * len(depths) + "---|",
+    ]
+    for config in summary["configs"]:
+        cells = {}
+        for depth, verdict, ratio in zip(config["depths"], config["verdicts"], config["first_last_ratio"], strict=True):
+            cells[depth] = f"{verdict}" + (f" ({ratio:+.1f})" if ratio is not None else "")
+        critical = config["critical_depth"]
+        label = ", ".join(str(v) for v in config["config"].values())
+        row = [cells.get(d, "—") for d in depths]
+        lines.append(f"| {label} | " + " | ".join(row) + f" | {'—' if critical is None else f'**{critical}**'} |")
+    return lines
+
+
 def _markdown(result: dict[str, Any]) -> str:
     lines = [f"Machine: {result['machine']}, {result['date']}", ""]
     if "pickup" in result:
@@ -287,16 +469,53 @@ def _markdown(result: dict[str, Any]) -> str:
                 f"{'yes' if r['default'] else ''} |"
             )
         lines.append(f"\nDefault split reaches {s['default_vs_best']:.0%} of the best (target ≥ 90 %).")
+    if "memory" in result:
+        m = result["memory"]
+        lines += [
+            "",
+            "Memory of `graddiag serve` at rest, every worker having run a CIFAR-10 probe that drew 51,200 images "
+            f"({m.get('date', result['date'])}; the "
+            f"decoded CIFAR-10 cache file is {m['cache_file_mib']} MiB, memory-mapped by each worker):",
+            "",
+            "| workers | API process RSS | API imports torch | each worker: PSS (anon + file) | each worker: the "
+            "data set's mapping, RSS / PSS | workers' PSS in all |",
+            "|---:|---:|---|---|---|---:|",
+        ]
+        for row in m["configurations"]:
+            api, workers = row["api"], row["worker_memory"]
+            pss = ", ".join(f"{w['Pss']} ({w['Pss_Anon']} + {w['Pss_File']})" for w in workers)
+            data = ", ".join(f"{w['data_mapping']['Rss']} / {w['data_mapping']['Pss']}" for w in workers)
+            lines.append(
+                f"| {row['workers']} | {api['VmRSS']} MiB | {'yes' if api['torch_imported'] else 'no'} | {pss} MiB "
+                f"| {data} MiB | {row['workers_pss_total_mib']} MiB |"
+            )
+        lines.append(
+            f"\nUnique memory (PSS) each extra worker adds: {', '.join(map(str, m['pss_per_extra_worker_mib']))} MiB; "
+            f"API process at most {m['api_rss_mib']} MiB RSS (target ≤ {m['api_target_mib']} MiB)."
+        )
+    if "readme_sweep" in result:
+        r = result["readme_sweep"]
+        lines += [
+            "",
+            f"The README's sweep on CIFAR-10 ({r['runs']} runs, `graddiag serve` with its default {r['workers']} "
+            f"worker(s) × {r['torch_threads']} torch thread(s), workers warm; {r.get('date', result['date'])}): "
+            f"**{r['seconds']} s**.",
+            "",
+            *_sweep_table(r["summary"]),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the service benchmarks and write bench/results/service.{json,md}."""
     parser = argparse.ArgumentParser(prog="bench.service", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="pickup,list,csv,split", help="comma-separated subset")
+    parser.add_argument("--only", default="pickup,list,csv,split,memory,readme-sweep", help="comma-separated subset")
     parser.add_argument("--sweep-runs", type=int, default=20)
     parser.add_argument("--pickup-samples", type=int, default=20)
     parser.add_argument("--list-requests", type=int, default=300)
+    parser.add_argument("--memory-workers", type=int, default=2, help="memory: serve with 1..N workers")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GRADDIAG_DATA_DIR", DEFAULT_DATA)))
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "graddiag")
     args, _ = parser.parse_known_args(argv)
     wanted = set(args.only.split(","))
     result: dict[str, Any] = {
@@ -312,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
             result.update(bench_list_and_csv(tmp, args.list_requests))
         if "split" in wanted:
             result["split"] = bench_split(tmp, args.sweep_runs)
+        if "memory" in wanted:
+            result["memory"] = bench_memory(tmp, args.data_dir, args.cache_dir, args.memory_workers)
+        if "readme-sweep" in wanted:
+            result["readme_sweep"] = bench_readme_sweep(tmp, args.data_dir, args.cache_dir)
     RESULTS.mkdir(parents=True, exist_ok=True)
     # --only refreshes its sections and keeps the others from earlier runs (each section carries its date).
     path = RESULTS / "service.json"
