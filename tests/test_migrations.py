@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, insert, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
 from graddiag.service.store import db
 from graddiag.service.store.runs import build_run, create_run
@@ -145,7 +147,9 @@ def test_0002_adds_the_record_layer_and_finding_columns_and_fills_finding_kinds(
         with engine.begin() as connection:
             for run_id, (status, verdict_detail) in rows.items():
                 run = build_run(TINY, idempotency_key=run_id)
-                values = {c.name: getattr(run, c.name) for c in Run.__table__.c if c.name != "finding_kinds"}
+                # Only the columns revision 0001 has: later revisions' columns do not exist yet.
+                later = {"finding_kinds", "source", "model", "name", "tags"}  # 0002, 0003
+                values = {c.name: getattr(run, c.name) for c in Run.__table__.c if c.name not in later}
                 values.update(id=run_id, status=status, verdict_detail=verdict_detail)
                 connection.execute(insert(Run.__table__).values(values))
             connection.execute(
@@ -186,3 +190,50 @@ def test_0002_adds_the_record_layer_and_finding_columns_and_fills_finding_kinds(
             assert connection.execute(text("SELECT count(*) FROM run_layers")).scalar_one() == 1
     finally:
         engine.dispose()
+
+
+def test_0003_external_runs_round_trip(db_url: str) -> None:
+    """Probe runs keep their spec through 0003; external runs need 0003, and its downgrade removes them."""
+    from graddiag.service.store.runs import create_external_run, load_report
+    from tests.support.reports import external_report
+
+    url = db_url
+    db.upgrade(url, "0002")
+    probe = build_run(TINY)
+    probe_id = probe.id
+    engine = db.make_engine(url)
+    try:
+        with engine.begin() as connection:
+            new = {"source", "model", "name", "tags"}  # 0003's columns
+            values = {c.name: getattr(probe, c.name) for c in Run.__table__.c if c.name not in new}
+            connection.execute(insert(Run.__table__).values(values))
+    finally:
+        engine.dispose()
+    db.upgrade(url)
+    assert db.current(url) == _head()
+    columns = _columns(url, "runs")
+    assert columns["spec"]["nullable"] is True and columns["depth"]["nullable"] is True
+    engine = db.make_engine(url)
+    try:
+        with db.make_sessionmaker(engine)() as session:
+            assert session.get(Run, probe_id).source == "probe"  # the server default filled the old run
+            report = external_report()
+            run = create_external_run(session, report, name="resnet", tags=["a"])
+            external_id = run.id
+            assert load_report(session, external_id) == report
+        # The origin constraint: an external run without a model description cannot be written.
+        with engine.begin() as connection, pytest.raises(IntegrityError):
+            connection.execute(text("UPDATE runs SET model = NULL WHERE id = :id"), {"id": external_id})
+    finally:
+        engine.dispose()
+    db.downgrade(url, "0002")
+    assert "source" not in _columns(url, "runs") and _columns(url, "runs")["spec"]["nullable"] is False
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            assert set(connection.execute(select(text("id")).select_from(text("runs"))).scalars()) == {probe_id}
+            assert connection.execute(text("SELECT count(*) FROM run_records")).scalar_one() == 0
+    finally:
+        engine.dispose()
+    db.upgrade(url)
+    assert db.current(url) == _head()

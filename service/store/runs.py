@@ -27,6 +27,7 @@ from graddiag.service.engine.report import (
     Label,
     LayerInfo,
     LayerRecord,
+    ModelDescription,
     Report,
     StepMetrics,
     Timing,
@@ -41,7 +42,17 @@ from graddiag.service.store.query import (
     parse_filter,
     sort_expression,
 )
-from graddiag.service.store.tables import SPEC_COLUMNS, Base, Run, RunLayer, RunRecord, RunStatus, RunStep, stamp
+from graddiag.service.store.tables import (
+    SPEC_COLUMNS,
+    Base,
+    Run,
+    RunLayer,
+    RunRecord,
+    RunSource,
+    RunStatus,
+    RunStep,
+    stamp,
+)
 
 RowModel = TypeVar("RowModel", LayerInfo, StepMetrics, LayerRecord)
 # Integers a filter compares with a column: bounded to 64 bits, which SQL integers are (beyond, the
@@ -98,6 +109,7 @@ class RunFilters(BaseModel):
     status: RunStatus | None = None
     verdict: Label | None = None
     sweep_id: str | None = None
+    source: RunSource | None = Field(None, description="probe (a spec's run) or external (an uploaded report).")
     finding: list[FindingKind] | None = Field(
         None, description="Only runs whose verdict has a finding of this kind; repeated, runs that have all of them."
     )
@@ -160,6 +172,7 @@ def build_run(
     """A new queued Run for `spec` (not yet added to a session)."""
     return Run(
         id=uuid.uuid4().hex,
+        source="probe",
         spec=_json_value(spec),
         spec_hash=spec.fingerprint(),
         **{name: getattr(spec, name) for name in SPEC_COLUMNS},
@@ -213,7 +226,7 @@ def get_run(session: Session, run_id: str) -> Run:
 
 def _conditions(filters: RunFilters) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
-    for name in (*SPEC_COLUMNS, "status", "verdict", "sweep_id"):
+    for name in (*SPEC_COLUMNS, "status", "verdict", "sweep_id", "source"):
         value = getattr(filters, name)
         if value is not None:
             conditions.append(getattr(Run, name) == value)
@@ -402,8 +415,10 @@ def load_report(session: Session, run_id: str) -> Report | None:
     if run.status != "succeeded":
         return None
     verdict = Verdict.model_validate({**(run.verdict_detail or {}), "label": run.verdict, "evidence": run.evidence})
+    external = run.source == "external"
     return Report(
-        spec=Spec.model_validate(run.spec),
+        spec=None if external else Spec.model_validate(run.spec),
+        model=ModelDescription.model_validate(run.model) if external else None,
         layers=_read_rows(session, LayerInfo, RunLayer, run_id, order_by=("index",)),
         steps=_read_rows(session, StepMetrics, RunStep, run_id, order_by=("step",)),
         records=_read_rows(session, LayerRecord, RunRecord, run_id, order_by=("step", "layer")),
@@ -411,6 +426,38 @@ def load_report(session: Session, run_id: str) -> Report | None:
         eval=EvalResult.model_validate(run.eval_result),
         timing=Timing.model_validate(run.timing),
     )
+
+
+def create_external_run(session: Session, report: Report, *, name: str | None, tags: list[str]) -> Run:
+    """Store an uploaded report (one of a model graddiag did not build) as a succeeded external run, and commit.
+
+    The run has the report's model description instead of a spec; its layers, steps and records go to
+    the tidy tables in the same transaction, so the run is never seen without them.
+    """
+    if report.model is None:
+        raise ValueError("an external run needs the report's model description")
+    run = Run(
+        id=uuid.uuid4().hex,
+        source="external",
+        spec=None,
+        spec_hash=None,
+        model=_json_value(report.model),
+        name=name,
+        tags=tags,
+        status="succeeded",
+        attempt=0,
+        cancel_requested=False,
+        **report_columns(report),
+        **stamp("created"),
+        **stamp("started"),
+        **stamp("finished"),
+    )
+    rows = report_rows(run.id, report)
+    session.add(run)
+    session.flush()
+    insert_report_rows(session, rows)
+    session.commit()
+    return run
 
 
 def cancel_run(session: Session, run_id: str) -> Run:

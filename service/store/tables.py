@@ -32,6 +32,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATUSES: Final[tuple[RunStatus, ...]] = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED: Final[frozenset[str]] = frozenset({"succeeded", "failed", "cancelled"})
+# Where a run's report comes from: a probe of a spec, or an upload of a model graddiag did not build.
+RunSource = Literal["probe", "external"]
 
 # The spec fields dashboards filter on; each has an indexed column on `runs` beside the full spec JSON.
 SPEC_COLUMNS: Final[tuple[str, ...]] = (
@@ -119,26 +121,43 @@ class Run(Base):
     __tablename__ = "runs"
     __table_args__ = (
         CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="status"),
+        CheckConstraint("source IN ('probe', 'external')", name="source"),
+        # A probe run has its spec; an external run (an uploaded report) its model description instead.
+        CheckConstraint(
+            "(source = 'probe' AND spec IS NOT NULL) OR (source = 'external' AND model IS NOT NULL)", name="origin"
+        ),
         # The queue's claim scans queued runs oldest first.
         Index("ix_runs_queue", "status", "created_epoch"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    spec: Mapped[dict[str, Any]]
-    spec_hash: Mapped[str] = mapped_column(String(64), index=True)
+    source: Mapped[str] = mapped_column(
+        String(16),
+        index=True,
+        server_default="probe",
+        doc="probe (a spec graddiag trained) or external (an uploaded report of a model graddiag did not build).",
+    )
+    # The spec and its columns are NULL for an external run, which has `model` instead (the origin check
+    # constraint). Their Python types stay those of a probe run's: only code that checked `source` (or reads
+    # runs that are probes by construction: a sweep's, a claimed one) reads them.
+    spec: Mapped[dict[str, Any]] = mapped_column(nullable=True)
+    spec_hash: Mapped[str] = mapped_column(String(64), index=True, nullable=True)
+    model: Mapped[dict[str, Any] | None] = mapped_column(doc="An external run's model description.")
+    name: Mapped[str | None] = mapped_column(String(200), doc="The uploader's name for an external run.")
+    tags: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True), doc="The uploader's tags.")
 
-    arch: Mapped[str] = mapped_column(String(16), index=True)
-    activation: Mapped[str] = mapped_column(String(32), index=True)
-    init: Mapped[str] = mapped_column(String(32), index=True)
-    norm: Mapped[str] = mapped_column(String(16), index=True)
-    residual: Mapped[bool] = mapped_column(index=True)
-    depth: Mapped[int] = mapped_column(index=True)
-    width: Mapped[int] = mapped_column(index=True)
-    optimizer: Mapped[str] = mapped_column(String(16), index=True)
-    lr: Mapped[float] = mapped_column(Float, index=True)
+    arch: Mapped[str] = mapped_column(String(16), index=True, nullable=True)
+    activation: Mapped[str] = mapped_column(String(32), index=True, nullable=True)
+    init: Mapped[str] = mapped_column(String(32), index=True, nullable=True)
+    norm: Mapped[str] = mapped_column(String(16), index=True, nullable=True)
+    residual: Mapped[bool] = mapped_column(index=True, nullable=True)
+    depth: Mapped[int] = mapped_column(index=True, nullable=True)
+    width: Mapped[int] = mapped_column(index=True, nullable=True)
+    optimizer: Mapped[str] = mapped_column(String(16), index=True, nullable=True)
+    lr: Mapped[float] = mapped_column(Float, index=True, nullable=True)
     clip_value: Mapped[float | None] = mapped_column(Float, index=True)
-    dataset: Mapped[str] = mapped_column(String(16), index=True)
-    seed: Mapped[int] = mapped_column(index=True)
+    dataset: Mapped[str] = mapped_column(String(16), index=True, nullable=True)
+    seed: Mapped[int] = mapped_column(index=True, nullable=True)
 
     status: Mapped[str] = mapped_column(String(16), index=True)
     verdict: Mapped[str | None] = mapped_column(String(16), index=True, doc="The verdict's label.")

@@ -17,6 +17,7 @@ from graddiag.service.engine.report import (
     Label,
     LayerInfo,
     LayerRecord,
+    ModelDescription,
     Report,
     Severity,
     StepMetrics,
@@ -138,3 +139,28 @@ def store_report(engine: Engine, report: Report) -> str:
         run_id = create_run(session, Spec.model_validate(report.spec))[0].id
     succeed(engine, run_id, report)
     return run_id
+
+
+def external_report(depth: int = 4, steps: int = 6, record_every: int = 2) -> Report:
+    """plain_report's numbers as the report of a model graddiag did not build (as graddiag.diagnose makes
+    them): no spec, a ModelDescription, layer names of a torchvision-like model, one branch layer."""
+    base = plain_report(Spec(depth=depth, steps=steps, record_every=record_every, dataset="synthetic"))
+    names = ["conv1", *(f"layer{j}.conv" for j in range(1, depth)), "fc"]
+    layers = [
+        layer.model_copy(update={"name": name, "kind": "linear" if name == "fc" else "conv"})
+        for layer, name in zip(base.layers, names, strict=True)
+    ]
+    verdict = base.verdict.model_copy(
+        update={"theory": Theory(applicable=False, reason="Mean-field theory is derived for graddiag's own networks.")}
+    )
+    model = ModelDescription(
+        class_name="TinyNet",
+        params=sum(layer.params for layer in layers),
+        optimizer="sgd",
+        lr=0.01,
+        loss="cross_entropy",
+        activations=["relu"],
+        width=64,
+        branches=[2],
+    )
+    return base.model_copy(update={"spec": None, "model": model, "layers": layers, "verdict": verdict})
