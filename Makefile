@@ -4,6 +4,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DATA    ?= $(abspath ../shared/datasets/cifar10)
+# The shared copy when it exists (and GRADDIAG_DATA_DIR is not set); elsewhere graddiag finds or downloads
+# its own CIFAR-10 under ~/.cache/graddiag/datasets/cifar10.
+DATA_ENV = $(if $(wildcard $(DATA)),GRADDIAG_DATA_DIR=$${GRADDIAG_DATA_DIR:-$(DATA)})
 
 .PHONY: install test lint bench serve demo clean
 
@@ -24,13 +27,13 @@ lint: $(STAMP)
 	$(BIN)/mypy graddiag
 
 bench: $(STAMP)
-	GRADDIAG_DATA_DIR=$${GRADDIAG_DATA_DIR:-$(DATA)} $(BIN)/python -m bench.run_all
+	$(DATA_ENV) $(BIN)/python -m bench.run_all
 
 demo: $(STAMP)
-	GRADDIAG_DATA_DIR=$${GRADDIAG_DATA_DIR:-$(DATA)} $(BIN)/graddiag probe --activation sigmoid --depth 20 --steps 50
+	$(DATA_ENV) $(BIN)/graddiag probe --activation sigmoid --depth 20 --steps 50
 
 serve: $(STAMP)
-	GRADDIAG_DATA_DIR=$${GRADDIAG_DATA_DIR:-$(DATA)} $(BIN)/graddiag serve
+	$(DATA_ENV) $(BIN)/graddiag serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

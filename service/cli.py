@@ -29,7 +29,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    settings = Settings(**{k: v for k, v in (("data_dir", args.data_dir), ("cache_dir", args.cache_dir)) if v})
+    given = (("data_dir", args.data_dir), ("cache_dir", args.cache_dir), ("download_data", args.download))
+    settings = Settings(**{k: v for k, v in given if v is not None})
 
     from graddiag.service.engine.data import DataUnavailableError
     from graddiag.service.local import probe
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--json", action="store_true", help="print the full JSON report")
     probe.add_argument("--data-dir", help="CIFAR-10 directory (default: $GRADDIAG_DATA_DIR)")
     probe.add_argument("--cache-dir", help="decoded data-set cache (default: ~/.cache/graddiag)")
+    probe.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="download CIFAR-10 when no copy is found (default: $GRADDIAG_DOWNLOAD_DATA, else yes)",
+    )
     # A local probe writes no event files: tensorboard is a service-side option.
     add_model_flags(probe, Spec, skip=("tensorboard",))
     probe.set_defaults(handler=cmd_probe)

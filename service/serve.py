@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Final
+from typing import Final, TextIO
 
 import uvicorn
 
@@ -271,6 +271,30 @@ def _worker_pool(settings: Settings) -> Iterator[WorkerPool]:
         pool.stop()
 
 
+def prepare_cifar10(settings: Settings, progress: TextIO | None = sys.stderr) -> bool:
+    """Make sure the workers will find CIFAR-10, downloading it once here (progress on the terminal) before
+    any worker starts, so they never race to fetch it; whether it is there.
+
+    A failed or disallowed download is logged with what to do, and serving goes on: synthetic runs need no
+    data, and the API refuses CIFAR-10 specs at submit time (503 data_unavailable) until a copy is there.
+    """
+    from graddiag.service.engine.dataset_files import DataDownloadError, ensure_cifar10
+
+    try:
+        where = ensure_cifar10(
+            settings.cifar10_dir(),
+            download=settings.download_data,
+            url=settings.data_url,
+            md5=settings.data_md5,
+            progress=progress,
+        )
+    except DataDownloadError as exc:
+        log.warning("CIFAR-10 is not available, so runs with dataset='cifar10' are refused: %s", exc)
+        return False
+    log.info("CIFAR-10 found in %s", where)
+    return True
+
+
 def serve(settings: Settings) -> None:
     """Migrate the database to head, start the workers and serve the API until SIGINT/SIGTERM.
 
@@ -283,6 +307,7 @@ def serve(settings: Settings) -> None:
         raise SystemExit(f"graddiag serve: {exc}") from exc
     redact_server_logs()
     upgrade(settings.db_url)
+    prepare_cifar10(settings)
     stop = threading.Event()
     with _stop_on_signals(stop), _worker_pool(settings) as pool:
         config = uvicorn.Config(
@@ -309,6 +334,7 @@ def worker_process(settings: Settings) -> None:
     """A worker host without the API: migrate, run the supervised workers until SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     upgrade(settings.db_url)
+    prepare_cifar10(settings)
     stop = threading.Event()
     with _stop_on_signals(stop), _worker_pool(settings):
         # A timed wait keeps the main thread responsive to signals.

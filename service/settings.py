@@ -32,6 +32,20 @@ class Settings(BaseSettings):
     db_url: str = Field("sqlite:///graddiag.db", description="SQLAlchemy URL of the store.")
     data_dir: Path | None = Field(None, description="CIFAR-10 directory (batches-py or class folders).")
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Decoded data-set cache.")
+    download_data: bool = Field(
+        True,
+        description="Download CIFAR-10 when no copy is found (into data_dir, else <cache_dir>/datasets/cifar10); "
+        "false: never touch the network.",
+    )
+    data_url: str = Field(
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        description="Where CIFAR-10 is downloaded from (the official archive, or a mirror of it).",
+    )
+    data_md5: str = Field(
+        "c58f30108f718f92721af3b95e74349a",
+        pattern=r"^[0-9a-fA-F]{32}$",
+        description="The archive's MD5 (the published one); nothing is unpacked from an archive that differs.",
+    )
     host: str = Field("127.0.0.1", description="API bind address.")
     port: int = Field(8000, ge=1, le=65535, description="API port.")
     workers: int | None = Field(None, ge=0, le=64, description="Local worker processes; None = automatic.")
@@ -92,6 +106,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    def cifar10_dir(self) -> Path:
+        """Where CIFAR-10 is read from and downloaded to: `data_dir`, else <cache_dir>/datasets/cifar10."""
+        return self.data_dir if self.data_dir is not None else self.cache_dir / "datasets" / "cifar10"
 
     def caps(self) -> SpecCaps:
         """The spec caps this deployment enforces."""

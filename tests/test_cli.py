@@ -115,7 +115,8 @@ def test_invalid_spec_exits_2_with_a_readable_message(args: list[str], expected:
 
 
 def test_missing_cifar10_is_a_clear_error(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    # Downloads off: the message for a machine that may not (or cannot) fetch the data set.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "GRADDIAG_DOWNLOAD_DATA": "false"}
     result = graddiag("probe", "--data-dir", str(tmp_path / "nowhere"), "--steps", "1", env=env)
     assert result.returncode == 1
     assert "GRADDIAG_DATA_DIR" in result.stderr and str(tmp_path / "nowhere") in result.stderr

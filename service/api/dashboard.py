@@ -18,7 +18,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from graddiag.models.spec import Activation, Init, Norm
-from graddiag.service.api.deps import SessionDep
+from graddiag.service.api.data import cifar10_check, local_workers
+from graddiag.service.api.deps import SessionDep, SettingsDep
 from graddiag.service.engine.report import FindingKind, Label
 from graddiag.service.store import runs as run_store
 from graddiag.service.store import sweeps as sweep_store
@@ -75,9 +76,11 @@ def plotly_js() -> FileResponse:
 
 
 @router.get("/", response_class=HTMLResponse)
-def runs_page(request: Request) -> HTMLResponse:
-    """The runs table: filters, sorting and live status, read from GET /v1/runs."""
-    return _page(request, "runs.html", title="Runs", choices=FILTER_CHOICES)
+def runs_page(request: Request, settings: SettingsDep) -> HTMLResponse:
+    """The runs table: filters, sorting and live status, read from GET /v1/runs; a notice when this server's
+    workers have no CIFAR-10 (what to do about it)."""
+    cifar10 = cifar10_check(settings, local_workers(request))
+    return _page(request, "runs.html", title="Runs", choices=FILTER_CHOICES, cifar10=cifar10)
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)

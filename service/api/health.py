@@ -14,7 +14,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from graddiag.service.api.deps import SessionDep
+from graddiag.service.api.data import cifar10_check, local_workers
+from graddiag.service.api.deps import SessionDep, SettingsDep
 from graddiag.service.api.schemas import Check, Health, Readiness
 from graddiag.service.store.stats import check_schema
 
@@ -54,10 +55,12 @@ def _workers_check(probe: WorkerProbe | None) -> Check:
     responses={503: {"model": Readiness, "description": "Not ready; the failing check says why."}},
     summary="Readiness",
 )
-def readyz(request: Request, session: SessionDep) -> JSONResponse:
-    """200 when the database answers and, if this process supervises workers, one of them is alive."""
+def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
+    """200 when the database answers and, if this process supervises workers, one of them is alive; with
+    whether CIFAR-10 is available to them (which does not decide readiness: synthetic runs need no data)."""
     database = _database_check(session)
     workers = _workers_check(request.app.state.worker_probe)
     ready = database.ok and workers.ok
-    body = Readiness(status="ready" if ready else "not_ready", database=database, workers=workers)
+    cifar10 = cifar10_check(settings, local_workers(request))
+    body = Readiness(status="ready" if ready else "not_ready", database=database, workers=workers, cifar10=cifar10)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)

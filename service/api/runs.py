@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from graddiag.models.spec import MAX_DEPTH, MAX_STEPS, Spec
+from graddiag.service.api.data import require_cifar10
 from graddiag.service.api.deps import RunIdDep, SessionDep, SessionFactoryDep, SettingsDep
 from graddiag.service.api.errors import documented
 from graddiag.service.api.limits import check_page_size, check_spec
@@ -83,6 +84,7 @@ async def wait_for_run(request: Request, factory: sessionmaker[Session], run_id:
     responses={
         200: {"model": RunDetail, "description": "The run had already finished (with `wait`)."},
         202: {"description": "Queued (or still running when `wait` ran out)."},
+        **documented(503),
     },
     summary="Submit a spec",
 )
@@ -107,6 +109,8 @@ async def submit_run(
 ) -> RunDetail:
     """Queue a probe of `spec`. 202 while it is unfinished, 200 once finished (see `wait`)."""
     check_spec(spec, settings)
+    if spec.dataset == "cifar10":
+        require_cifar10(request, settings)
     run, created = await run_in_threadpool(_create, factory, spec, idempotency_key)
     if not created and run.spec_hash != spec.fingerprint():
         # IETF idempotency-key draft: reusing a key for a different payload is a client error.

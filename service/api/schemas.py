@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, fi
 
 from graddiag.models.shapes import LayerKind
 from graddiag.models.spec import Spec
-from graddiag.service.engine.report import FindingKind, Label, Report
+from graddiag.service.engine.report import FindingKind, Label, ModelDescription, Report
 from graddiag.service.store.query import run_metrics
 from graddiag.service.store.runs import decode_finding_kinds
-from graddiag.service.store.tables import Run, RunStatus
+from graddiag.service.store.tables import Run, RunSource, RunStatus
 
 
 class FieldError(BaseModel):
@@ -61,7 +61,13 @@ class RunSummary(BaseModel):
     finding_kinds: list[FindingKind] | None = Field(
         None, description="The distinct kinds of the verdict's findings, sorted; null until the run succeeded."
     )
-    spec: Spec
+    source: RunSource = Field(
+        "probe", description="probe (graddiag trained a spec) or external (an uploaded report of your own model)."
+    )
+    spec: Spec | None = Field(description="The probe's spec; null for an external run.")
+    model: ModelDescription | None = Field(None, description="An external run's model description.")
+    name: str | None = Field(None, description="An external run's name, as uploaded.")
+    tags: list[str] = Field(default_factory=list, description="An external run's tags, as uploaded.")
     sweep_id: str | None = None
     grid: dict[str, Any] | None = Field(None, description="This run's grid point within its sweep.")
     attempt: int = Field(description="Claims so far; above 1 when a worker died or lost its lease.")
@@ -74,6 +80,11 @@ class RunSummary(BaseModel):
         description="Key result numbers: decades_per_layer, act_decades_per_layer, rel_grad_median, "
         "eval_accuracy, eval_loss, total_s (null each until the run has them). Sort and filter on them.",
     )
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _no_tags(cls, value: Any) -> Any:
+        return [] if value is None else value
 
     @field_validator("finding_kinds", mode="before")
     @classmethod
@@ -157,7 +168,10 @@ class RunProfile(BaseModel):
     """A finished run's per-layer gradient profile."""
 
     run_id: str
-    spec: Spec
+    source: RunSource = "probe"
+    spec: Spec | None = Field(description="The probe's spec; null for an external run.")
+    model: ModelDescription | None = Field(None, description="An external run's model description.")
+    name: str | None = Field(None, description="An external run's name, as uploaded.")
     verdict: Label | None
     init_step: int | None = Field(description="The first recorded step (0 = before any update).")
     last_step: int | None = Field(description="The last recorded step.")
@@ -189,3 +203,8 @@ class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     database: Check
     workers: Check
+    cifar10: Check | None = Field(
+        None,
+        description="Whether CIFAR-10 is where the workers read it. Informational: without it the server is still "
+        "ready (synthetic runs work) and refuses dataset='cifar10' specs with a 503 data_unavailable.",
+    )

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
+from graddiag.service.api.data import require_cifar10
 from graddiag.service.api.deps import SessionDep, SettingsDep, SweepIdDep
 from graddiag.service.api.errors import documented
 from graddiag.service.api.limits import server_caps
@@ -19,12 +20,16 @@ router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], responses=documented(40
 FindingFilter = Annotated[FindingKind | None, Query(description="Only what has a finding of this kind.")]
 
 
-@router.post("", status_code=202, response_model=SweepStatus, responses=documented(422), summary="Submit a sweep")
+@router.post(
+    "", status_code=202, response_model=SweepStatus, responses=documented(422, 503), summary="Submit a sweep"
+)
 def submit_sweep(
     body: SweepIn, request: Request, response: Response, session: SessionDep, settings: SettingsDep
 ) -> SweepStatus:
     """Queue one run per grid point; every point is validated (and capped) before any run is created."""
     caps, max_size = server_caps(settings), settings.max_sweep_size
+    if "cifar10" in body.grid.get("dataset", [body.base.get("dataset", "cifar10")]):
+        require_cifar10(request, settings)
     sweep = store.create_sweep(session, body.base, body.grid, caps=caps, max_size=max_size)
     response.headers["Location"] = str(request.app.url_path_for("get_sweep", sweep_id=sweep.id))
     return store.sweep_status(session, sweep.id)

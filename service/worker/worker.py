@@ -246,7 +246,8 @@ def run_worker(
     process that started this worker), the worker stops at once, handing its run back, when it dies.
     """
     engine = make_engine(settings.db_url)
-    executor = _LocalExecutor(settings, DatasetCache(settings.data_dir, settings.cache_dir))
+    # cifar10_dir: where `serve` downloaded the data set when no data_dir is configured.
+    executor = _LocalExecutor(settings, DatasetCache(settings.cifar10_dir(), settings.cache_dir))
     stop = stop or threading.Event()
     try:
         with _ParentWatch(parent, stop, executor) if parent is not None else contextlib.nullcontext():

@@ -73,6 +73,8 @@ class Server:
             "GRADDIAG_POLL_SECONDS": "0.1",
             "GRADDIAG_EVAL_SAMPLES": "50",
             "GRADDIAG_CACHE_DIR": str(cache),
+            # Tests never reach the internet: without a CIFAR-10 copy, serve reports it instead of downloading.
+            "GRADDIAG_DOWNLOAD_DATA": os.environ.get("GRADDIAG_DOWNLOAD_DATA", "false"),
         }
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
