@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
 
 from graddiag.models.spec import Spec
 
@@ -24,8 +26,63 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The values a Literal (or an optional Literal) allows; None for other types."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        annotation = members[0] if len(members) == 1 else None
+    return get_args(annotation) if get_origin(annotation) is Literal else None
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+# Literals with this many values or fewer are spelt out in the flag's metavar ({a,b,c}) rather than the help.
+_METAVAR_CHOICES = 4
+
+
+def _bounds(field: FieldInfo) -> str | None:
+    """A number's allowed interval from the field's constraints, e.g. "[1, 100]" or "(0, 10]"."""
+    low = high = None
+    for item in field.metadata:
+        for attr, bracket in (("ge", "["), ("gt", "(")):
+            if getattr(item, attr, None) is not None:
+                low = f"{bracket}{_number(getattr(item, attr))}"
+        for attr, bracket in (("le", "]"), ("lt", ")")):
+            if getattr(item, attr, None) is not None:
+                high = f"{_number(getattr(item, attr))}{bracket}"
+    if low is None and high is None:
+        return None
+    return f"{low or '(-inf'}, {high or 'inf)'}"
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, SecretStr):
+        return "set" if value.get_secret_value() else "none"
+    return str(value)
+
+
+def field_help(field: FieldInfo) -> str:
+    """A flag's help: the field's description, then what it allows and its default (``%`` escaped for argparse)."""
+    description = field.description or ""
+    parts = [description]
+    choices = _choices(field.annotation)
+    if choices is not None:
+        parts.append(f"One of: {', '.join(map(str, choices))}.")
+    elif (bounds := _bounds(field)) is not None and bounds not in description:
+        parts.append(f"Allowed: {bounds}.")
+    parts.append(f"Default: {_shown(field.get_default(call_default_factory=True))}.")
+    return " ".join(part for part in parts if part).replace("%", "%%")
+
+
 def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: Sequence[str] = ()) -> None:
-    """One string flag per field; pydantic does the parsing so errors name the field."""
+    """One string flag per field; pydantic does the parsing so errors name the field. The help lists each
+    field's allowed values (or interval) and its default."""
     for name, field in model.model_fields.items():
         if name in skip:
             continue
@@ -35,10 +92,13 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ski
                 dest=name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=field.description,
+                help=field_help(field),
             )
         else:
-            parser.add_argument(_flag(name), dest=name, default=None, metavar="VALUE", help=field.description)
+            choices = _choices(field.annotation)
+            short = choices is not None and len(choices) <= _METAVAR_CHOICES
+            metavar = "{" + ",".join(map(str, choices or ())) + "}" if short else "VALUE"
+            parser.add_argument(_flag(name), dest=name, default=None, metavar=metavar, help=field_help(field))
 
 
 def given_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
