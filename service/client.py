@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Final, Generic, Literal, Self, TypedDict, TypeVar, Unpack, overload
 
 import httpx
+from pydantic import BaseModel
 
 from graddiag.models.spec import Spec
 
@@ -31,6 +32,8 @@ MAX_SERVER_WAIT: Final = 600.0
 
 Json = dict[str, Any]
 SpecLike = Spec | Mapping[str, Any]
+# A graddiag.Report (any pydantic model of that shape: the client does not import the engine) or its JSON.
+ReportLike = BaseModel | Mapping[str, Any]
 Format = Literal["json", "csv"]
 
 
@@ -180,6 +183,12 @@ class _Requests:
     @staticmethod
     def delete(run_id: str) -> _Call:
         return _Call("DELETE", f"/v1/runs/{run_id}", expect="none")
+
+    @staticmethod
+    def upload(report: ReportLike, name: str | None, tags: Sequence[str]) -> _Call:
+        # JSON mode writes non-finite floats as null, as the server requires.
+        body = report.model_dump(mode="json") if isinstance(report, BaseModel) else dict(report)
+        return _Call("POST", "/v1/reports", json={"report": body, "name": name, "tags": list(tags)})
 
     @staticmethod
     def sweep(base: SpecLike, grid: Mapping[str, list[Any]]) -> _Call:
@@ -339,6 +348,12 @@ class Client(_BaseClient[httpx.Client, httpx.BaseTransport]):
         """Delete the run and its records."""
         self._send(_Requests.delete(run_id))
 
+    def upload(self, report: ReportLike, *, name: str | None = None, tags: Sequence[str] = ()) -> Json:
+        """Store a report of your own model (graddiag.diagnose / watch) as a run with `source: external`;
+        returns the run (its `id` included). A report that does not add up raises GraddiagError (422)."""
+        result: Json = self._send(_Requests.upload(report, name, tags))
+        return result
+
     def sweep(self, base: SpecLike, grid: Mapping[str, list[Any]]) -> Json:
         """Queue one run per grid point; returns the sweep's status (its `id` included)."""
         result: Json = self._send(_Requests.sweep(base, grid))
@@ -455,6 +470,11 @@ class AsyncClient(_BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     async def delete(self, run_id: str) -> None:
         """See :meth:`Client.delete`."""
         await self._send(_Requests.delete(run_id))
+
+    async def upload(self, report: ReportLike, *, name: str | None = None, tags: Sequence[str] = ()) -> Json:
+        """See :meth:`Client.upload`."""
+        result: Json = await self._send(_Requests.upload(report, name, tags))
+        return result
 
     async def sweep(self, base: SpecLike, grid: Mapping[str, list[Any]]) -> Json:
         """See :meth:`Client.sweep`."""

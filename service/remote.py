@@ -340,11 +340,20 @@ def cmd_sweep(args: argparse.Namespace, client: Client) -> int:
 
 
 def _run_lines(run: Json) -> list[str]:
-    spec = run["spec"]
+    spec, model = run["spec"], run.get("model")
+    if spec is None and model is not None:  # an uploaded report of a model graddiag did not build
+        origin = (
+            f"  model: {model['class_name']} ({model['params']:,} parameters), {model['optimizer']} lr={model['lr']:g}"
+            + (f", name {run['name']}" if run.get("name") else "")
+        )
+    else:
+        origin = (
+            f"  spec: {spec['arch']} depth={spec['depth']} width={spec['width']} activation={spec['activation']} "
+            f"init={spec['init']} norm={spec['norm']} steps={spec['steps']} dataset={spec['dataset']}"
+        )
     lines = [
         f"run {run['id']}: {run['status']}" + (f", verdict {run['verdict']}" if run.get("verdict") else ""),
-        f"  spec: {spec['arch']} depth={spec['depth']} width={spec['width']} activation={spec['activation']} "
-        f"init={spec['init']} norm={spec['norm']} steps={spec['steps']} dataset={spec['dataset']}",
+        origin,
         f"  created {run['created_at']}, attempt {run['attempt']}"
         + (f", worker {run['worker']}" if run.get("worker") else ""),
     ]

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from graddiag.service.api import compare, dashboard, events, health, runs, security, sweeps, tensorboard
+from graddiag.service.api import compare, dashboard, events, health, reports, runs, security, sweeps, tensorboard
 from graddiag.service.api.errors import document_problems, install_error_handlers
 from graddiag.service.api.health import WorkerProbe
 from graddiag.service.api.limits import BodyLimit
@@ -50,7 +50,7 @@ def create_app(settings: Settings, *, worker_probe: WorkerProbe | None = None) -
     app.state.worker_probe = worker_probe
     install_error_handlers(app)
     document_problems(app)
-    for module in (runs, sweeps, compare, health, tensorboard, events, dashboard, security):
+    for module in (runs, reports, sweeps, compare, health, tensorboard, events, dashboard, security):
         app.include_router(module.router)
     app.mount("/static", dashboard.static_files(), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -11,7 +11,7 @@ from graddiag.models.spec import Spec
 from graddiag.service.api.deps import SessionDep
 from graddiag.service.api.errors import ApiProblem, documented
 from graddiag.service.api.schemas import Comparison, FieldError, GradientPoint, LayerProfile, RunProfile
-from graddiag.service.engine.report import LayerRecord
+from graddiag.service.engine.report import LayerRecord, ModelDescription
 from graddiag.service.store import runs as store
 from graddiag.service.store.ids import resolve_run_id
 from graddiag.service.store.tables import Run
@@ -40,7 +40,10 @@ def run_profile(session: Session, run: Run) -> RunProfile:
     at_first, at_last = at(first), at(last)
     return RunProfile(
         run_id=run.id,
-        spec=Spec.model_validate(run.spec),
+        source="external" if run.source == "external" else "probe",
+        spec=Spec.model_validate(run.spec) if run.source != "external" else None,
+        model=ModelDescription.model_validate(run.model) if run.source == "external" else None,
+        name=run.name,
         verdict=run.verdict,
         init_step=first,
         last_step=last,

@@ -66,6 +66,18 @@ export function specLabel(spec) {
   return parts.join(" · ");
 }
 
+/** "ResNet · 11.2M params · sgd lr 0.01" — an uploaded report's model (it has no spec). */
+export function modelLabel(model) {
+  const params = model.params >= 1e6 ? `${(model.params / 1e6).toFixed(1)}M` : model.params.toLocaleString();
+  return [model.class_name, `${params} params`, `${model.optimizer} lr ${model.lr}`].join(" · ");
+}
+
+/** What a run is: its spec, or for an uploaded report (source "external") its name and model. */
+export function runLabel(run) {
+  if (!run.spec && run.model) return `${run.name ? `${run.name} — ` : ""}${modelLabel(run.model)}`;
+  return specLabel(run.spec);
+}
+
 /** A verdict (or status, while there is no verdict) badge. */
 export function verdictBadge(verdict) {
   return el("span", { class: `badge verdict-${verdict || "none"}` }, verdict || "—");

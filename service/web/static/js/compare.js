@@ -1,5 +1,5 @@
 // Two or more runs' per-layer profiles overlaid, from GET /v1/compare.
-import { BASE, PALETTE, el, fmt, getJSON, placeholder, plot, positive, runHref, shortId, showError, specLabel, verdictBadge } from "./common.js";
+import { BASE, PALETTE, el, fmt, getJSON, placeholder, plot, positive, runHref, runLabel, shortId, showError, verdictBadge } from "./common.js";
 
 const main = document.getElementById("main");
 const ids = main.dataset.runIds ? main.dataset.runIds.split(",") : [];
@@ -16,7 +16,7 @@ form.addEventListener("submit", (event) => {
 function traces(runs, field, moments) {
   return runs.flatMap((run, i) =>
     moments.map((moment) => ({
-      name: `${shortId(run.run_id)} ${run.spec.activation}/${run.spec.depth}${moments.length > 1 ? ` ${moment === "init" ? "init" : "end"}` : ""}`,
+      name: `${shortId(run.run_id)} ${run.spec ? `${run.spec.activation}/${run.spec.depth}` : run.name || run.model.class_name}${moments.length > 1 ? ` ${moment === "init" ? "init" : "end"}` : ""}`,
       legendgroup: run.run_id,
       x: run.layers.map((l) => l.index),
       y: run.layers.map((l) => positive(l[moment]?.[field])),
@@ -45,7 +45,7 @@ function render(comparison) {
           { dataset: { id: run.run_id } },
           el("td", {}, el("span", { class: "swatch", style: `background:${PALETTE[i % PALETTE.length]}` })),
           el("td", {}, el("a", { href: runHref(run.run_id) }, el("code", {}, shortId(run.run_id)))),
-          el("td", {}, specLabel(run.spec)),
+          el("td", {}, runLabel(run)),
           el("td", {}, verdictBadge(run.verdict)),
           el("td", { class: "num" }, String(run.layers.length)),
           el("td", {}, `${fmt(run.init_step)} → ${fmt(run.last_step)}`),

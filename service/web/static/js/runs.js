@@ -1,5 +1,5 @@
 // The runs table: filters and sort kept in the URL, pages of GET /v1/runs, live status, keyboard use.
-import { BASE, FINISHED, el, findingChips, getJSON, runHref, shortId, statusBadge, verdictBadge } from "./common.js";
+import { BASE, FINISHED, el, findingChips, getJSON, runHref, runLabel, shortId, statusBadge, verdictBadge } from "./common.js";
 
 const LIMIT = 25;
 // While a listed run is queued or running the page re-reads the list this often.
@@ -59,17 +59,23 @@ function row(run, focusable) {
     onchange: (event) => toggle(run.id, event.target.checked),
   });
   const spec = run.spec;
+  // An uploaded report (source "external") has no spec: its name and model span the spec's columns.
+  const configuration = spec
+    ? [
+        el("td", { class: "col-activation" }, spec.activation),
+        el("td", {}, spec.init),
+        el("td", {}, spec.norm),
+        el("td", {}, spec.residual ? "yes" : "no"),
+        el("td", { class: "num col-depth" }, String(spec.depth)),
+        el("td", { class: "num" }, String(spec.width)),
+      ]
+    : [el("td", { colspan: "6", class: "col-model" }, el("span", { class: "badge source-external" }, "external"), " ", runLabel(run))];
   return el(
     "tr",
-    { tabindex: focusable ? "0" : "-1", dataset: { id: run.id, status: run.status } },
+    { tabindex: focusable ? "0" : "-1", dataset: { id: run.id, status: run.status, source: run.source || "probe" } },
     el("td", {}, checkbox),
     el("td", {}, el("a", { href: runHref(run.id), tabindex: "-1" }, el("code", {}, shortId(run.id)))),
-    el("td", { class: "col-activation" }, spec.activation),
-    el("td", {}, spec.init),
-    el("td", {}, spec.norm),
-    el("td", {}, spec.residual ? "yes" : "no"),
-    el("td", { class: "num col-depth" }, String(spec.depth)),
-    el("td", { class: "num" }, String(spec.width)),
+    ...configuration,
     el("td", { class: "col-verdict" }, verdictBadge(run.verdict)),
     el("td", { class: "col-findings" }, findingChips((run.finding_kinds || []).map((kind) => ({ kind })))),
     el("td", { class: "col-status" }, statusBadge(run.status)),
