@@ -19,6 +19,7 @@ from graddiag.service.api.data import require_cifar10
 from graddiag.service.api.deps import RunIdDep, SessionDep, SessionFactoryDep, SettingsDep
 from graddiag.service.api.errors import documented
 from graddiag.service.api.limits import check_page_size, check_spec
+from graddiag.service.api.reports import MAX_REPORT_LAYERS, MAX_REPORT_STEP
 from graddiag.service.api.schemas import RunDetail, RunList, RunSummary
 from graddiag.service.engine.report import LayerInfo, LayerRecord
 from graddiag.service.store import runs as store
@@ -29,6 +30,9 @@ MAX_WAIT_SECONDS = 600.0
 # A network has at most 2 * MAX_DEPTH + 2 parameterised layers (a weight and a norm per block, input,
 # output): bounds `?layer=`, whose larger values would overflow a SQL integer.
 MAX_LAYER_INDEX = 2 * MAX_DEPTH + 2
+# An uploaded report (POST /v1/reports) may have more layers and later steps than any probe.
+MAX_QUERY_LAYER = max(MAX_LAYER_INDEX, MAX_REPORT_LAYERS - 1)
+MAX_QUERY_STEP = max(MAX_STEPS, MAX_REPORT_STEP)
 # How often a `?wait=` request re-reads the run: one indexed primary-key read per tick.
 WAIT_POLL_SECONDS = 0.2
 
@@ -194,9 +198,9 @@ def records_json(rows: list[tuple[Any, ...]]) -> str:
 def get_gradients(
     run_id: RunIdDep,
     session: SessionDep,
-    layer: Annotated[int | None, Query(ge=0, le=MAX_LAYER_INDEX, description="Only this layer index.")] = None,
-    step_from: Annotated[int | None, Query(ge=0, le=MAX_STEPS, description="First step, inclusive.")] = None,
-    step_to: Annotated[int | None, Query(ge=0, le=MAX_STEPS, description="Last step, inclusive.")] = None,
+    layer: Annotated[int | None, Query(ge=0, le=MAX_QUERY_LAYER, description="Only this layer index.")] = None,
+    step_from: Annotated[int | None, Query(ge=0, le=MAX_QUERY_STEP, description="First step, inclusive.")] = None,
+    step_to: Annotated[int | None, Query(ge=0, le=MAX_QUERY_STEP, description="Last step, inclusive.")] = None,
     format: Annotated[Literal["json", "csv"], Query(description="json (array of rows) or csv.")] = "json",
 ) -> Response:
     """The tidy rows of the report's `records`, one per (step, layer), ordered by step then layer.
