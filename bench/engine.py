@@ -7,8 +7,9 @@ three arms train freshly built copies of the same network (same spec, same initi
     uint8 batches, normalised the same way), nothing recorded. The limit.
 (b) probe: ``run_probe`` with ``record_every=1``. A step is timed from one ``should_stop()`` poll to
     the next (the poll is the first statement of the probe's loop body), so it is the whole loop
-    body: batch, forward with the recorder's hooks, backward, per-parameter norms, the metrics row
-    and finiteness check, the weight snapshot, the optimizer step, ``layer_stats`` and its host copy.
+    body: batch, forward with the recorder's hooks, backward, per-parameter norms, zero counts, the
+    totals and finiteness check, the optimizer step, the update norm (read from SGD), ``layer_stats``
+    and its host copy. (Whole runs at the default record_every=10: ``bench/recording.py``.)
     Data set-up, network build, evaluation and report assembly are outside it. The probe runs one
     extra step so that the last timed step also ends at a poll.
 (c) seed-style: a torchvision-``CIFAR10``-style Dataset over decoded uint8 HWC arrays
@@ -1020,9 +1021,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "a_bare": "build_network + SGD(lr 0.01) on make_source(spec).batch(step); no recording; per step: "
             "batch, forward, loss, zero_grad(set_to_none=False), backward, step",
             "b_probe": "run_probe(record_every=1, eval_samples=500); a step is timed from one should_stop() poll "
-            "to the next, i.e. the whole loop body (batch, forward with hooks, backward, param norms, metrics row "
-            "+ finiteness check, weight snapshot, optimizer step, layer_stats + .cpu().tolist()); data set-up, "
-            "network build, evaluation and report assembly excluded (see report_timing)",
+            "to the next, i.e. the whole loop body (batch, forward with hooks, backward, param norms, zero counts, "
+            "totals + finiteness check, optimizer step, update norm from SGD, layer_stats + .cpu().tolist()); "
+            "data set-up, network build, evaluation and report assembly excluded (see report_timing)",
             "c_seed": "Dataset over uint8 HWC arrays: PIL.Image.fromarray → ToTensor → Normalize per sample; "
             "DataLoader(batch 128, shuffle, num_workers 0); zero_grad(); per-parameter p.grad.norm().item() and "
             "loss.item() each step",

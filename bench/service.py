@@ -426,7 +426,7 @@ def _sweep_table(summary: dict[str, Any]) -> list[str]:
     for config in summary["configs"]:
         cells = {}
         for depth, verdict, ratio in zip(config["depths"], config["verdicts"], config["first_last_ratio"], strict=True):
-            cells[depth] = f"{verdict}" + (f" ({ratio:+.1f})" if ratio is not None else "")
+            cells[depth] = f"{verdict}" + (f" ({ratio:+.1f})".replace("-", "−") if ratio is not None else "")
         critical = config["critical_depth"]
         label = ", ".join(str(v) for v in config["config"].values())
         row = [cells.get(d, "—") for d in depths]
