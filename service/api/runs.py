@@ -18,12 +18,15 @@ from graddiag.models.spec import MAX_DEPTH, MAX_STEPS, Spec
 from graddiag.service.api.data import require_cifar10
 from graddiag.service.api.deps import RunIdDep, SessionDep, SessionFactoryDep, SettingsDep
 from graddiag.service.api.errors import documented
+from graddiag.service.api.labels import query_labels
 from graddiag.service.api.limits import check_page_size, check_spec
 from graddiag.service.api.reports import MAX_REPORT_LAYERS, MAX_REPORT_STEP
 from graddiag.service.api.schemas import RunDetail, RunList, RunSummary
 from graddiag.service.engine.report import LayerInfo, LayerRecord
+from graddiag.service.store import labels as label_store
 from graddiag.service.store import runs as store
 from graddiag.service.store.ids import expand_id
+from graddiag.service.store.labels import MAX_TAGS, Labels
 from graddiag.service.store.tables import FINISHED, Run, Sweep
 
 MAX_WAIT_SECONDS = 600.0
@@ -60,9 +63,11 @@ def _read_status(factory: sessionmaker[Session], run_id: str) -> str:
         return store.get_run(session, run_id).status
 
 
-def _create(factory: sessionmaker[Session], spec: Spec, idempotency_key: str | None) -> tuple[Run, bool]:
+def _create(
+    factory: sessionmaker[Session], spec: Spec, idempotency_key: str | None, labels: Labels
+) -> tuple[Run, bool]:
     with factory() as session:
-        return store.create_run(session, spec, idempotency_key=idempotency_key)
+        return store.create_run(session, spec, idempotency_key=idempotency_key, name=labels.name, tags=labels.tags)
 
 
 async def wait_for_run(request: Request, factory: sessionmaker[Session], run_id: str, wait: float) -> RunDetail:
@@ -110,12 +115,17 @@ async def submit_run(
         float,
         Query(ge=0, le=MAX_WAIT_SECONDS, description="Block up to this many seconds for the verdict."),
     ] = 0.0,
+    name: Annotated[str | None, Query(max_length=200, description="A name for the run (editable later).")] = None,
+    tag: Annotated[
+        list[str] | None, Query(max_length=MAX_TAGS, description="A tag for the run; repeat for several.")
+    ] = None,
 ) -> RunDetail:
     """Queue a probe of `spec`. 202 while it is unfinished, 200 once finished (see `wait`)."""
     check_spec(spec, settings)
+    labels = query_labels(name, tag)
     if spec.dataset == "cifar10":
         require_cifar10(request, settings)
-    run, created = await run_in_threadpool(_create, factory, spec, idempotency_key)
+    run, created = await run_in_threadpool(_create, factory, spec, idempotency_key, labels)
     if not created and run.spec_hash != spec.fingerprint():
         # IETF idempotency-key draft: reusing a key for a different payload is a client error.
         raise RequestValidationError(
@@ -215,6 +225,12 @@ def get_gradients(
             headers={"Content-Disposition": f'attachment; filename="{run_id}-gradients.csv"'},
         )
     return Response(records_json(rows), media_type="application/json")
+
+
+@router.patch("/{run_id}", response_model=RunDetail, responses=documented(404, 409), summary="Name or tag a run")
+def label_run(run_id: RunIdDep, labels: Labels, session: SessionDep) -> RunDetail:
+    """Set the run's `name` and/or `tags` (a field left out stays as it is; `name: ""` clears it)."""
+    return run_detail(session, label_store.label_run(session, run_id, labels))
 
 
 @router.post(

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, fi
 from graddiag.models.shapes import LayerKind
 from graddiag.models.spec import Spec
 from graddiag.service.engine.report import FindingKind, Label, ModelDescription, Report
+from graddiag.service.store.labels import MAX_TAGS, Name, Tag
 from graddiag.service.store.query import run_metrics
 from graddiag.service.store.runs import decode_finding_kinds
 from graddiag.service.store.tables import Run, RunSource, RunStatus
@@ -133,6 +134,8 @@ class SweepIn(BaseModel):
         description="Spec field → values, e.g. {'activation': ['sigmoid', 'relu'], 'depth': [2, 10]}.",
         examples=[{"activation": ["sigmoid", "relu"], "depth": [2, 5, 10, 20, 30]}],
     )
+    name: Name | None = Field(None, description="A name for the sweep (editable later).")
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS, description="Labels to find it by.")
 
     @field_validator("base", "grid", mode="before")
     @classmethod

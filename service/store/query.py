@@ -14,12 +14,14 @@ SQL is built, and a mistake is a ValueError naming what was wrong and what is al
 
 from __future__ import annotations
 
+import json
 import re
 import types
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Union, get_args, get_origin
 
-from sqlalchemy import ColumnElement, and_
+from sqlalchemy import ColumnElement, String, and_, cast
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.elements import KeyedColumnElement
 
 from graddiag.models.spec import Spec
@@ -253,3 +255,18 @@ def run_metrics(run: Run) -> dict[str, float | None]:
         value = (getattr(run, table_column) or {}).get(key)
         values[name] = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
     return values
+
+
+def has_tag(column: InstrumentedAttribute[list[str] | None], tag: str) -> ColumnElement[bool]:
+    """Rows whose tags include `tag`: the tag as JSON text, quoted, inside the column's JSON text.
+
+    Portable (SQLite and PostgreSQL alike) and exact: the quotes delimit a whole tag, and the tag is
+    written the way the column's JSON writes it (json.dumps, escapes included); autoescape keeps '%' and
+    '_' literal.
+    """
+    return cast(column, String).contains(json.dumps(tag), autoescape=True)
+
+
+def name_contains(column: InstrumentedAttribute[str | None], text: str) -> ColumnElement[bool]:
+    """Rows whose name contains `text`, ignoring case."""
+    return column.icontains(text, autoescape=True)

@@ -39,6 +39,8 @@ from graddiag.service.store.query import (
     Clause,
     field_expression,
     filter_condition,
+    has_tag,
+    name_contains,
     parse_filter,
     sort_expression,
 )
@@ -63,6 +65,8 @@ SqlInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 _VERDICT_SPLIT: Final[frozenset[str]] = frozenset({"label", "evidence"})
 
 log = logging.getLogger(__name__)
+# A listing names at most this many tags (each a LIKE condition).
+MAX_TAG_FILTERS: Final = 20
 
 
 class RunNotFound(LookupError):
@@ -110,6 +114,8 @@ class RunFilters(BaseModel):
     verdict: Label | None = None
     sweep_id: str | None = None
     source: RunSource | None = Field(None, description="probe (a spec's run) or external (an uploaded report).")
+    name: str | None = Field(None, max_length=200, description="Only runs whose name contains this (any case).")
+    tag: list[str] | None = Field(None, description="Only runs with this tag; repeated, runs with all of them.")
     finding: list[FindingKind] | None = Field(
         None, description="Only runs whose verdict has a finding of this kind; repeated, runs that have all of them."
     )
@@ -130,11 +136,20 @@ class RunFilters(BaseModel):
     limit: int = Field(50, ge=1, le=1000)
     offset: int = Field(0, ge=0, le=2**63 - 1)
 
-    @field_validator("finding", mode="before")
+    @field_validator("finding", "tag", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         # `finding=step_size` from Python reads as one kind, as `?finding=step_size` does over HTTP.
         return [value] if isinstance(value, str) else value
+
+    @field_validator("tag")
+    @classmethod
+    def _distinct_tags(cls, value: list[str] | None) -> list[str] | None:
+        # As for findings: one condition per distinct tag, and a bounded number of them.
+        tags = None if value is None else list(dict.fromkeys(value))
+        if tags is not None and len(tags) > MAX_TAG_FILTERS:
+            raise ValueError(f"at most {MAX_TAG_FILTERS} distinct tags")
+        return tags
 
     @field_validator("finding")
     @classmethod
@@ -168,8 +183,10 @@ def build_run(
     sweep_id: str | None = None,
     grid: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    name: str | None = None,
+    tags: list[str] | None = None,
 ) -> Run:
-    """A new queued Run for `spec` (not yet added to a session)."""
+    """A new queued Run for `spec` (not yet added to a session), with an optional name and tags."""
     return Run(
         id=uuid.uuid4().hex,
         source="probe",
@@ -182,6 +199,8 @@ def build_run(
         sweep_id=sweep_id,
         grid=grid,
         idempotency_key=idempotency_key,
+        name=name or None,
+        tags=tags,
         **stamp("created"),
     )
 
@@ -191,9 +210,15 @@ def _by_idempotency_key(session: Session, key: str) -> Run | None:
 
 
 def create_run(
-    session: Session, spec: Spec, *, sweep_id: str | None = None, idempotency_key: str | None = None
+    session: Session,
+    spec: Spec,
+    *,
+    sweep_id: str | None = None,
+    idempotency_key: str | None = None,
+    name: str | None = None,
+    tags: list[str] | None = None,
 ) -> tuple[Run, bool]:
-    """Queue a run of `spec` and commit; (run, created).
+    """Queue a run of `spec` (named and tagged if given) and commit; (run, created).
 
     With an idempotency key seen before, nothing is created: (the earlier run, False).
     """
@@ -202,7 +227,7 @@ def create_run(
         if earlier is not None:
             session.commit()  # ends the (write-locking) transaction the lookup opened
             return earlier, False
-    run = build_run(spec, sweep_id=sweep_id, idempotency_key=idempotency_key)
+    run = build_run(spec, sweep_id=sweep_id, idempotency_key=idempotency_key, name=name, tags=tags)
     session.add(run)
     try:
         session.commit()
@@ -236,6 +261,9 @@ def _conditions(filters: RunFilters) -> list[ColumnElement[bool]]:
             conditions.append(field_expression(name) == value)
     if filters.filter is not None:
         conditions.append(filter_condition(filters.clauses()))
+    if filters.name:
+        conditions.append(name_contains(Run.name, filters.name))
+    conditions.extend(has_tag(Run.tags, tag) for tag in filters.tag or ())
     for kind in filters.finding or ():
         # autoescape: kinds hold '_', a LIKE wildcard; the delimiters make it match whole kinds only.
         conditions.append(Run.finding_kinds.contains(f",{kind},", autoescape=True))

@@ -9,11 +9,12 @@ from datetime import datetime
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field, ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from graddiag.models.spec import Spec, SpecCaps
 from graddiag.service.engine.report import FindingKind, Label, Severity
+from graddiag.service.store.query import has_tag, name_contains
 from graddiag.service.store.runs import build_run
 from graddiag.service.store.tables import FINISHED, STATUSES, Run, RunStatus, Sweep, stamp
 
@@ -64,6 +65,10 @@ class SweepStatus(BaseModel):
     """A sweep's progress: counts by status and every run."""
 
     id: str
+    name: str | None = Field(None, description="The sweep's name (editable).")
+    tags: list[str] = Field(default_factory=list, description="The sweep's tags (editable).")
+    base: dict[str, Any] = Field(default_factory=dict, description="The spec fields every point shares, as given.")
+    grid: dict[str, Any] = Field(default_factory=dict, description="Spec field → the values swept.")
     created_at: datetime
     total: int
     counts: dict[str, int]
@@ -222,7 +227,14 @@ def _distinct_grid(points: list[dict[str, Any]], fields: list[str]) -> dict[str,
 
 
 def create_sweep(
-    session: Session, base: dict[str, Any], grid: dict[str, list[Any]], *, caps: SpecCaps, max_size: int
+    session: Session,
+    base: dict[str, Any],
+    grid: dict[str, list[Any]],
+    *,
+    caps: SpecCaps,
+    max_size: int,
+    name: str | None = None,
+    tags: list[str] | None = None,
 ) -> Sweep:
     """Validate every grid point (spec rules and caps), then queue one run per distinct point and commit.
 
@@ -237,7 +249,9 @@ def create_sweep(
     if errors:
         raise SweepInvalid(errors)
     ran = _distinct_grid([point for _, point in specs], list(grid))
-    sweep = Sweep(id=uuid.uuid4().hex, base=base, grid=ran, size=len(specs), **stamp("created"))
+    sweep = Sweep(
+        id=uuid.uuid4().hex, base=base, grid=ran, size=len(specs), name=name or None, tags=tags, **stamp("created")
+    )
     session.add(sweep)
     session.flush()  # the runs' foreign key needs the sweep row first
     session.add_all(build_run(spec, sweep_id=sweep.id, grid=point) for spec, point in specs)
@@ -275,6 +289,10 @@ def sweep_status(session: Session, sweep_id: str, finding: FindingKind | None = 
         counts[run.status] += 1
     return SweepStatus(
         id=sweep.id,
+        name=sweep.name,
+        tags=sweep.tags or [],
+        base=sweep.base,
+        grid=sweep.grid,
         created_at=sweep.created_at,
         total=len(runs),
         counts=counts,
@@ -355,3 +373,92 @@ def sweep_summary(session: Session, sweep_id: str, finding: FindingKind | None =
             )
         )
     return SweepSummary(id=sweep.id, done=all(run.status in FINISHED for run in runs), finding=finding, configs=configs)
+
+
+# --- the list of sweeps ---------------------------------------------------------------------------------------
+
+
+class CriticalDepth(BaseModel):
+    """One combination of a sweep's non-depth axes and the shallowest depth whose verdict is not healthy."""
+
+    config: dict[str, Any]
+    critical_depth: int | None
+
+
+class SweepListItem(BaseModel):
+    """A sweep as the list shows it: its labels, base and grid, progress and critical depths."""
+
+    id: str
+    name: str | None
+    tags: list[str]
+    base: dict[str, Any]
+    grid: dict[str, Any]
+    size: int
+    created_at: datetime
+    counts: dict[str, int]
+    done: bool
+    critical_depths: list[CriticalDepth] = Field(
+        description="Per combination of the non-depth axes (as far as its runs have succeeded)."
+    )
+
+
+class SweepList(BaseModel):
+    """One page of sweeps, newest first."""
+
+    items: list[SweepListItem]
+    total: int
+    limit: int
+    offset: int
+
+
+def list_sweeps(
+    session: Session, *, limit: int, offset: int, name: str | None = None, tags: list[str] | None = None
+) -> SweepList:
+    """A page of sweeps, newest first (those whose name contains `name`, with every tag of `tags`).
+
+    Progress and critical depths come from two light queries over the page's runs (status, grid point,
+    depth, verdict), not from loading each sweep's runs whole.
+    """
+    conditions = []
+    if name:
+        conditions.append(name_contains(Sweep.name, name))
+    conditions.extend(has_tag(Sweep.tags, tag) for tag in tags or ())
+    total = session.scalar(select(func.count()).select_from(Sweep).where(*conditions)) or 0
+    page = list(
+        session.scalars(
+            select(Sweep).where(*conditions).order_by(Sweep.created_epoch.desc(), Sweep.id).limit(limit).offset(offset)
+        )
+    )
+    ids = [sweep.id for sweep in page]
+    counts: dict[str, dict[str, int]] = {sweep_id: dict.fromkeys(STATUSES, 0) for sweep_id in ids}
+    for sweep_id, status, count in session.execute(
+        select(Run.sweep_id, Run.status, func.count()).where(Run.sweep_id.in_(ids)).group_by(Run.sweep_id, Run.status)
+    ):
+        counts[str(sweep_id)][status] = count
+    critical: dict[str, dict[str, tuple[dict[str, Any], int | None]]] = {sweep_id: {} for sweep_id in ids}
+    rows = session.execute(select(Run.sweep_id, Run.grid, Run.depth, Run.verdict).where(Run.sweep_id.in_(ids)))
+    for sweep_id, grid, depth, verdict in rows:
+        config = {field: value for field, value in (grid or {}).items() if field != "depth"}
+        key = repr(sorted(config.items()))
+        configs = critical[str(sweep_id)]
+        _, shallowest = configs.setdefault(key, (config, None))
+        if verdict not in (None, "healthy") and depth is not None and (shallowest is None or depth < shallowest):
+            configs[key] = (config, depth)
+    items = [
+        SweepListItem(
+            id=sweep.id,
+            name=sweep.name,
+            tags=sweep.tags or [],
+            base=sweep.base,
+            grid=sweep.grid,
+            size=sweep.size,
+            created_at=sweep.created_at,
+            counts=counts[sweep.id],
+            done=all(counts[sweep.id][status] == 0 for status in STATUSES if status not in FINISHED),
+            critical_depths=[
+                CriticalDepth(config=config, critical_depth=depth) for config, depth in critical[sweep.id].values()
+            ],
+        )
+        for sweep in page
+    ]
+    return SweepList(items=items, total=total, limit=limit, offset=offset)

@@ -113,6 +113,8 @@ class Sweep(Base):
     size: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime]
     created_epoch: Mapped[float] = mapped_column(Float)
+    name: Mapped[str | None] = mapped_column(String(200), doc="A name for the sweep (editable).")
+    tags: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True), doc="Labels to find it by (editable).")
 
 
 class Run(Base):
