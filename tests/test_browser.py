@@ -492,3 +492,87 @@ def test_run_page_and_runs_table_update_live(tab: Tab, browser: Any, client: Cli
     table.page.wait_for_function(f"{row_status} === 'cancelled'")
     assert table.page.evaluate("window.notReloaded") is True and not table.errors
     table.page.close()
+
+
+# --- names and tags, the sweeps list, compare's alignment, spec diff and recent runs ---------------------------
+
+
+def test_sweeps_list_and_a_named_sweep(tab: Tab, sweep: dict[str, Any], client: Client) -> None:
+    sweep_id = sweep["status"]["id"]
+    page = tab.open("/sweeps")
+    row = page.locator(f"#sweeps tr[data-id='{sweep_id}']")
+    row.wait_for()
+    configs = {c["config"]["activation"]: c["critical_depth"] for c in sweep["summary"]["configs"]}
+    critical = row.locator("td.col-critical").inner_text()
+    for activation, depth in configs.items():
+        assert f"activation={activation}: {'—' if depth is None else depth}" in critical
+    assert "6/6" in row.locator("td.col-progress").inner_text()
+    assert "width=16" in row.locator("td.col-base").inner_text()
+
+    page = tab.open(f"/sweeps/{sweep_id[:8]}")
+    assert "width" in page.inner_text("#base-spec") and "sigmoid, relu (swept)" in page.inner_text("#base-spec")
+    page.fill("#labels-form input[name=name]", "activation × depth")
+    page.fill("#labels-form input[name=tags]", "paper, fig 2")
+    page.click("#labels-form button[type=submit]")
+    page.wait_for_function("document.querySelector('#labels-form .hint').textContent === 'Saved.'")
+    assert page.inner_text("#title-name") == "activation × depth"
+    status = client.sweep_status(sweep_id)
+    assert status["name"] == "activation × depth" and status["tags"] == ["paper", "fig 2"]
+    page = tab.open("/sweeps?tag=fig%202")
+    page.wait_for_function("document.querySelectorAll('#sweeps tbody tr').length === 1")
+    assert page.inner_text("#sweeps td.col-name").startswith("activation × depth")
+    assert not tab.errors
+
+
+def test_a_named_run_in_the_runs_table(tab: Tab, sweep: dict[str, Any], client: Client) -> None:
+    run = sweep["runs"][("sigmoid", 6)]
+    page = tab.open(f"/runs/{run['id']}")
+    page.fill("#labels-form input[name=name]", "sigmoid six")
+    page.fill("#labels-form input[name=tags]", "baseline")
+    page.click("#labels-form button[type=submit]")
+    page.wait_for_function("document.querySelector('#labels-form .hint').textContent === 'Saved.'")
+    assert client.get(run["id"])["name"] == "sigmoid six"
+
+    page = tab.open("/?tag=baseline")
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 1")
+    row = page.locator("#runs tbody tr").first
+    assert row.locator("td.col-name").inner_text().split() == ["sigmoid", "six", "baseline"]
+    assert row.locator("td.col-steps").inner_text() == str(run["spec"]["steps"])
+    assert row.locator("td.col-lr").inner_text() == str(run["spec"]["lr"])
+    decades = run["report"]["verdict"]["evidence"]["decades_per_layer"]
+    assert float(row.locator("td.col-decades").inner_text()) == pytest.approx(decades, rel=0.01)
+    assert row.locator("td.col-time").inner_text().endswith(" s")
+    # Sorting by a result metric.
+    page = tab.open("/?sweep_id=" + sweep["status"]["id"][:8])
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 6")
+    page.click("th[data-sort=decades_per_layer] button")
+    page.wait_for_function(
+        "document.querySelector('th[data-sort=decades_per_layer]').getAttribute('aria-sort') === 'ascending'"
+    )
+    page.wait_for_function("location.search.includes('sort=decades_per_layer')")
+    shown = [float(t) for t in row_texts(page, "col-decades") if t != "—"]
+    assert shown == sorted(shown)
+    assert not tab.errors
+
+
+def test_compare_from_recent_runs_aligned_from_the_output(tab: Tab, sweep: dict[str, Any]) -> None:
+    deep, shallow = sweep["runs"][("sigmoid", 12)], sweep["runs"][("relu", 6)]
+    page = tab.open("/compare")
+    page.wait_for_selector("#recent-form li")
+    for run in (deep, shallow):
+        page.check(f"#recent-form li[data-id='{run['id']}'] input")
+    page.click("#recent-form button[type=submit]")
+    page.wait_for_selector("#compared tbody tr")
+    # The spec diff names exactly the fields that differ.
+    fields = [row.get_attribute("data-field") for row in page.locator("#spec-diff-table tbody tr").all()]
+    assert sorted(fields) == ["activation", "depth"]
+    page.select_option("#align", "output")
+    page.wait_for_selector("#compared tbody tr")
+    page.wait_for_function("location.search.includes('align=output')")
+    traces = chart(page, "chart-profile")
+    # Aligned at the output: every run's last layer is at 0, the deeper run reaches further left.
+    assert all(t["x"][-1] == 0 for t in traces)
+    for run in (deep, shallow):
+        (init,) = [t for t in traces if t["name"].startswith(run["id"][:8]) and t["name"].endswith("init")]
+        assert min(init["x"]) == -(len(run["report"]["layers"]) - 1)
+    assert not tab.errors

@@ -120,7 +120,13 @@ async def test_pages_name_what_their_scripts_read(api: httpx.AsyncClient) -> Non
     # The filters offer exactly the values the API accepts, and the sortable headers are buttons.
     for value in ("sigmoid", "relu", "kaiming_normal", "batch", "vanishing", "running"):
         assert f'<option value="{value}">' in runs_page
-    assert runs_page.count('aria-sort="') == 6 and runs_page.count('<button type="button">') >= 6
+    # Spec columns and the result metrics (decades per layer, held-out accuracy, time) sort.
+    assert runs_page.count('aria-sort="') == 11 and runs_page.count('<button type="button">') >= 11
+    for column in ("steps", "lr", "decades_per_layer", "eval_accuracy", "total_s"):
+        assert f'data-sort="{column}"' in runs_page
+    assert '<input name="name"' in runs_page and '<input name="tag"' in runs_page
+    sweeps_page = (await api.get("/sweeps")).text
+    assert 'id="sweeps"' in sweeps_page and "/static/js/sweeps.js" in sweeps_page
 
 
 async def test_pages_offer_finding_filters_and_places_for_findings(api: httpx.AsyncClient) -> None:

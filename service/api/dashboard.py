@@ -83,6 +83,12 @@ def runs_page(request: Request, settings: SettingsDep) -> HTMLResponse:
     return _page(request, "runs.html", title="Runs", choices=FILTER_CHOICES, cifar10=cifar10)
 
 
+@router.get("/sweeps", response_class=HTMLResponse)
+def sweeps_page(request: Request) -> HTMLResponse:
+    """Every sweep: name, tags, base spec, grid, progress and critical depths, read from GET /v1/sweeps."""
+    return _page(request, "sweeps.html", title="Sweeps")
+
+
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
 def run_page(run_id: str, request: Request, session: SessionDep) -> HTMLResponse:
     """One run: progress while it runs (server-sent events), its profiles, heatmap, forward signal, curves,

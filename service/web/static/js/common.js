@@ -35,6 +35,45 @@ export async function getJSON(path) {
   return body;
 }
 
+/** PATCH a JSON body to an endpoint of this service; the answer's JSON, or ApiError with the problem's detail. */
+export async function patchJSON(path, body) {
+  const response = await fetch(BASE + path, {
+    method: "PATCH",
+    headers: { Accept: "application/json", "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) throw new ApiError(response.status, answer);
+  return answer;
+}
+
+/** A form to edit a run's or sweep's name and tags (comma-separated), saved with PATCH `path`. */
+export function labelsEditor(path, labels, onSaved) {
+  const name = el("input", { name: "name", type: "text", maxlength: "200", value: labels.name || "", placeholder: "a name" });
+  const tags = el("input", { name: "tags", type: "text", value: (labels.tags || []).join(", "), placeholder: "tags, comma-separated" });
+  const note = el("span", { class: "hint", role: "status", "aria-live": "polite" });
+  const form = el(
+    "form",
+    { class: "labels-form", id: "labels-form", "aria-label": "Name and tags" },
+    el("label", {}, "Name ", name),
+    el("label", {}, "Tags ", tags),
+    el("button", { type: "submit" }, "Save"),
+    note,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = { name: name.value.trim(), tags: tags.value.split(",").map((t) => t.trim()).filter(Boolean) };
+    try {
+      const saved = await patchJSON(path, body);
+      note.textContent = "Saved.";
+      onSaved?.(saved);
+    } catch (error) {
+      note.textContent = error.message;
+    }
+  });
+  return form;
+}
+
 /** Build an element: el("a", {href: "/x", class: "y"}, "text", child). */
 export function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -76,6 +115,11 @@ export function modelLabel(model) {
 export function runLabel(run) {
   if (!run.spec && run.model) return `${run.name ? `${run.name} — ` : ""}${modelLabel(run.model)}`;
   return specLabel(run.spec);
+}
+
+/** A run's or sweep's tags as small chips. */
+export function tagChips(tags) {
+  return el("span", { class: "tags" }, ...tags.map((tag) => el("span", { class: "tag" }, tag)));
 }
 
 /** A verdict (or status, while there is no verdict) badge. */

@@ -1,11 +1,16 @@
 // Two or more runs' per-layer profiles overlaid, from GET /v1/compare.
-import { BASE, PALETTE, el, fmt, getJSON, placeholder, plot, positive, runHref, runLabel, shortId, showError, verdictBadge } from "./common.js";
+import { BASE, PALETTE, el, fmt, getJSON, logAxis, placeholder, plot, positive, runHref, runLabel, shortId, showError, verdictBadge } from "./common.js";
 
 const main = document.getElementById("main");
 const ids = main.dataset.runIds ? main.dataset.runIds.split(",") : [];
 const problem = document.getElementById("problem");
 const table = document.getElementById("compared");
 const form = document.getElementById("pick");
+const align = document.getElementById("align");
+const specDiff = document.getElementById("spec-diff");
+const recent = document.getElementById("recent");
+align.value = new URLSearchParams(location.search).get("align") === "output" ? "output" : "input";
+const fromOutput = () => align.value === "output";
 
 form.addEventListener("submit", (event) => {
   event.preventDefault();
@@ -18,7 +23,9 @@ function traces(runs, field, moments) {
     moments.map((moment) => ({
       name: `${shortId(run.run_id)} ${run.spec ? `${run.spec.activation}/${run.spec.depth}` : run.name || run.model.class_name}${moments.length > 1 ? ` ${moment === "init" ? "init" : "end"}` : ""}`,
       legendgroup: run.run_id,
-      x: run.layers.map((l) => l.index),
+      // From the output: the last layer is 0 and earlier ones count down, so nets of different depths line
+      // up where the loss enters (the input side is where they differ).
+      x: run.layers.map((l) => (fromOutput() ? l.index - (run.layers.length - 1) : l.index)),
       y: run.layers.map((l) => positive(l[moment]?.[field])),
       text: run.layers.map((l) => l.name),
       mode: "lines+markers",
@@ -53,28 +60,91 @@ function render(comparison) {
       ),
     ),
   );
-  const axis = { title: { text: "layer (input → output)" }, dtick: 1 };
-  const log = (title) => ({ type: "log", exponentformat: "power", title: { text: title } });
-  plot("chart-profile", traces(runs, "grad_norm", ["init", "last"]), {
-    title: { text: "Gradient norm per layer" },
-    xaxis: axis,
-    yaxis: log("‖∂L/∂W‖"),
-  });
-  plot("chart-act", traces(runs, "act_grad_norm", ["init"]), {
-    title: { text: "Activation gradient at initialisation" },
-    xaxis: axis,
-    yaxis: log("‖∂L/∂h‖"),
-  });
-  plot("chart-rel", traces(runs, "rel_grad", ["init"]), {
-    title: { text: "Relative gradient at initialisation" },
-    xaxis: axis,
-    yaxis: log("‖∂L/∂W‖ / ‖W‖"),
-  });
+  renderSpecDiff(runs);
+  const axis = {
+    title: { text: fromOutput() ? "layer, counted from the output (0 = output layer)" : "layer (input → output)" },
+    dtick: 1,
+  };
+  const ys = (drawn) => drawn.flatMap((t) => t.y);
+  const profile = traces(runs, "grad_norm", ["init", "last"]);
+  plot("chart-profile", profile, { title: { text: "Gradient norm per layer" }, xaxis: axis, yaxis: logAxis("‖∂L/∂W‖", ys(profile)) });
+  const act = traces(runs, "act_grad_norm", ["init"]);
+  plot("chart-act", act, { title: { text: "Activation gradient at initialisation" }, xaxis: axis, yaxis: logAxis("‖∂L/∂h‖", ys(act)) });
+  const rel = traces(runs, "rel_grad", ["init"]);
+  plot("chart-rel", rel, { title: { text: "Relative gradient at initialisation" }, xaxis: axis, yaxis: logAxis("‖∂L/∂W‖ / ‖W‖", ys(rel)) });
 }
+
+/** The spec fields whose values differ between the compared runs, one row each (runs without a spec show —). */
+function renderSpecDiff(runs) {
+  const fields = [...new Set(runs.flatMap((run) => Object.keys(run.spec || {})))];
+  const value = (run, field) => (run.spec ? JSON.stringify(run.spec[field] ?? null) : "—");
+  const differing = fields.filter((field) => new Set(runs.map((run) => value(run, field))).size > 1);
+  specDiff.replaceChildren(
+    el("h2", {}, "Spec differences"),
+    differing.length
+      ? el(
+          "table",
+          { class: "runs", id: "spec-diff-table" },
+          el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "field"), ...runs.map((run) => el("th", { scope: "col" }, el("code", {}, shortId(run.run_id)))))),
+          el(
+            "tbody",
+            {},
+            ...differing.map((field) =>
+              el("tr", { dataset: { field } }, el("th", { scope: "row" }, field), ...runs.map((run) => el("td", {}, value(run, field).replaceAll('"', "")))),
+            ),
+          ),
+        )
+      : el("p", { class: "muted" }, "The compared runs have the same spec."),
+  );
+}
+
+/** With nothing to compare yet: the most recent succeeded runs, to tick and compare. */
+async function renderRecent() {
+  let list;
+  try {
+    list = await getJSON("/v1/runs?status=succeeded&limit=12");
+  } catch (error) {
+    showError(problem, error);
+    return;
+  }
+  if (!list.items.length) {
+    recent.replaceChildren(el("p", { class: "muted" }, "No run has succeeded yet: submit a few, then compare them here."));
+    return;
+  }
+  const boxes = list.items.map((run) => el("input", { type: "checkbox", value: run.id, "aria-label": `Compare run ${shortId(run.id)}` }));
+  const go = el("button", { type: "submit" }, "Compare the ticked runs");
+  const pick = el(
+    "form",
+    { id: "recent-form" },
+    el("h2", {}, "Recent runs"),
+    el(
+      "ul",
+      { class: "recent-runs" },
+      ...list.items.map((run, i) =>
+        el("li", { dataset: { id: run.id } }, el("label", {}, boxes[i], " ", el("code", {}, shortId(run.id)), " ", run.name ? `${run.name} · ` : "", runLabel(run), " ", verdictBadge(run.verdict))),
+      ),
+    ),
+    go,
+  );
+  pick.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const picked = boxes.filter((box) => box.checked).map((box) => box.value);
+    location.href = `${BASE}/compare?${new URLSearchParams(picked.map((id) => ["run_id", id]))}`;
+  });
+  recent.replaceChildren(pick);
+}
+
+align.addEventListener("change", () => {
+  const params = new URLSearchParams(location.search);
+  if (fromOutput()) params.set("align", "output");
+  else params.delete("align");
+  location.search = params.toString();
+});
 
 const charts = ["chart-profile", "chart-act", "chart-rel"];
 if (!ids.length) {
   for (const id of charts) placeholder(id, "Pick two or more runs to compare.");
+  renderRecent();
 } else {
   try {
     render(await getJSON(`/v1/compare?${new URLSearchParams(ids.map((id) => ["run_id", id]))}`));

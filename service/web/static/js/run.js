@@ -8,6 +8,7 @@ import {
   fmt,
   getJSON,
   kindLabel,
+  labelsEditor,
   logAxis,
   placeholder,
   plot,
@@ -29,6 +30,18 @@ const CHARTS = ["chart-profile", "chart-heatmap", "chart-forward", "chart-act", 
 const PHASES = { init: "at initialisation", training: "during training" };
 // Marks a layer whose bias gradient is zero by construction (a bias followed by batch norm).
 const ZERO_BIAS = "bias gradient zero by construction (bias feeds batch norm): recorded, not judged";
+// Name and tags, editable in place.
+const labelsBox = document.getElementById("labels");
+labelsBox.replaceChildren(
+  labelsEditor(
+    `/v1/runs/${encodeURIComponent(runId)}`,
+    { name: labelsBox.dataset.name, tags: JSON.parse(labelsBox.dataset.tags || "[]") },
+    (saved) => {
+      document.getElementById("title-name").textContent = saved.name || "";
+    },
+  ),
+);
+
 const smoothing = document.getElementById("smoothing");
 const smoothingValue = document.getElementById("smoothing-value");
 const smoothingControl = document.getElementById("smoothing-control");

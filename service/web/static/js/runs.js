@@ -1,5 +1,5 @@
 // The runs table: filters and sort kept in the URL, pages of GET /v1/runs, live status, keyboard use.
-import { BASE, FINISHED, el, findingChips, getJSON, runHref, runLabel, shortId, statusBadge, verdictBadge } from "./common.js";
+import { BASE, FINISHED, el, findingChips, fmt, getJSON, runHref, runLabel, shortId, statusBadge, tagChips, verdictBadge } from "./common.js";
 
 const LIMIT = 25;
 // While a listed run is queued or running the page re-reads the list this often.
@@ -68,15 +68,23 @@ function row(run, focusable) {
         el("td", {}, spec.residual ? "yes" : "no"),
         el("td", { class: "num col-depth" }, String(spec.depth)),
         el("td", { class: "num" }, String(spec.width)),
+        el("td", { class: "num col-steps" }, String(spec.steps)),
+        el("td", { class: "num col-lr" }, String(spec.lr)),
       ]
-    : [el("td", { colspan: "6", class: "col-model" }, el("span", { class: "badge source-external" }, "external"), " ", runLabel(run))];
+    : [el("td", { colspan: "8", class: "col-model" }, el("span", { class: "badge source-external" }, "external"), " ", runLabel(run))];
+  const metrics = run.metrics || {};
+  const seconds = metrics.total_s;
   return el(
     "tr",
     { tabindex: focusable ? "0" : "-1", dataset: { id: run.id, status: run.status, source: run.source || "probe" } },
     el("td", {}, checkbox),
     el("td", {}, el("a", { href: runHref(run.id), tabindex: "-1" }, el("code", {}, shortId(run.id)))),
+    el("td", { class: "col-name" }, run.name || "", run.tags?.length ? tagChips(run.tags) : null),
     ...configuration,
     el("td", { class: "col-verdict" }, verdictBadge(run.verdict)),
+    el("td", { class: "num col-decades" }, fmt(metrics.decades_per_layer)),
+    el("td", { class: "num col-accuracy" }, fmt(metrics.eval_accuracy)),
+    el("td", { class: "num col-time" }, seconds === null || seconds === undefined ? "—" : `${fmt(seconds)} s`),
     el("td", { class: "col-findings" }, findingChips((run.finding_kinds || []).map((kind) => ({ kind })))),
     el("td", { class: "col-status" }, statusBadge(run.status)),
     el(

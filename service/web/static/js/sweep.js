@@ -1,6 +1,6 @@
 // One sweep: the verdict matrix (configuration × depth), the first/last gradient ratio against depth and
 // each configuration's critical depth; kept current by the sweep's server-sent events.
-import { BASE, FINISHED, PALETTE, el, findingChips, getJSON, kindLabel, placeholder, plot, runHref } from "./common.js";
+import { BASE, FINISHED, PALETTE, el, findingChips, getJSON, kindLabel, labelsEditor, placeholder, plot, runHref } from "./common.js";
 
 const main = document.getElementById("main");
 const sweepId = encodeURIComponent(main.dataset.sweepId);
@@ -12,6 +12,12 @@ const findingFilter = document.getElementById("finding-filter");
 const filterNote = document.getElementById("filter-note");
 const runsLink = document.getElementById("runs-link");
 findingFilter.value = new URLSearchParams(location.search).get("finding") || "";
+const labelsBox = document.getElementById("labels");
+labelsBox.replaceChildren(
+  labelsEditor(`/v1/sweeps/${sweepId}`, { name: labelsBox.dataset.name, tags: JSON.parse(labelsBox.dataset.tags || "[]") }, (saved) => {
+    document.getElementById("title-name").textContent = saved.name || "";
+  }),
+);
 
 /** "activation=sigmoid, init=xavier_normal"; the config without depth identifies a row. */
 const configLabel = (config) =>
