@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from graddiag.models.spec import Spec
-from graddiag.service import remote
+from graddiag.service import diagnose_cli, remote
 from graddiag.service.flags import EXIT_INVALID, add_model_flags, format_validation_error, given_values, load_spec
 from graddiag.service.render import render_report
 from graddiag.service.settings import Settings
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(handler=cmd_db)
 
     remote.add_commands(sub)
+    diagnose_cli.add_command(sub)
     return parser
 
 

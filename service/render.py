@@ -1,4 +1,4 @@
-"""The human-readable text of a report, printed by `graddiag probe` and `graddiag watch`."""
+"""The human-readable text of a report, printed by `graddiag probe`, `graddiag watch` and `graddiag diagnose`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ _SEVERITY_ORDER: Final = {"critical": 0, "warning": 1, "info": 2}
 _PHASE: Final = {"init": "at init", "training": "during training"}
 # Marks a layer whose bias gradient is zero by construction (a bias followed by batch norm).
 ZERO_BIAS_MARK: Final = "†"
+# Marks a layer of a user's model that sits beside the main path (a branch such as ResNet's downsample).
+BRANCH_MARK: Final = "‡"
 
 
 def _fmt(value: float | None) -> str:
@@ -67,13 +69,24 @@ def render_report(report: Report) -> str:
     for record in report.records:
         by_step.setdefault(record.step, {})[record.layer] = record
     first, last = min(by_step), max(by_step)
-    out = [
+    model = report.model
+    branches = set(model.branches) if model is not None else set()
+    out = []
+    if model is not None:  # a model graddiag did not build (diagnose / watch): what it is, in place of a spec
+        out += _wrap(
+            f"model: {model.class_name}, {model.params:,} parameters, {len(report.layers)} recorded layers; "
+            f"{model.optimizer} lr {model.lr:g}" + (f", loss {model.loss}" if model.loss else ""),
+            "  ",
+            "",
+        )
+    out += [
         f"{'#':>3} {'layer':<22} {'kind':<6} {'grad@init':>10} {'grad@end':>10} {'act∂@init':>10} "
         f"{'rel@init':>10} {'update':>10} {'rms@init':>10}"
     ]
     for layer in report.layers:
         a, b = by_step[first].get(layer.index), by_step[last].get(layer.index)
         name = f"{layer.name}{ZERO_BIAS_MARK}" if layer.structural_zero_bias else layer.name
+        name += BRANCH_MARK if layer.index in branches else ""
         out.append(
             f"{layer.index:>3} {name:<22} {layer.kind:<6} "
             f"{_fmt(a.grad_norm if a else None):>10} {_fmt(b.grad_norm if b else None):>10} "
@@ -85,6 +98,8 @@ def render_report(report: Report) -> str:
         out.append(
             f"{ZERO_BIAS_MARK} bias gradient zero by construction (the bias feeds batch norm): recorded, not judged"
         )
+    if branches:
+        out.append(f"{BRANCH_MARK} beside the main path (a branch): recorded, not part of the depth profile")
     verdict = report.verdict
     out += [
         "",
@@ -105,9 +120,12 @@ def render_report(report: Report) -> str:
         out.append("advice:")
         out += _bullets(verdict.advice)
     e, t = report.eval, report.timing
-    out.append(
-        f"train loss {_fmt(e.train_loss)} acc {_fmt(e.train_accuracy)} | held-out loss {_fmt(e.loss)} "
-        f"acc {_fmt(e.accuracy)} on {e.samples} | gap {_fmt(e.generalization_gap)}"
-    )
+    if e.samples:
+        out.append(
+            f"train loss {_fmt(e.train_loss)} acc {_fmt(e.train_accuracy)} | held-out loss {_fmt(e.loss)} "
+            f"acc {_fmt(e.accuracy)} on {e.samples} | gap {_fmt(e.generalization_gap)}"
+        )
+    else:  # diagnose and watch have no held-out set of the user's data
+        out.append(f"train loss {_fmt(e.train_loss)} acc {_fmt(e.train_accuracy)} (last 10 steps; no held-out set)")
     out.append(f"{t.steps_run} steps on {t.device}: {t.step_ms:.2f} ms/step, {t.total_s:.2f} s total")
     return "\n".join(out)

@@ -35,6 +35,7 @@ LAYERS: Final[dict[str, tuple[str, ...]]] = {
     "entry points": (
         "graddiag.service.serve",
         "graddiag.service.cli",
+        "graddiag.service.diagnose_cli",
         "graddiag.service.remote",
         "graddiag.service.flags",
     ),
