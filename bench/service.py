@@ -345,6 +345,28 @@ def _run_all(base: str, specs: list[dict[str, Any]], timeout: float) -> None:
     _wait(finished, timeout, "the runs")
 
 
+_LOAD_CHILD = """
+import sys, time
+import torch
+from graddiag.service.engine.data import load_cifar10
+started = time.perf_counter()
+load_cifar10(sys.argv[1], sys.argv[2])
+print("LOAD_S:%.4f" % (time.perf_counter() - started))
+"""
+
+
+def _cache_load_seconds(data_dir: Path, cache_dir: Path, samples: int = 5) -> list[float]:
+    """`load_cifar10` from an existing cache in a fresh process (torch already imported): the file is mapped."""
+    times = []
+    for _ in range(samples):
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_CHILD, str(data_dir), str(cache_dir)],
+            capture_output=True, text=True, check=True, timeout=300,
+        )  # fmt: skip
+        times += [float(line.split(":")[1]) for line in done.stdout.splitlines() if line.startswith("LOAD_S:")]
+    return times
+
+
 def bench_memory(tmp: Path, data_dir: Path, cache_dir: Path, max_workers: int) -> dict[str, Any]:
     """`graddiag serve` at rest after every worker ran a CIFAR-10 probe: the API's RSS, each worker's PSS."""
     from graddiag.service.engine.data import load_cifar10
@@ -375,7 +397,9 @@ def bench_memory(tmp: Path, data_dir: Path, cache_dir: Path, max_workers: int) -
         print(f"  memory with {workers} worker(s): API {api['VmRSS']} MiB RSS, workers PSS "
               f"{[w['Pss'] for w in per_worker]} MiB", flush=True)  # fmt: skip
     extra = [round(b["workers_pss_total_mib"] - a["workers_pss_total_mib"], 1) for a, b in itertools.pairwise(rows)]
+    loads = _cache_load_seconds(data_dir, cache_dir)
     return {
+        "cache_load_s": {"median": round(statistics.median(loads), 3), "max": round(max(loads), 3)},
         "cache_file_mib": round(cache_file.stat().st_size / MIB / MIB, 1),
         "configurations": rows,
         "pss_per_extra_worker_mib": extra,
@@ -491,7 +515,9 @@ def _markdown(result: dict[str, Any]) -> str:
             )
         lines.append(
             f"\nUnique memory (PSS) each extra worker adds: {', '.join(map(str, m['pss_per_extra_worker_mib']))} MiB; "
-            f"API process at most {m['api_rss_mib']} MiB RSS (target ≤ {m['api_target_mib']} MiB)."
+            f"API process at most {m['api_rss_mib']} MiB RSS (target ≤ {m['api_target_mib']} MiB). Loading "
+            f"CIFAR-10 from the cache in a fresh process (torch imported): median {m['cache_load_s']['median']} s, "
+            f"max {m['cache_load_s']['max']} s."
         )
     if "readme_sweep" in result:
         r = result["readme_sweep"]
