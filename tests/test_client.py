@@ -179,9 +179,9 @@ async def test_async_client_end_to_end(aclient: AsyncClient, worker: None) -> No
     text = await aclient.gradients(run["id"], fmt="csv")
     assert text.splitlines()[0] == ",".join(CSV_FIELDS)
     assert len((await aclient.compare(run["id"]))["runs"][0]["layers"]) == 4
-    # The events archive is bytes: one folder named after the run.
+    # The events archive is bytes: one folder named after the run (its spec's shape and short id, unnamed).
     with tarfile.open(fileobj=io.BytesIO(await aclient.tensorboard(run["id"])), mode="r:gz") as archive:
-        assert {Path(name).parts[0] for name in archive.getnames()} == {run["id"]}
+        assert {Path(name).parts[0] for name in archive.getnames()} == {f"mlp-d3-w16-relu-{run['id'][:8]}"}
 
     sweep = await aclient.sweep({**TINY, "steps": 2}, {"depth": [2, 3]})
     assert (await aclient.wait_sweep(sweep["id"], timeout=60, poll=0.05))["done"]

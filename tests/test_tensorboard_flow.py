@@ -18,6 +18,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from graddiag.service.cli import main
+from graddiag.service.export.archive import folder_name
 from graddiag.service.export.tensorboard import EVENT_FILE
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine, make_sessionmaker
@@ -53,11 +54,16 @@ def read(log_dir: Path) -> event_accumulator.EventAccumulator:
     return accumulator
 
 
-def unpack(data: bytes, into: Path, run_id: str) -> Path:
+def folder(run: dict[str, Any]) -> str:
+    """The TensorBoard run name of a stored run (its archive's one folder)."""
+    return folder_name(run["id"], run.get("name"), run.get("spec"), run.get("model"))
+
+
+def unpack(data: bytes, into: Path, run: dict[str, Any]) -> Path:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        assert tar.getnames() == [f"{run_id}/{EVENT_FILE}"]
+        assert tar.getnames() == [f"{folder(run)}/{EVENT_FILE}"]
         tar.extractall(into, filter="data")
-    return into / run_id
+    return into / folder(run)
 
 
 def assert_events_equal_the_store(db_url: str, run_id: str, log_dir: Path, *, histograms: bool) -> None:
@@ -109,8 +115,8 @@ async def test_the_worker_writes_histograms_when_the_spec_asks(settings: Setting
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/gzip"
     assert response.headers["graddiag-events-source"] == "worker"
-    assert f'filename="{run["id"]}-tensorboard.tar.gz"' in response.headers["content-disposition"]
-    log_dir = unpack(response.content, tmp_path / "download", run["id"])
+    assert f'filename="{folder(run)}-tensorboard.tar.gz"' in response.headers["content-disposition"]
+    log_dir = unpack(response.content, tmp_path / "download", run)
     assert (log_dir / EVENT_FILE).read_bytes() == (written / EVENT_FILE).read_bytes()
     assert_events_equal_the_store(settings.db_url, run["id"], log_dir, histograms=True)
 
@@ -122,7 +128,7 @@ async def test_without_tensorboard_the_download_is_built_from_the_report(setting
         assert not settings.tensorboard_root().exists()  # the worker wrote nothing
         response = await api.get(f"/v1/runs/{run['id']}/tensorboard")
     assert response.status_code == 200 and response.headers["graddiag-events-source"] == "report"
-    log_dir = unpack(response.content, tmp_path / "download", run["id"])
+    log_dir = unpack(response.content, tmp_path / "download", run)
     assert_events_equal_the_store(settings.db_url, run["id"], log_dir, histograms=False)
 
 
@@ -135,7 +141,7 @@ async def test_tensorboard_all_writes_every_run(settings: Settings, tmp_path: Pa
     assert (tmp_path / "tb" / run["id"] / EVENT_FILE).is_file()
     assert response.headers["graddiag-events-source"] == "worker"
     assert_events_equal_the_store(
-        everything.db_url, run["id"], unpack(response.content, tmp_path / "d", run["id"]), histograms=True
+        everything.db_url, run["id"], unpack(response.content, tmp_path / "d", run), histograms=True
     )
 
 
@@ -201,15 +207,17 @@ def test_export_from_the_database_and_from_the_server(
 
     logs = tmp_path / "logs"
     assert main(["tensorboard-export", with_histograms["id"], str(logs), "--db", settings.db_url]) == 0
-    assert capsys.readouterr().out.strip() == str(logs / with_histograms["id"])
-    assert_events_equal_the_store(settings.db_url, with_histograms["id"], logs / with_histograms["id"], histograms=True)
+    assert capsys.readouterr().out.strip() == str(logs / folder(with_histograms))
+    assert_events_equal_the_store(
+        settings.db_url, with_histograms["id"], logs / folder(with_histograms), histograms=True
+    )
 
     assert main(["tensorboard-export", plain["id"], str(logs), "--url", base_url]) == 0
-    assert capsys.readouterr().out.strip() == str(logs / plain["id"])
-    assert_events_equal_the_store(settings.db_url, plain["id"], logs / plain["id"], histograms=False)
+    assert capsys.readouterr().out.strip() == str(logs / folder(plain))
+    assert_events_equal_the_store(settings.db_url, plain["id"], logs / folder(plain), histograms=False)
     # Exporting again replaces the run's events rather than adding a second file.
     assert main(["tensorboard-export", plain["id"], str(logs), "--db", settings.db_url]) == 0
-    assert [p.name for p in (logs / plain["id"]).iterdir()] == [EVENT_FILE]
+    assert [p.name for p in (logs / folder(plain)).iterdir()] == [EVENT_FILE]
     capsys.readouterr()
 
     assert main(["tensorboard-export", queued["id"], str(logs), "--db", settings.db_url]) == 1
@@ -219,4 +227,4 @@ def test_export_from_the_database_and_from_the_server(
     assert main(["tensorboard-export", "feed", str(logs), "--db", settings.db_url]) == 1
     assert "not found" in capsys.readouterr().err
     assert main(["tensorboard-export", plain["id"], str(logs), "--db", settings.db_url, "--url", base_url]) == 2
-    assert not (logs / queued["id"]).exists()
+    assert not (logs / folder(queued)).exists()

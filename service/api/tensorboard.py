@@ -41,7 +41,7 @@ def get_tensorboard(run_id: RunIdDep, session: SessionDep, settings: SettingsDep
         archive.data,
         media_type=MEDIA_TYPE,
         headers={
-            "Content-Disposition": f'attachment; filename="{run_id}-tensorboard.tar.gz"',
+            "Content-Disposition": f'attachment; filename="{archive.folder}-tensorboard.tar.gz"',
             SOURCE_HEADER: archive.source,
         },
     )

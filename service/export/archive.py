@@ -2,18 +2,21 @@
 
 The worker-written events (with gradient histograms) when the run was probed with TensorBoard on,
 otherwise events built now from the stored report (scalars and text, no histograms). Unpacked into a
-log root (``tar xzf run.tar.gz -C logs``) the archive is one TensorBoard run named after the run id.
+log root (``tar xzf run.tar.gz -C logs``) the archive is one TensorBoard run, named after the run (see
+`folder_name`: its name, or its spec's shape, then the short id) rather than a 32-hex id.
 Failures are domain errors (RunNotFound, RunNotSucceeded, TensorBoardUnavailable); the API turns them
 into problems, the CLI into messages.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from sqlalchemy.orm import Session
 
@@ -47,6 +50,7 @@ class EventsArchive:
 
     data: bytes
     source: Literal["worker", "report"]
+    folder: str  # the one folder in the archive: the TensorBoard run's name
 
 
 def _exporter() -> ModuleType:
@@ -57,8 +61,32 @@ def _exporter() -> ModuleType:
     return export
 
 
+# A name in a folder name: letters, digits, '.', '_' and '-'; anything else becomes '-'.
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_NAME = 60
+
+
+def folder_name(run_id: str, name: str | None, spec: Mapping[str, Any] | None, model: Mapping[str, Any] | None) -> str:
+    """The TensorBoard run (folder) name of a stored run: what tells runs apart in TensorBoard's list.
+
+    `<name>-<id8>` for a named run, else `<arch>-d<depth>-w<width>-<activation>-<id8>` for a probe or
+    `<model class>-<id8>` for an uploaded report. The short id keeps it unique; the result is one safe path
+    component.
+    """
+    if name:
+        label = name
+    elif spec:
+        label = f"{spec.get('arch')}-d{spec.get('depth')}-w{spec.get('width')}-{spec.get('activation')}"
+    elif model:
+        label = str(model.get("class_name") or "model")
+    else:
+        label = "run"
+    slug = _UNSAFE.sub("-", label).strip("-.")[:_MAX_NAME].strip("-.") or "run"
+    return f"{slug}-{run_id[:8]}"
+
+
 def events_archive(session: Session, settings: Settings, run_id: str) -> EventsArchive:
-    """The run's events as a tar.gz (folder = run id).
+    """The run's events as a tar.gz, in one folder named by `folder_name`.
 
     Raises RunNotFound, RunNotSucceeded for a run that has not succeeded, TensorBoardUnavailable
     without the tensorboard package.
@@ -72,13 +100,14 @@ def events_archive(session: Session, settings: Settings, run_id: str) -> EventsA
     if run.status != "succeeded":
         raise RunNotSucceeded(run_id, run.status)
     export = _exporter()
+    folder = folder_name(run.id, run.name, run.spec, run.model)
     if log_dir.is_dir():
         try:
-            return EventsArchive(export.archive(log_dir, arcname=run_id), "worker")
+            return EventsArchive(export.archive(log_dir, arcname=folder), "worker", folder)
         except FileNotFoundError:
             pass  # the directory holds no event file (a write that failed midway): build them from the report
     report = store.load_report(session, run_id)
     assert report is not None  # the run has succeeded
     with tempfile.TemporaryDirectory(prefix="graddiag-tb-") as scratch:
-        built = export.write_events(report, Path(scratch) / run_id)
-        return EventsArchive(export.archive(built, arcname=run_id), "report")
+        built = export.write_events(report, Path(scratch) / folder)
+        return EventsArchive(export.archive(built, arcname=folder), "report", folder)

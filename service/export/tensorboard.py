@@ -7,9 +7,12 @@ One run is one TensorBoard run directory holding one event file, with these tags
   ``rel_grad/<layer>``, ``update_ratio/<layer>``, ``act_norm/<layer>`` (the forward signal) and, with a
   penalty, ``penalty_grad_norm/<layer>`` (``<layer>`` is the LayerInfo name, e.g. ``hidden2.linear``);
 - per step: ``loss``, ``accuracy``, ``grad_norm_total/pre``, ``grad_norm_total/post``;
-- at the last step run: ``eval/loss``, ``eval/accuracy``;
+- at the last step run: ``eval/loss``, ``eval/accuracy``, and the verdict as numbers: ``verdict/label``
+  (0 healthy, 1 vanishing, 2 exploding), ``verdict/decades_per_layer``, ``verdict/act_decades_per_layer``,
+  ``verdict/span_decades``, ``verdict/act_span_decades``, ``verdict/rel_grad_median`` (those it has);
 - text: ``verdict`` (label, reasons, findings, advice, theory, evidence) and ``spec`` (a field/value table);
-- the spec as hparams (TensorBoard's HPARAMS tab; ``None`` fields are left out, see the spec text);
+- the spec as hparams (TensorBoard's HPARAMS tab; ``None`` fields are left out, see the spec text), with
+  the verdict's label and slopes, the held-out and the training loss and accuracy as its metric columns;
 - with ``histograms`` given: ``grad/<layer>`` weight-gradient histograms (see :class:`HistogramCollector`).
 
 Non-finite numbers (``None`` in a report) are skipped, never written as NaN, so an exploded run's
@@ -55,8 +58,26 @@ STEP_SCALARS: Final = {
     "grad_norm_total_pre": "grad_norm_total/pre",
     "grad_norm_total_post": "grad_norm_total/post",
 }
-# Scalars the HPARAMS tab shows as metric columns beside the spec (their last values).
-HPARAM_METRICS: Final = ("eval/loss", "eval/accuracy", "loss", "accuracy")
+# The verdict as numbers, written at the last step: the label (LABEL_VALUES) and the evidence's key figures.
+LABEL_VALUES: Final = {"healthy": 0.0, "vanishing": 1.0, "exploding": 2.0}
+VERDICT_SCALARS: Final = (
+    "decades_per_layer",
+    "act_decades_per_layer",
+    "span_decades",
+    "act_span_decades",
+    "rel_grad_median",
+)
+# Scalars the HPARAMS tab shows as metric columns beside the spec (their last values): the verdict first,
+# so runs can be sorted by how steep their profile is.
+HPARAM_METRICS: Final = (
+    "verdict/label",
+    "verdict/decades_per_layer",
+    "verdict/act_decades_per_layer",
+    "eval/loss",
+    "eval/accuracy",
+    "loss",
+    "accuracy",
+)
 
 # Every file write_events leaves in a run directory; the fixed name keeps the writer's host name and
 # process id (SummaryWriter's default file name) out of downloads. TensorBoard reads any file whose
@@ -129,7 +150,7 @@ def write_events(report: Report, log_dir: Path, *, histograms: Histograms | None
         if report.spec is not None:
             exp, ssi, sei = _hparams_summaries(
                 _hparam_values(report.spec),
-                dict.fromkeys(HPARAM_METRICS, 0.0),  # only the tags matter; the values come from the scalars
+                dict.fromkeys(_hparam_metrics(report), 0.0),  # only the tags matter; the values come from the scalars
                 _hparam_domains(report.spec),
             )
             for summary in (exp, ssi, sei):
@@ -147,6 +168,10 @@ def write_events(report: Report, log_dir: Path, *, histograms: Histograms | None
                 _scalar(writer, f"{field}/{names[record.layer]}", getattr(record, field), record.step)
         _scalar(writer, "eval/loss", report.eval.loss, last_step)
         _scalar(writer, "eval/accuracy", report.eval.accuracy, last_step)
+        # The verdict as numbers (0 healthy, 1 vanishing, 2 exploding), for charts and the HPARAMS tab.
+        _scalar(writer, "verdict/label", LABEL_VALUES[report.verdict.label], last_step)
+        for field in VERDICT_SCALARS:
+            _scalar(writer, f"verdict/{field}", getattr(report.verdict.evidence, field), last_step)
 
         for step, per_layer in sorted((histograms or {}).items()):
             for index, values in sorted(per_layer.items()):
@@ -215,6 +240,18 @@ def archive(log_dir: Path, *, arcname: str | None = None) -> bytes:
 def _event_files(log_dir: Path, *, recursive: bool) -> list[Path]:
     candidates = log_dir.rglob("*") if recursive else log_dir.iterdir()
     return sorted(p for p in candidates if p.is_file() and _EVENT_MARK in p.name)
+
+
+def _hparam_metrics(report: Report) -> list[str]:
+    """HPARAM_METRICS less the verdict figures this report lacks (a metric column needs its scalar)."""
+    evidence = report.verdict.evidence
+    return [
+        tag
+        for tag in HPARAM_METRICS
+        if not tag.startswith("verdict/")
+        or tag == "verdict/label"
+        or ((value := getattr(evidence, tag.removeprefix("verdict/"))) is not None and math.isfinite(value))
+    ]
 
 
 def _scalar(writer: SummaryWriter, tag: str, value: float | None, step: int) -> None:
