@@ -2,7 +2,8 @@
 against a bare PyTorch loop over the same batches.
 
 Networks: MLP depth 20 width 256 and CNN depth 8 width 32; batch 128, SGD lr 0.01, CIFAR-10; the
-spec's default 100 steps (``--steps``, ``--cnn-steps``). Three arms, each a whole run of every step:
+spec's default 100 steps for the MLP (``--steps``), 50 for the CNN (``--cnn-steps``: a CNN step takes
+~0.2 s here). Three arms, each a whole run of every step:
 
 (a) bare: ``build_network`` + the probe's own optimizer over ``make_source(spec).batch(step)`` for
     every step (forward, loss, zero_grad, backward, step), nothing recorded; timed from before the
@@ -22,7 +23,7 @@ included) against the bare loop plus its set-up is reported too.
 torch threads: ``--threads`` (default 1, as each graddiag worker runs on a CPU machine: one
 single-threaded worker per core).
 
-    python -m bench.recording [--reps 5] [--steps 100] [--cnn-steps 100] [--threads 1] [--only mlp,cnn]
+    python -m bench.recording [--reps 5] [--steps 100] [--cnn-reps 3] [--cnn-steps 50] [--threads 1] [--only mlp,cnn]
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def run_bare(spec: Spec, data: Data) -> dict[str, float]:
         optimizer.step()
     (train_s, train_cpu), (total_s, total_cpu) = _since(loop_started), _since(started)
     return {"train_s": train_s, "train_cpu_s": train_cpu, "total_s": total_s, "total_cpu_s": total_cpu,
-            "last_loss": float(loss)}  # fmt: skip
+            "last_loss": float(loss.detach())}  # fmt: skip
 
 
 def run_probe_arm(spec: Spec, data: Data, eval_samples: int) -> dict[str, float]:
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.recording", description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--cnn-steps", type=int, default=100)
+    parser.add_argument("--cnn-steps", type=int, default=50, help="a CNN step takes ~0.2 s: 6 records in 50")
+    parser.add_argument("--cnn-reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--only", default="mlp,cnn", help="comma-separated networks")
@@ -267,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         "nets": [],
     }
     for key in args.only.split(","):
-        steps = args.steps if key == "mlp" else args.cnn_steps
-        result["nets"].append(measure(key, data, steps, args.reps, args.eval_samples))
+        steps, reps = (args.steps, args.reps) if key == "mlp" else (args.cnn_steps, args.cnn_reps)
+        result["nets"].append(measure(key, data, steps, reps, args.eval_samples))
     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "recording.json").write_text(json.dumps(result, indent=1) + "\n")
