@@ -9,8 +9,8 @@ spec's default 100 steps for the MLP (``--steps``), 50 for the CNN (``--cnn-step
     every step (forward, loss, zero_grad, backward, step), nothing recorded; timed from before the
     first batch to after the last step.
 (d) probe, default: ``run_probe`` with ``record_every=10`` (steps 0, 10, ..., 90 and the last are
-    recorded); its ``timing.train_s``, i.e. the whole training loop with every record, hook and
-    host copy in it.
+    recorded); its training loop (``probe._train``, timed by a wrapper: wall and CPU seconds), i.e.
+    every step with every record, hook and host copy in it.
 (e) probe, every step: the same with ``record_every=1``.
 
 The three train the same network from the same initial weights on the same batches (their last
