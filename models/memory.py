@@ -49,7 +49,7 @@ EVAL_BATCH: Final = 500
 # Resident memory of a process that imported torch and ran two tiny probes (measured by bench/memory.py on
 # the CUDA build of torch 2.x, x86_64; the CPU build is smaller). Reported beside the estimate, not in it:
 # it is paid once per worker process, not per run.
-TORCH_BASELINE_MIB: Final = 954.0
+TORCH_BASELINE_MIB: Final = 966.0
 # What a run allocates besides the modelled tensors (autograd's graph nodes, the allocator's slack, the
 # network's modules and hooks): a fixed part and a part per layer, fitted to bench/results/memory.json.
 FIXED_OVERHEAD_MIB: Final = 8.0
@@ -68,6 +68,9 @@ THEORY_LAYER_COPIES: Final = 4
 # At step 0 the probe measures the input's second moment for the theory in float64 (engine/probe.py
 # `_train_step`): a float64 copy of the batch and its square, four float32 batches at once.
 INPUT_MOMENT_BATCHES: Final = 4
+# Optimizers whose update the recorder reads from the optimizer instead of a snapshot of the weights
+# (engine/probe.py `_recorded_step`).
+UPDATE_READ_FROM_OPTIMIZER: Final = frozenset({"sgd", "momentum"})
 # Optimizer state per parameter (float32 copies), and the temporaries its foreach step allocates.
 OPTIMIZER_STATES: Final = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 OPTIMIZER_STEP_TEMPS: Final = {"sgd": 0, "momentum": 0, "adam": 1, "adamw": 1}
@@ -295,11 +298,13 @@ def recorder_activation_temporaries(activation: Activation) -> float:
 def recorder_buffer_bytes(spec: Spec) -> float:
     """Tensors the probe and its recorder keep for the whole run besides the network's own parameters.
 
-    The probe's copy of the weight layers' initial weights and biases (for the theory), and the
-    recorder's snapshot of every layer's weight before each recorded update. (Per-layer statistics are
-    scalars.) When the recorder keeps more per layer, this is the one place to count it.
+    The probe's copy of the weight layers' initial weights and biases (for the theory), and, for Adam and
+    AdamW, the recorder's snapshot of every layer's weight before each recorded update (SGD's and
+    momentum's update is read from the optimizer, without a copy). Per-layer statistics are scalars.
+    When the recorder keeps more per layer, this is the one place to count it.
     """
-    return FLOAT * (weight_layer_parameter_count(spec) + weight_count(spec))
+    snapshot = weight_count(spec) if spec.optimizer not in UPDATE_READ_FROM_OPTIMIZER else 0
+    return FLOAT * (weight_layer_parameter_count(spec) + snapshot)
 
 
 def estimate_run_memory(spec: Spec, eval_samples: int) -> MemoryEstimate:
