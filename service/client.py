@@ -138,11 +138,19 @@ class _Requests:
     send them and sleep their own way."""
 
     @staticmethod
-    def submit(spec: SpecLike, idempotency_key: str | None, wait: float) -> _Call:
+    def submit(
+        spec: SpecLike, idempotency_key: str | None, wait: float, name: str | None = None, tags: Sequence[str] = ()
+    ) -> _Call:
+        # The body is the spec itself: the name and tags travel as query parameters (`tag` repeated).
+        params = [
+            *((("wait", wait),) if wait else ()),
+            *((("name", name),) if name else ()),
+            *(("tag", t) for t in tags),
+        ]
         return _Call(
             "POST",
             "/v1/runs",
-            params={"wait": wait} if wait else None,
+            params=params or None,
             json=_spec_body(spec),
             headers={"Idempotency-Key": idempotency_key} if idempotency_key else {},
             extra_timeout=wait,
@@ -191,8 +199,19 @@ class _Requests:
         return _Call("POST", "/v1/reports", json={"report": body, "name": name, "tags": list(tags)})
 
     @staticmethod
-    def sweep(base: SpecLike, grid: Mapping[str, list[Any]]) -> _Call:
-        return _Call("POST", "/v1/sweeps", json={"base": _spec_body(base), "grid": dict(grid)})
+    def sweep(
+        base: SpecLike, grid: Mapping[str, list[Any]], name: str | None = None, tags: Sequence[str] = ()
+    ) -> _Call:
+        body = {"base": _spec_body(base), "grid": dict(grid), **({"name": name} if name else {}), "tags": list(tags)}
+        return _Call("POST", "/v1/sweeps", json=body)
+
+    @staticmethod
+    def label(kind: Literal["runs", "sweeps"], ident: str, labels: Mapping[str, Any]) -> _Call:
+        return _Call("PATCH", f"/v1/{kind}/{ident}", json=dict(labels))
+
+    @staticmethod
+    def sweeps(filters: Mapping[str, Any]) -> _Call:
+        return _Call("GET", "/v1/sweeps", params=_drop_none(dict(filters)))
 
     @staticmethod
     def sweep_status(sweep_id: str, finding: str | None = None) -> _Call:
@@ -282,9 +301,18 @@ class Client(_BaseClient[httpx.Client, httpx.BaseTransport]):
     def _send(self, call: _Call) -> Any:
         return call.decode(self._http.send(call.build(self._http)))
 
-    def submit(self, spec: SpecLike, *, idempotency_key: str | None = None, wait: float = 0.0) -> Json:
-        """Queue a run; with `wait`, the server holds the answer up to that many seconds for the verdict."""
-        result: Json = self._send(_Requests.submit(spec, idempotency_key, wait))
+    def submit(
+        self,
+        spec: SpecLike,
+        *,
+        idempotency_key: str | None = None,
+        wait: float = 0.0,
+        name: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> Json:
+        """Queue a run (named and tagged if given); with `wait`, the server holds the answer up to that many
+        seconds for the verdict."""
+        result: Json = self._send(_Requests.submit(spec, idempotency_key, wait, name, tags))
         return result
 
     def get(self, run_id: str) -> Json:
@@ -299,10 +327,18 @@ class Client(_BaseClient[httpx.Client, httpx.BaseTransport]):
             time.sleep(deadline.pause(f"run {run_id} still {run['status']}"))
         return run
 
-    def run(self, spec: SpecLike, *, timeout: float = 600.0, idempotency_key: str | None = None) -> Json:
+    def run(
+        self,
+        spec: SpecLike,
+        *,
+        timeout: float = 600.0,
+        idempotency_key: str | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> Json:
         """Submit and wait; the succeeded run with its report, else RunFailed (or TimeoutError)."""
         deadline = _Deadline(timeout)
-        run = self.submit(spec, idempotency_key=idempotency_key, wait=deadline.server_wait())
+        run = self.submit(spec, idempotency_key=idempotency_key, wait=deadline.server_wait(), name=name, tags=tags)
         if run["status"] not in FINISHED:
             run = self.wait(run["id"], timeout=deadline.left())
         return _finished_or_raise(run)
@@ -354,9 +390,26 @@ class Client(_BaseClient[httpx.Client, httpx.BaseTransport]):
         result: Json = self._send(_Requests.upload(report, name, tags))
         return result
 
-    def sweep(self, base: SpecLike, grid: Mapping[str, list[Any]]) -> Json:
-        """Queue one run per grid point; returns the sweep's status (its `id` included)."""
-        result: Json = self._send(_Requests.sweep(base, grid))
+    def sweep(
+        self, base: SpecLike, grid: Mapping[str, list[Any]], *, name: str | None = None, tags: Sequence[str] = ()
+    ) -> Json:
+        """Queue one run per grid point (the sweep named and tagged if given); returns the sweep's status."""
+        result: Json = self._send(_Requests.sweep(base, grid, name, tags))
+        return result
+
+    def label(self, run_id: str, **labels: Any) -> Json:
+        """Set a run's `name` and/or `tags` (`name=""` clears it); the run."""
+        result: Json = self._send(_Requests.label("runs", run_id, labels))
+        return result
+
+    def label_sweep(self, sweep_id: str, **labels: Any) -> Json:
+        """Set a sweep's `name` and/or `tags`; the sweep's status."""
+        result: Json = self._send(_Requests.label("sweeps", sweep_id, labels))
+        return result
+
+    def sweeps(self, **filters: Any) -> Json:
+        """`{items, total, limit, offset}` of sweeps, newest first; filters: `name`, `tag`, `limit`, `offset`."""
+        result: Json = self._send(_Requests.sweeps(filters))
         return result
 
     def sweep_status(self, sweep_id: str, *, finding: str | None = None) -> Json:
@@ -404,9 +457,17 @@ class AsyncClient(_BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     async def _send(self, call: _Call) -> Any:
         return call.decode(await self._http.send(call.build(self._http)))
 
-    async def submit(self, spec: SpecLike, *, idempotency_key: str | None = None, wait: float = 0.0) -> Json:
+    async def submit(
+        self,
+        spec: SpecLike,
+        *,
+        idempotency_key: str | None = None,
+        wait: float = 0.0,
+        name: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> Json:
         """See :meth:`Client.submit`."""
-        result: Json = await self._send(_Requests.submit(spec, idempotency_key, wait))
+        result: Json = await self._send(_Requests.submit(spec, idempotency_key, wait, name, tags))
         return result
 
     async def get(self, run_id: str) -> Json:
@@ -421,10 +482,20 @@ class AsyncClient(_BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
             await asyncio.sleep(deadline.pause(f"run {run_id} still {run['status']}"))
         return run
 
-    async def run(self, spec: SpecLike, *, timeout: float = 600.0, idempotency_key: str | None = None) -> Json:
+    async def run(
+        self,
+        spec: SpecLike,
+        *,
+        timeout: float = 600.0,
+        idempotency_key: str | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> Json:
         """See :meth:`Client.run`."""
         deadline = _Deadline(timeout)
-        run = await self.submit(spec, idempotency_key=idempotency_key, wait=deadline.server_wait())
+        run = await self.submit(
+            spec, idempotency_key=idempotency_key, wait=deadline.server_wait(), name=name, tags=tags
+        )
         if run["status"] not in FINISHED:
             run = await self.wait(run["id"], timeout=deadline.left())
         return _finished_or_raise(run)
@@ -476,9 +547,26 @@ class AsyncClient(_BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         result: Json = await self._send(_Requests.upload(report, name, tags))
         return result
 
-    async def sweep(self, base: SpecLike, grid: Mapping[str, list[Any]]) -> Json:
+    async def sweep(
+        self, base: SpecLike, grid: Mapping[str, list[Any]], *, name: str | None = None, tags: Sequence[str] = ()
+    ) -> Json:
         """See :meth:`Client.sweep`."""
-        result: Json = await self._send(_Requests.sweep(base, grid))
+        result: Json = await self._send(_Requests.sweep(base, grid, name, tags))
+        return result
+
+    async def label(self, run_id: str, **labels: Any) -> Json:
+        """See :meth:`Client.label`."""
+        result: Json = await self._send(_Requests.label("runs", run_id, labels))
+        return result
+
+    async def label_sweep(self, sweep_id: str, **labels: Any) -> Json:
+        """See :meth:`Client.label_sweep`."""
+        result: Json = await self._send(_Requests.label("sweeps", sweep_id, labels))
+        return result
+
+    async def sweeps(self, **filters: Any) -> Json:
+        """See :meth:`Client.sweeps`."""
+        result: Json = await self._send(_Requests.sweeps(filters))
         return result
 
     async def sweep_status(self, sweep_id: str, *, finding: str | None = None) -> Json:

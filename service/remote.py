@@ -309,7 +309,7 @@ def _load_spec(spec_file: str | None, overrides: dict[str, Any]) -> Spec:
 def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     """Queue a spec; print its run id, or with --wait follow it and print the verdict table."""
     spec = _load_spec(args.spec, given_values(args, Spec))
-    run = client.submit(spec, idempotency_key=args.idempotency_key)
+    run = client.submit(spec, idempotency_key=args.idempotency_key, name=args.name, tags=args.tag)
     if not args.wait:
         print(json.dumps(run, indent=2) if args.json else run["id"])
         return 0
@@ -329,7 +329,7 @@ def cmd_sweep(args: argparse.Namespace, client: Client) -> int:
     if not grid:
         raise UsageError("name at least one --grid FIELD=V1,V2,…")
     # Only the fields given: the server fills the defaults and validates every point against its caps.
-    status = client.sweep(base.model_dump(mode="json", exclude_unset=True), grid)
+    status = client.sweep(base.model_dump(mode="json", exclude_unset=True), grid, name=args.name, tags=args.tag)
     if not args.wait:
         print(json.dumps(status, indent=2) if args.json else status["id"])
         return 0
@@ -463,6 +463,59 @@ def _report_export(run_dir: Path, root: Path) -> int:
 # --- parser ------------------------------------------------------------------------------------------
 
 
+def _label_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--name", metavar="NAME", help=f"a name for the {what} (editable later)")
+    parser.add_argument("--tag", action="append", default=[], metavar="TAG", help=f"a tag for the {what} (repeatable)")
+
+
+def render_sweeps(listing: Json) -> str:
+    """The sweeps as a table: short id, name, tags, progress, grid and critical depths."""
+    rows = []
+    for item in listing["items"]:
+        finished = sum(item["counts"].get(name, 0) for name in FINISHED)
+        critical = "; ".join(
+            f"{_config_label(c['config'])}: {NO_CELL if c['critical_depth'] is None else c['critical_depth']}"
+            for c in item["critical_depths"]
+        )
+        grid = " ".join(f"{field}={','.join(map(str, values))}" for field, values in item["grid"].items())
+        tags = ",".join(item["tags"])
+        rows.append(
+            [item["id"][:8], item["name"] or NO_CELL, tags or NO_CELL, f"{finished}/{item['size']}", grid, critical]
+        )
+    header = ["sweep", "name", "tags", "done", "grid", "critical depth"]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines.append(
+        f"{listing['total']} sweep(s)" + (f", the newest {len(rows)} shown" if listing["total"] > len(rows) else "")
+    )
+    return "\n".join(lines)
+
+
+def cmd_sweeps(args: argparse.Namespace, client: Client) -> int:
+    """The sweeps, newest first (filtered by --name and --tag)."""
+    listing = client.sweeps(name=args.name, tag=args.tag or None, limit=args.limit)
+    print(json.dumps(listing, indent=2) if args.json else render_sweeps(listing))
+    return 0
+
+
+def cmd_label(args: argparse.Namespace, client: Client) -> int:
+    """Name or tag a run (or with --sweep, a sweep)."""
+    labels: dict[str, Any] = {}
+    if args.name is not None:
+        labels["name"] = args.name
+    if args.tag or args.clear_tags:
+        labels["tags"] = args.tag
+    if not labels:
+        raise UsageError("give --name, --tag or --clear-tags")
+    answer = client.label_sweep(args.id, **labels) if args.sweep else client.label(args.id, **labels)
+    print(
+        json.dumps(answer, indent=2)
+        if args.json
+        else f"{answer['id']}: {answer.get('name') or NO_CELL} [{', '.join(answer.get('tags') or [])}]"
+    )
+    return 0
+
+
 def _connection_flags() -> argparse.ArgumentParser:
     flags = argparse.ArgumentParser(add_help=False)
     flags.add_argument("--url", help=f"graddiag server (default: ${URL_ENV}, else {DEFAULT_URL})")
@@ -481,13 +534,14 @@ def _follow_flags() -> argparse.ArgumentParser:
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register submit, sweep, status, watch, export and tensorboard-export on the `graddiag` parser."""
+    """Register submit, sweep, sweeps, label, status, watch, export and tensorboard-export on the `graddiag` parser."""
     connection, follow = _connection_flags(), _follow_flags()
 
     submit = sub.add_parser("submit", parents=[connection, follow], help="queue a spec on a graddiag server")
     submit.add_argument("--spec", metavar="FILE", help="JSON file with spec fields; flags override it")
     submit.add_argument("--wait", action="store_true", help="follow the run and print its verdict table")
     submit.add_argument("--idempotency-key", metavar="KEY", help="retries with the same key return the same run")
+    _label_flags(submit, "run")
     add_model_flags(submit, Spec)
     submit.set_defaults(handler=_guarded(cmd_submit))
 
@@ -498,7 +552,24 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="a base spec field (repeatable)"
     )
     sweep.add_argument("--wait", action="store_true", help="follow the sweep and print the verdict matrix")
+    _label_flags(sweep, "sweep")
     sweep.set_defaults(handler=_guarded(cmd_sweep))
+
+    sweeps = sub.add_parser("sweeps", parents=[connection], help="list the sweeps, newest first")
+    sweeps.add_argument("--name", help="only sweeps whose name contains this")
+    sweeps.add_argument("--tag", action="append", default=[], help="only sweeps with this tag (repeatable)")
+    sweeps.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    sweeps.add_argument("--json", action="store_true", help="print the server's JSON")
+    sweeps.set_defaults(handler=_guarded(cmd_sweeps))
+
+    label = sub.add_parser("label", parents=[connection], help="name or tag a run (or a sweep)")
+    label.add_argument("id", metavar="ID", help="the run's (or with --sweep, the sweep's) id or unique prefix")
+    label.add_argument("--sweep", action="store_true", help="ID names a sweep")
+    label.add_argument("--name", help="the new name ('' clears it)")
+    label.add_argument("--tag", action="append", default=[], help="the tags (repeatable; they replace the old ones)")
+    label.add_argument("--clear-tags", action="store_true", help="remove every tag")
+    label.add_argument("--json", action="store_true", help="print the server's JSON")
+    label.set_defaults(handler=_guarded(cmd_label))
 
     status = sub.add_parser("status", parents=[connection], help="a run's or a sweep's state now")
     status.add_argument("run_id", nargs="?", metavar="RUN_ID", help=ID_HELP)
