@@ -152,7 +152,12 @@ class Recorder:
         self._weights_before: list[Tensor] | None = None
         self._buffers: list[Tensor] | None = None
         self._activation = activation
-        self._numels = torch.tensor([float(w.numel()) for w in self.weights], device=self.weights[0].device)
+        device = self.weights[0].device
+        self._numels = torch.tensor([float(w.numel()) for w in self.weights], device=device)
+        # Index vectors into param_grad_norms' result, built once: a bias-less layer points one past the
+        # end, where layer_stats appends a NaN.
+        self._weight_index = torch.tensor(self._weight_pos, device=device)
+        self._bias_index = torch.tensor([len(self.params) if i is None else i for i in self._bias_pos], device=device)
         # Hooks exist only while a recorded step runs: an unrecorded step's forward and backward make
         # no Python call a bare loop would not make (begin_step registers and removes them).
         self._handles: list[RemovableHandle] = []
@@ -231,7 +236,7 @@ class Recorder:
         resolution of W, the weights themselves move less (or not at all).
         """
         if weight_decay == 0 and grad_norms is not None:
-            return lr * grad_norms[self._weight_pos]
+            return lr * grad_norms[self._weight_index]
         grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights]
         if weight_decay != 0:
             grads = list(torch._foreach_add(grads, [w.detach() for w in self.weights], alpha=weight_decay))
@@ -307,8 +312,8 @@ class Recorder:
         """
         device = grad_norms.device
         nan = torch.tensor(float("nan"), device=device)
-        weight_grad = grad_norms[self._weight_pos]
-        bias_grad = torch.stack([grad_norms[i] if i is not None else nan for i in self._bias_pos])
+        weight_grad = grad_norms[self._weight_index]
+        bias_grad = torch.cat((grad_norms, nan.view(1).to(grad_norms.dtype)))[self._bias_index]
         # Norms of the weights the gradient was computed at, i.e. before this step's update.
         before = self._weights_before if self._weights_before is not None else [w.detach() for w in self.weights]
         weight_norm = weight_norms if weight_norms is not None else _precise_norms(before)
