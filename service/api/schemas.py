@@ -67,8 +67,10 @@ class RunSummary(BaseModel):
     )
     spec: Spec | None = Field(description="The probe's spec; null for an external run.")
     model: ModelDescription | None = Field(None, description="An external run's model description.")
-    name: str | None = Field(None, description="An external run's name, as uploaded.")
-    tags: list[str] = Field(default_factory=list, description="An external run's tags, as uploaded.")
+    name: str | None = Field(None, description="The run's name (given at submit or upload; PATCH edits it).")
+    tags: list[str] = Field(
+        default_factory=list, description="The run's tags (given at submit or upload; PATCH edits them)."
+    )
     sweep_id: str | None = None
     grid: dict[str, Any] | None = Field(None, description="This run's grid point within its sweep.")
     attempt: int = Field(description="Claims so far; above 1 when a worker died or lost its lease.")
@@ -174,7 +176,7 @@ class RunProfile(BaseModel):
     source: RunSource = "probe"
     spec: Spec | None = Field(description="The probe's spec; null for an external run.")
     model: ModelDescription | None = Field(None, description="An external run's model description.")
-    name: str | None = Field(None, description="An external run's name, as uploaded.")
+    name: str | None = Field(None, description="The run's name (given at submit or upload; PATCH edits it).")
     verdict: Label | None
     init_step: int | None = Field(description="The first recorded step (0 = before any update).")
     last_step: int | None = Field(description="The last recorded step.")
