@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from typing import Any
 
 import pytest
 import torch
@@ -152,3 +153,30 @@ def test_report_before_any_step_says_so() -> None:
     model = _net()
     with graddiag.watch(model, torch.optim.SGD(model.parameters(), lr=0.01)) as w, pytest.raises(RuntimeError):
         w.report()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1),  # update read from the gradient
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),  # from the momentum buffer
+        lambda p: torch.optim.Adam(p, lr=1e-3),  # from a weight snapshot
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),  # snapshot too
+    ],
+)
+def test_update_ratio_is_the_update_the_optimizer_made(make: Any) -> None:
+    model, data = _net(), _data(2)
+    optimizer = make(model.parameters())
+    names = ["0", "1", "3", "7", "9"]
+    modules = dict(model.named_modules())
+    with graddiag.watch(model, optimizer, every=1) as w:
+        for inputs, targets in data:
+            before = [modules[n].weight.detach().clone() for n in names]
+            loss = F.cross_entropy(model(inputs), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    last = [r for r in w.report().records if r.step == 1]
+    for record, name, w0 in zip(last, names, before, strict=True):
+        moved = float(torch.linalg.vector_norm((modules[name].weight.detach() - w0).double()))
+        assert record.update_ratio == pytest.approx(moved / float(torch.linalg.vector_norm(w0.double())), rel=1e-4)

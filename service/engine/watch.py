@@ -65,6 +65,23 @@ def _selected(layer: FoundLayer, include: Sequence[str] | None, exclude: Sequenc
     return (include is None or matches(include)) and not matches(exclude)
 
 
+def _plain_sgd(optimizer: torch.optim.Optimizer) -> tuple[float, float] | None:
+    """(lr, momentum) of a torch.optim.SGD whose update the Recorder can read without a weight snapshot:
+    one setting for all groups, no dampening, not Nesterov, not maximising; None for any other optimizer."""
+    if type(optimizer) is not torch.optim.SGD or not optimizer.param_groups:
+        return None
+    settings = {
+        (g["lr"], g["momentum"], g["dampening"], g["nesterov"], g["maximize"], g["weight_decay"])
+        for g in optimizer.param_groups
+    }
+    if len(settings) != 1:
+        return None
+    lr, momentum, dampening, nesterov, maximize, _ = settings.pop()
+    if dampening or nesterov or maximize or isinstance(lr, Tensor):
+        return None
+    return float(lr), float(momentum)
+
+
 class Watch:
     """Records a model's layers inside the caller's loop; :meth:`report` judges what was recorded."""
 
@@ -93,7 +110,9 @@ class Watch:
         self.nonfinite_step: int | None = None
         self.nonfinite_layer: int | None = None
         self._handles: list[RemovableHandle] = []
-        self._pending: tuple[Tensor, Tensor | None, Tensor | None] | None = None
+        # A recorded step's figures from before optimizer.step(), for after it: grad norms, zero fractions,
+        # penalty norms, weight norms and update norms (the last two None where a weight snapshot is used).
+        self._pending: tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None] | None = None
         self._loss: Tensor | None = None
         self._loss_step = -1
         self._paused = False
@@ -199,8 +218,18 @@ class Watch:
         zero_fracs = recorder.zero_fractions()
         wd = coupled_weight_decay(self.optimizer)
         penalty = recorder.penalty_grad_norms(0.0, wd) if wd else None
-        self._pending = (grad_norms, zero_fracs, penalty)
-        recorder.snapshot_weights()
+        weight_norms: Tensor | None = None
+        update_norms: Tensor | None = None
+        sgd = _plain_sgd(self.optimizer)
+        if sgd is not None:
+            # SGD's update is known before it is made (momentum's after, from its buffer): no weight copy.
+            lr, momentum = sgd
+            weight_norms = recorder.weight_norms()
+            if momentum == 0:
+                update_norms = recorder.sgd_update_norms(lr, wd, grad_norms)
+        else:
+            recorder.snapshot_weights()
+        self._pending = (grad_norms, zero_fracs, penalty, weight_norms, update_norms)
 
     def _after_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         step = self.step
@@ -208,10 +237,15 @@ class Watch:
         self._forward_since_step = False
         if self.recorder is None or self._pending is None:
             return
-        grad_norms, zero_fracs, penalty = self._pending
+        grad_norms, zero_fracs, penalty, weight_norms, update_norms = self._pending
         self._pending = None
-        assert zero_fracs is not None
-        rows = _records(step, self.recorder.layer_stats(grad_norms, zero_fracs, penalty).cpu().tolist())
+        sgd = _plain_sgd(self.optimizer)
+        if weight_norms is not None and update_norms is None and sgd is not None:
+            update_norms = self.recorder.momentum_update_norms(self.optimizer, sgd[0])
+        stats = self.recorder.layer_stats(
+            grad_norms, zero_fracs, penalty, weight_norms=weight_norms, update_norms=update_norms
+        )
+        rows = _records(step, stats.cpu().tolist())
         self.records += rows
         total = float(torch.linalg.vector_norm(grad_norms))
         loss = float(self._loss) if self._loss is not None and self._loss_step == step else None
