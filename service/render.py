@@ -126,6 +126,9 @@ def render_report(report: Report) -> str:
             f"acc {_fmt(e.accuracy)} on {e.samples} | gap {_fmt(e.generalization_gap)}"
         )
     else:  # diagnose and watch have no held-out set of the user's data
-        out.append(f"train loss {_fmt(e.train_loss)} acc {_fmt(e.train_accuracy)} (last 10 steps; no held-out set)")
+        out.append(
+            f"train loss {_fmt(e.train_loss)} acc {_fmt(e.train_accuracy)} (mean of the last 10 steps in the report; "
+            "no held-out set)"
+        )
     out.append(f"{t.steps_run} steps on {t.device}: {t.step_ms:.2f} ms/step, {t.total_s:.2f} s total")
     return "\n".join(out)
