@@ -63,15 +63,14 @@ function row(run, focusable) {
   const configuration = spec
     ? [
         el("td", { class: "col-activation" }, spec.activation),
-        el("td", {}, spec.init),
-        el("td", {}, spec.norm),
-        el("td", {}, spec.residual ? "yes" : "no"),
+        // Init, normalisation and residual connections in one cell: the table keeps room for the results.
+        el("td", { class: "col-setup" }, [spec.init, spec.norm !== "none" ? `${spec.norm} norm` : null, spec.residual ? "residual" : null].filter(Boolean).join(" · ")),
         el("td", { class: "num col-depth" }, String(spec.depth)),
         el("td", { class: "num" }, String(spec.width)),
         el("td", { class: "num col-steps" }, String(spec.steps)),
         el("td", { class: "num col-lr" }, String(spec.lr)),
       ]
-    : [el("td", { colspan: "8", class: "col-model" }, el("span", { class: "badge source-external" }, "external"), " ", runLabel(run))];
+    : [el("td", { colspan: "6", class: "col-model" }, el("span", { class: "badge source-external" }, "external"), " ", runLabel(run))];
   const metrics = run.metrics || {};
   const seconds = metrics.total_s;
   return el(
