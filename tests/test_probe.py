@@ -354,3 +354,13 @@ def test_the_update_read_from_the_optimizer_equals_the_weights_difference(optimi
             record = next(r for r in report.records if r.step == step and r.layer == layer.index)
             expected = (w - layer.weight.detach()).norm().item() / w.norm().item()
             assert record.update_ratio == pytest.approx(expected, rel=1e-4), (step, layer.name)
+
+
+def test_the_probe_leaves_the_torch_thread_count_as_it_found_it() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_probe(tiny(steps=3), eval_samples=8)  # every step recorded: the statistics run on one thread
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
