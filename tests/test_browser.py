@@ -583,3 +583,18 @@ def test_compare_from_recent_runs_aligned_from_the_output(tab: Tab, sweep: dict[
         (init,) = [t for t in traces if t["name"].startswith(run["id"][:8]) and t["name"].endswith("init")]
         assert min(init["x"]) == -(len(run["report"]["layers"]) - 1)
     assert not tab.errors
+
+
+def test_runs_table_takes_a_filter_expression(tab: Tab, sweep: dict[str, Any]) -> None:
+    page = tab.open("/")
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 6")
+    page.fill("#filters input[name=filter]", "decades_per_layer < -0.3 and activation = 'sigmoid'")
+    vanishing = [
+        r["id"] for r in sweep["runs"].values() if (r["report"]["verdict"]["evidence"]["decades_per_layer"] or 0) < -0.3
+    ]
+    page.wait_for_function(f"document.querySelectorAll('#runs tbody tr').length === {len(vanishing)}")
+    assert sorted(row.get_attribute("data-id") for row in page.locator("#runs tbody tr").all()) == sorted(vanishing)
+    assert "filter=" in page.url
+    # A mistake is shown, not swallowed.
+    page.fill("#filters input[name=filter]", "happiness > 1")
+    page.wait_for_function("document.getElementById('summary').textContent.includes(\"unknown name 'happiness'\")")
