@@ -208,7 +208,8 @@ async def test_with_data_readyz_names_it_and_submissions_pass(settings: Settings
 
 
 @pytest.mark.anyio
-async def test_an_api_apart_from_its_workers_does_not_judge_their_data(settings: Settings) -> None:
-    async with serve_app(settings) as api:
+@pytest.mark.parametrize("probe", [None, lambda: (0, 0)], ids=["api alone", "serve without local workers"])
+async def test_an_api_apart_from_its_workers_does_not_judge_their_data(settings: Settings, probe: Any) -> None:
+    async with serve_app(settings, probe) as api:
         assert (await api.get("/readyz")).json()["cifar10"]["detail"].startswith("not monitored")
         assert (await api.post("/v1/runs", json={**TINY, "dataset": "cifar10"})).status_code == 202

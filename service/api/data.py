@@ -17,8 +17,10 @@ from graddiag.service.settings import Settings
 
 
 def local_workers(request: Request) -> bool:
-    """Whether this API supervises the workers that will execute its runs (so shares their data directory)."""
-    return request.app.state.worker_probe is not None
+    """Whether this API supervises the workers that will execute its runs (so shares their data directory):
+    a `serve` with at least one local worker (with none, external workers run everything)."""
+    probe = request.app.state.worker_probe
+    return probe is not None and probe()[1] > 0
 
 
 def cifar10_check(settings: Settings, monitored: bool) -> Check:
