@@ -491,6 +491,71 @@ def render_sweeps(listing: Json) -> str:
     return "\n".join(lines)
 
 
+def _number(value: Any) -> str:
+    return NO_CELL if value is None else f"{value:.3g}"
+
+
+def render_runs(listing: Json) -> str:
+    """Runs as a table: short id, name, the spec's shape, status, verdict and the key result numbers."""
+    header = [
+        "run",
+        "name",
+        "activation",
+        "depth",
+        "width",
+        "steps",
+        "lr",
+        "status",
+        "verdict",
+        "dec/layer",
+        "acc",
+        "time",
+    ]
+    rows = []
+    for run in listing["items"]:
+        spec = run.get("spec") or {}
+        metrics = run.get("metrics") or {}
+        seconds = metrics.get("total_s")
+        rows.append(
+            [
+                run["id"][:8],
+                run.get("name") or NO_CELL,
+                *(str(spec.get(field, NO_CELL)) for field in ("activation", "depth", "width", "steps", "lr")),
+                run["status"],
+                run.get("verdict") or NO_CELL,
+                _number(metrics.get("decades_per_layer")),
+                _number(metrics.get("eval_accuracy")),
+                NO_CELL if seconds is None else f"{seconds:.3g} s",
+            ]
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    shown = len(rows)
+    lines.append(
+        f"{listing['total']} run(s)"
+        + (f", {shown} shown from {listing['offset'] + 1}" if listing["total"] > shown else "")
+    )
+    return "\n".join(lines)
+
+
+def cmd_runs(args: argparse.Namespace, client: Client) -> int:
+    """The runs matching the filters, in the order asked (any spec field or result metric)."""
+    filters = {
+        "filter": args.filter,
+        "sort": args.sort,
+        "name": args.name,
+        "tag": args.tag or None,
+        "sweep_id": args.sweep,
+        "status": args.status,
+        "verdict": args.verdict,
+        "limit": args.limit,
+        "offset": args.offset,
+    }
+    listing = client.runs(**{key: value for key, value in filters.items() if value is not None})
+    print(json.dumps(listing, indent=2) if args.json else render_runs(listing))
+    return 0
+
+
 def cmd_sweeps(args: argparse.Namespace, client: Client) -> int:
     """The sweeps, newest first (filtered by --name and --tag)."""
     listing = client.sweeps(name=args.name, tag=args.tag or None, limit=args.limit)
@@ -534,7 +599,7 @@ def _follow_flags() -> argparse.ArgumentParser:
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register submit, sweep, sweeps, label, status, watch, export and tensorboard-export on the `graddiag` parser."""
+    """Register submit, sweep, runs, sweeps, label, status, watch, export and tensorboard-export on the parser."""
     connection, follow = _connection_flags(), _follow_flags()
 
     submit = sub.add_parser("submit", parents=[connection, follow], help="queue a spec on a graddiag server")
@@ -554,6 +619,21 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sweep.add_argument("--wait", action="store_true", help="follow the sweep and print the verdict matrix")
     _label_flags(sweep, "sweep")
     sweep.set_defaults(handler=_guarded(cmd_sweep))
+
+    runs = sub.add_parser("runs", parents=[connection], help="list runs: filter and sort on spec fields and results")
+    runs.add_argument("--filter", metavar="EXPR", help="e.g. \"verdict = 'vanishing' and decades_per_layer < -0.3\"")
+    runs.add_argument(
+        "--sort", metavar="FIELD", help="a spec field or result metric, '-' first for descending (default -created_at)"
+    )
+    runs.add_argument("--name", help="only runs whose name contains this")
+    runs.add_argument("--tag", action="append", default=[], help="only runs with this tag (repeatable)")
+    runs.add_argument("--sweep", metavar="SWEEP_ID", help="only the runs of this sweep (id or unique prefix)")
+    runs.add_argument("--status", help="queued, running, succeeded, failed or cancelled")
+    runs.add_argument("--verdict", help="healthy, vanishing or exploding")
+    runs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    runs.add_argument("--offset", type=int, default=0, help="skip this many")
+    runs.add_argument("--json", action="store_true", help="print the server's JSON")
+    runs.set_defaults(handler=_guarded(cmd_runs))
 
     sweeps = sub.add_parser("sweeps", parents=[connection], help="list the sweeps, newest first")
     sweeps.add_argument("--name", help="only sweeps whose name contains this")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from graddiag.models.spec import Spec
 from graddiag.service.cli import main
 from graddiag.service.client import Client, GraddiagError
+from graddiag.service.settings import Settings
+from graddiag.service.store.db import make_engine
 from tests.support.api import TINY
+from tests.support.reports import plain_report, store_report
 
 TINY_FLAGS = [f"--{field.replace('_', '-')}={value}" for field, value in TINY.items()]
 
@@ -68,3 +72,43 @@ def test_cli_names_tags_and_lists(base_url: str, client: Client, capsys: pytest.
     assert lines[-1] == "1 sweep(s)"
     code, out = _cli(capsys, "label", sweep_id[:8], "--sweep", "--url", base_url, "--name", "")
     assert code == 0 and client.sweep_status(sweep_id)["name"] is None
+
+
+def test_cli_runs_lists_filters_and_sorts_by_results(
+    base_url: str, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = make_engine(settings.db_url)
+    ids = {}
+    for name, decades in (("steep", -0.8), ("mild", -0.2), ("flat", 0.05)):
+        report = plain_report(Spec.model_validate(TINY), "vanishing" if decades < -0.1 else "healthy")
+        evidence = report.verdict.evidence.model_copy(update={"decades_per_layer": decades})
+        ids[name] = store_report(
+            engine, report.model_copy(update={"verdict": report.verdict.model_copy(update={"evidence": evidence})})
+        )
+    engine.dispose()
+    code, out = _cli(capsys, "runs", "--url", base_url, "--sort", "decades_per_layer")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "run",
+        "name",
+        "activation",
+        "depth",
+        "width",
+        "steps",
+        "lr",
+        "status",
+        "verdict",
+        "dec/layer",
+        "acc",
+        "time",
+    ]
+    assert [line.split()[0] for line in lines[1:4]] == [ids["steep"][:8], ids["mild"][:8], ids["flat"][:8]]
+    assert lines[1].split()[9] == "-0.8" and lines[-1] == "3 run(s)"
+    code, out = _cli(
+        capsys, "runs", "--url", base_url, "--filter", "verdict = 'vanishing' and decades_per_layer < -0.3"
+    )
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[1:-1]] == [ids["steep"][:8]]
+    # A bad expression is the server's 422, said plainly, exit 2.
+    code = main(["runs", "--url", base_url, "--filter", "happiness > 1"])
+    assert code == 2 and "unknown name 'happiness'" in capsys.readouterr().err
