@@ -327,6 +327,10 @@ def test_run_page_draws_the_run(tab: Tab, sweep: dict[str, Any]) -> None:
     assert header.startswith("step,layer,layer_name,")
     assert page.get_attribute("#download-json", "href") == f"/v1/runs/{run['id']}"
     assert page.get_attribute("#download-tensorboard", "href") == f"/v1/runs/{run['id']}/tensorboard"
+    with page.expect_download() as events:
+        page.click("#download-tensorboard")
+    # Named after the run as TensorBoard will list it, not a 32-hex id.
+    assert events.value.suggested_filename == f"mlp-d12-w16-sigmoid-{run['id'][:8]}-tensorboard.tar.gz"
 
     assert page.inner_text("#verdict-badge") == run["verdict"] == "vanishing"
     assert page.locator("#verdict li").count() == len(report["verdict"]["reasons"]) + len(report["verdict"]["advice"])

@@ -69,7 +69,8 @@ function showDownloads(run) {
     " · ",
     el("a", { href: path, download: `${short}-run.json`, id: "download-json" }, "run and report (JSON)"),
     " · ",
-    el("a", { href: `${path}/tensorboard`, download: `${short}-tensorboard.tar.gz`, id: "download-tensorboard" }, "TensorBoard events (tar.gz)"),
+    // The server names the archive after the run (its TensorBoard run name).
+    el("a", { href: `${path}/tensorboard`, download: true, id: "download-tensorboard" }, "TensorBoard events (tar.gz)"),
   );
   downloads.hidden = false;
 }
