@@ -67,6 +67,12 @@ async def test_runs_filter_by_name_and_tags(api: httpx.AsyncClient) -> None:
     # Whole tags only: "fig2" is not "fig_2" ('_' is no wildcard), and "pap" is no tag.
     assert await ids(tag="fig2") == {c} and await ids(tag="pap") == set()
     assert await ids(name="100%") == set()
+    # Sorted and filtered by name like any other column.
+    # (Only the lowercase names' order is asserted: where capitals sort depends on the database's collation.)
+    for sort, expected in (("name", ["relu deep", "relu shallow"]), ("-name", ["relu shallow", "relu deep"])):
+        listed = (await api.get("/v1/runs", params={"sort": sort})).json()["items"]
+        assert [item["name"] for item in listed if item["name"].startswith("relu")] == expected
+    assert await ids(filter="name = 'relu deep'") == {b}
 
 
 async def test_sweeps_are_named_listed_and_show_their_base(api: httpx.AsyncClient, settings: Settings) -> None:

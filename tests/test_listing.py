@@ -93,6 +93,7 @@ async def test_listed_runs_carry_their_key_numbers(api: httpx.AsyncClient, runs:
         ("weight_decay != 0", ["mild"]),
         ("clip_mode != 'norm'", ["none"]),
         ("residual = false and steps < 25 and decades_per_layer >= -1e1", ["flat"]),
+        ("name = null", ["steep", "mild", "flat", "none"]),
     ],
 )
 async def test_filter_expressions(

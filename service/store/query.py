@@ -44,7 +44,7 @@ METRICS: Final[dict[str, tuple[str, str]]] = {
 }
 
 # Columns of `runs` a listing sorts on besides the spec fields and metrics.
-_RUN_COLUMNS: Final[tuple[str, ...]] = ("created_at", "started_at", "finished_at", "status", "verdict")
+_RUN_COLUMNS: Final[tuple[str, ...]] = ("created_at", "started_at", "finished_at", "status", "verdict", "name")
 
 SORTABLE: Final[frozenset[str]] = frozenset({*_RUN_COLUMNS, *SPEC_COLUMNS, *JSON_SPEC_FIELDS, *METRICS})
 
@@ -78,6 +78,7 @@ FIELDS: Final[dict[str, FieldInfo]] = {
     "status": FieldInfo("string", STATUSES),
     "verdict": FieldInfo("string", get_args(Label)),
     "sweep_id": FieldInfo("string"),
+    "name": FieldInfo("string"),
     **dict.fromkeys(METRICS, FieldInfo("number")),
 }
 
