@@ -94,10 +94,12 @@ class _Probe:
     optimizer: torch.optim.Optimizer
     recorder: Recorder
     layers: list[LayerInfo]
-    # Whole-model figures stay on the device until the report: every step's loss and accuracy, and
-    # the total gradient norms (pre, post clipping) of the steps where they are computed anyway.
-    losses: list[Tensor]
-    accuracies: list[Tensor]
+    # Whole-model figures, kept until the report: every step's loss (a float on the CPU, where it is
+    # read anyway to stop on a non-finite one; a device tensor elsewhere) and count of correct
+    # predictions, and the total gradient norms (pre, post clipping) of the steps where they are
+    # computed anyway.
+    losses: list[Tensor | float]
+    correct: list[Tensor]
     totals: dict[int, tuple[Tensor, Tensor]]
     # The weight layers' weights and biases as initialised, for the mean-field prediction.
     init_weights: list[Tensor]
@@ -130,7 +132,7 @@ def _set_up(spec: Spec, data: tuple[ImageSet, ImageSet] | None, eval_samples: in
         recorder=recorder,
         layers=_layer_infos(model),
         losses=[],
-        accuracies=[],
+        correct=[],
         totals={},
         init_weights=[layer.weight.detach().clone() for layer in weight_layers],
         init_biases=[layer.bias.detach().clone() if layer.bias is not None else None for layer in weight_layers],
@@ -225,15 +227,18 @@ def _train_step(probe: _Probe, step: int, record: bool, on_record: Callable[[int
     probe.optimizer.zero_grad(set_to_none=False)
     loss.backward()
     loss = loss.detach()
-    probe.losses.append(loss)
-    probe.accuracies.append((logits.detach().argmax(1) == labels).float().mean())
+    cpu = probe.device.type == "cpu"
+    # On the CPU reading the loss costs nothing; on CUDA it would wait for the device every step.
+    loss_value = loss.item() if cpu else math.nan
+    probe.losses.append(loss_value if cpu else loss)
+    probe.correct.append((logits.argmax(1) == labels).sum())
     probe.steps_run = step + 1
     if record:
         return _recorded_step(probe, step, inputs, loss, on_record)
 
     # A gradient that overflows while its loss is still finite breaks the weights it updates, so the
     # next step's loss is non-finite: detection is at most one step late, and names the broken layer.
-    if probe.device.type == "cpu" and not math.isfinite(loss.item()):
+    if cpu and not math.isfinite(loss_value):
         return _stop_nonfinite(probe, step, inputs)
     if spec.l1 > 0:
         _add_l1(probe)
@@ -481,8 +486,11 @@ def _metrics(probe: _Probe) -> Tensor:
     """The (steps run × 4) matrix of loss, accuracy, total norm pre and post clipping (NaN: not computed)."""
     metrics = torch.full((probe.steps_run, 4), float("nan"), device=probe.device)
     if probe.steps_run:
-        metrics[:, 0] = torch.stack(probe.losses[: probe.steps_run])
-        metrics[:, 1] = torch.stack(probe.accuracies[: probe.steps_run])
+        losses = probe.losses[: probe.steps_run]
+        floats = [x for x in losses if isinstance(x, float)]
+        tensors = [x for x in losses if isinstance(x, Tensor)]
+        metrics[:, 0] = torch.tensor(floats, device=probe.device) if floats else torch.stack(tensors)
+        metrics[:, 1] = torch.stack(probe.correct[: probe.steps_run]) / probe.spec.batch_size
     if probe.totals:
         steps = list(probe.totals)
         metrics[steps, 2] = torch.stack([pre for pre, _ in probe.totals.values()]).to(metrics.dtype)
