@@ -65,7 +65,7 @@ def list_sweeps(
     return store.list_sweeps(session, limit=limit, offset=offset, name=name, tags=tag)
 
 
-@router.patch("/{sweep_id}", response_model=SweepStatus, summary="Name or tag a sweep")
+@router.patch("/{sweep_id}", response_model=SweepStatus, responses=documented(422), summary="Name or tag a sweep")
 def label_sweep(sweep_id: SweepIdDep, labels: Labels, session: SessionDep) -> SweepStatus:
     """Set the sweep's `name` and/or `tags` (a field left out stays as it is; `name: ""` clears it)."""
     label_store.label_sweep(session, sweep_id, labels)
