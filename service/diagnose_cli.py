@@ -78,7 +78,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     try:
         if args.steps < 1 or args.record_every < 1 or args.batch_size < 1 or not args.lr > 0:
             raise CommandError("--steps, --record-every and --batch-size must be at least 1 and --lr above 0")
-        model = load_factory(args.target)()
+        factory = load_factory(args.target)
+        torch.manual_seed(args.seed)  # the model's initial weights follow --seed too
+        model = factory()
         if not isinstance(model, nn.Module):
             raise CommandError(f"{args.target} returned {type(model).__name__}, not a torch.nn.Module")
         device = resolve_device(args.device)
@@ -86,7 +88,6 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
 
-    torch.manual_seed(args.seed)
     if args.data == "cifar10":
         given = (("data_dir", args.data_dir), ("cache_dir", args.cache_dir))
         settings = Settings(**{k: v for k, v in given if v is not None})

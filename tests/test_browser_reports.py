@@ -101,5 +101,7 @@ def test_compare_shows_the_uploaded_report_beside_a_probe_run(tab: Tab, runs: di
     for i, run in enumerate(expected):
         assert same(traces[2 * i]["y"], [(layer["init"] or {}).get("grad_norm") for layer in run["layers"]])
     assert "my-cnn" in traces[2]["name"]
+    # The spec-differences table (every field "—" for the external run) is long: show the profiles.
+    page.locator("#chart-profile").scroll_into_view_if_needed()
     _screenshot(tab, "compare-external")
     assert not tab.errors

@@ -1,5 +1,5 @@
 // The runs table: filters and sort kept in the URL, pages of GET /v1/runs, live status, keyboard use.
-import { BASE, FINISHED, el, findingChips, fmt, getJSON, runHref, runLabel, shortId, statusBadge, tagChips, verdictBadge } from "./common.js";
+import { BASE, FINISHED, el, findingChips, fmt, getJSON, modelLabel, runHref, shortId, statusBadge, tagChips, verdictBadge } from "./common.js";
 
 const LIMIT = 25;
 // While a listed run is queued or running the page re-reads the list this often.
@@ -70,7 +70,7 @@ function row(run, focusable) {
         el("td", { class: "num col-steps" }, String(spec.steps)),
         el("td", { class: "num col-lr" }, String(spec.lr)),
       ]
-    : [el("td", { colspan: "6", class: "col-model" }, el("span", { class: "badge source-external" }, "external"), " ", runLabel(run))];
+    : [el("td", { colspan: "6", class: "col-model" }, el("span", { class: "badge source-external" }, "external"), " ", modelLabel(run.model))];
   const metrics = run.metrics || {};
   const seconds = metrics.total_s;
   return el(
