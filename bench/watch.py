@@ -6,11 +6,12 @@ alternates every step), so both arms see the same machine load second by second.
 loop body: forward, cross-entropy, ``zero_grad``, backward, ``optimizer.step()`` and, in the watched
 arm, ``w.loss(loss)``. The first `every` steps (discovery, first-touch allocation) are warm-up, untimed.
 
-Two figures. The direct one: the time spent inside watch's own code (its hooks and the Recorder's,
+Three figures. The direct one: the time spent inside watch's own code (its hooks and the Recorder's,
 each timed) as a share of the watched step. The comparative one: per step the watched/plain ratio,
 its median over unrecorded and over recorded steps, weighted (every−1):1, minus 1 — on a machine shared
 with other work single steps swing several-fold, so the ratio of total times and the `every`-step window
-ratios are reported too but are much noisier. The exit status follows the direct figure.
+ratios are reported too but are much noisier. The split one (`split`): the recorded and the unrecorded
+step's costs measured apart, on many pairs each, and combined. The exit status follows the direct figure.
 
 Models: torchvision's ResNet-18 (num_classes=10) at batch 32 and a small 4-conv CNN at batch 64, on
 CIFAR-10-shaped random inputs (the data does not change what watch costs). Results go to
@@ -178,6 +179,50 @@ def measure(name: str, steps: int, every: int) -> dict[str, object]:
     }
 
 
+def split(name: str, steps: int, every: int) -> dict[str, float]:
+    """The overhead rebuilt from its two parts, each measured on `steps` lockstep pairs: watch(every=1)
+    (every step recorded) and watch(every=10**9) (none recorded after the warm-up) against the plain loop;
+    the overhead at `every` is ((every − 1)·unrecorded + recorded)/every, from the per-pair medians."""
+    build, batch = MODELS[name]
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)) for _ in range(4)
+    ]
+    medians = {}
+    for label, period in (("recorded", 1), ("unrecorded", 10**9)):
+        torch.manual_seed(0)
+        plain, watched = build(), build()
+        watched.load_state_dict(plain.state_dict())
+        opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
+        opt_watched = torch.optim.SGD(watched.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model: nn.Module, optimizer: torch.optim.Optimizer, k: int) -> float:
+            inputs, targets = batches[k % len(batches)]
+            started = time.perf_counter()
+            loss = F.cross_entropy(model(inputs), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return time.perf_counter() - started
+
+        ratios = []
+        with Watch(watched, opt_watched, every=period):
+            for k in range(2 + steps):  # two warm-up pairs: discovery, first allocations
+                if k % 2:
+                    a, b = step(plain, opt_plain, k), step(watched, opt_watched, k)
+                else:
+                    b, a = step(watched, opt_watched, k), step(plain, opt_plain, k)
+                if k >= 2:
+                    ratios.append(b / a)
+        medians[label] = statistics.median(ratios) - 1
+    return {
+        "split_recorded_step": medians["recorded"],
+        "split_unrecorded_step": medians["unrecorded"],
+        "split_overhead": ((every - 1) * medians["unrecorded"] + medians["recorded"]) / every,
+        "split_pairs": steps,
+    }
+
+
 def _markdown(results: list[dict[str, object]], meta: dict[str, object]) -> str:
     lines = [
         "# watch(every=10) overhead on the CPU",
@@ -186,18 +231,28 @@ def _markdown(results: list[dict[str, object]], meta: dict[str, object]) -> str:
         "Lockstep: each step of the plain loop beside the same step of the watched loop (`python -m bench.watch`).",
         "",
         "| model | batch | params | layers | plain ms/step | watched ms/step | in watch's hooks | overhead | "
-        "unrecorded step | recorded step | ratio of totals | window median (IQR) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "unrecorded step | recorded step | ratio of totals | window median (IQR) | split: recorded step | "
+        "split: unrecorded step | **split overhead** |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lo, hi = r["overhead_window_iqr"]  # type: ignore[misc]
-        pct = {k: f"{100 * v:+.2f} %" for k, v in r.items() if k.startswith("overhead") and isinstance(v, float)}
+        pct = {
+            k: f"{100 * v:+.2f} %"
+            for k, v in r.items()
+            if k.startswith(("overhead", "split_")) and isinstance(v, float)
+        }
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['params']:,} | {r['layers']} | {r['plain_ms_per_step']:.1f} | "
             f"{r['watched_ms_per_step']:.1f} | {r['hooks_ms_per_step']:.2f} ms = {100 * r['hooks_share']:.2f} % | "  # type: ignore[operator]
             f"**{pct['overhead']}** | {pct['overhead_unrecorded_step_median']} | "
             f"{pct['overhead_recorded_step_median']} | {pct['overhead_of_totals']} | "
-            f"{pct['overhead_window_median']} ({100 * lo:+.1f} … {100 * hi:+.1f}) |"  # type: ignore[operator]
+            f"{pct['overhead_window_median']} ({100 * lo:+.1f} … {100 * hi:+.1f}) | "  # type: ignore[operator]
+            + (
+                f"{pct['split_recorded_step']} | {pct['split_unrecorded_step']} | **{pct['split_overhead']}** |"
+                if "split_overhead" in pct
+                else "— | — | — |"
+            )
         )
     lines += [
         "",
@@ -207,7 +262,11 @@ def _markdown(results: list[dict[str, object]], meta: dict[str, object]) -> str:
         f"Target: at most {100 * TARGET:.0f} % (issue 13). **overhead** = (every−1)/every × the median per-step "
         "ratio of unrecorded steps + 1/every × that of recorded steps, − 1: single steps on this shared machine "
         "swing several-fold with other processes' load, so the ratio of the arms' total times (also given) and "
-        "the 10-step windows' ratios are far noisier than what watch itself adds.",
+        "the 10-step windows' ratios are far noisier than what watch itself adds. **split**: the same loop with "
+        "every step recorded (every=1) and with none recorded, each against the plain loop on its own lockstep "
+        "pairs, the medians combined as ((every−1)·unrecorded + recorded)/every: many more recorded steps than "
+        "the main run's one in ten, so the recorded step's cost (hooks and what they slow outside themselves) "
+        "is measured, not sampled ten times.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -217,12 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per model (a multiple of --every)")
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--split-steps", type=int, default=30, help="pairs per part of the split protocol (0: skip)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
     args, _unknown = parser.parse_known_args(list(argv) if argv is not None else None)
     steps = max(args.every, args.steps - args.steps % args.every)
     results = []
     for name in args.models.split(","):
         result = measure(name, steps, args.every)
+        if args.split_steps:
+            result |= split(name, args.split_steps, args.every)
         print(json.dumps(result), flush=True)
         results.append(result)
     meta = {
