@@ -156,3 +156,24 @@ def test_client_uploads_and_reads_back(client: Client) -> None:
     with pytest.raises(GraddiagError) as error:
         client.upload(broken)
     assert error.value.status == 422 and error.value.errors[0]["loc"][-1] == "layer"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (lambda b: b["report"]["layers"][0].update(name="conv\x001"), ["body", "report", "layers", 0, "name"]),
+        (lambda b: b["report"]["verdict"].update(reasons=["\ud800"]), ["body", "report", "verdict", "reasons", 0]),
+        (lambda b: b["report"]["model"].update(tied={"\ud800": "fc"}), ["body", "report", "model", "tied"]),
+        (lambda b: b.update(tags=["ok", "\ud800"]), ["body", "tags", 1]),
+        (lambda b: b["report"]["layers"][0].update(params=2**40), ["body", "report", "layers", 0, "params"]),
+    ],
+)
+async def test_text_and_numbers_no_column_can_hold_are_422_not_500(
+    api: httpx.AsyncClient, mutate: Any, where: list[Any]
+) -> None:
+    # Lone surrogates come in through JSON's \\ud800 escapes; PostgreSQL's text refuses NUL.
+    body = _body()
+    mutate(body)
+    answer = await api.post("/v1/reports", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert answer.status_code == 422, answer.text
+    assert any(e["loc"] == where for e in answer.json()["errors"]), answer.json()["errors"]

@@ -11,7 +11,7 @@ are refused). Sizes are capped (MAX_REPORT_*), and the server's body cap (`max_b
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Request, Response
@@ -32,8 +32,9 @@ MAX_REPORT_STEPS: Final = 100_000
 MAX_REPORT_RECORDS: Final = 1_000_000
 # Steps are stored as SQL integers (32 bits on PostgreSQL).
 MAX_REPORT_STEP: Final = 2**31 - 2
-# A layer's name is stored in a 200-character column.
+# A layer's name is stored in a 200-character column, its parameter count in a 32-bit SQL integer.
 MAX_LAYER_NAME: Final = 200
+MAX_LAYER_PARAMS: Final = 2**31 - 1
 # An error body names at most this many problems (a million bad records must not make a huge answer).
 MAX_REPORTED_ERRORS: Final = 20
 
@@ -55,21 +56,44 @@ class ReportUpload(BaseModel):
 Problem = tuple[tuple[str | int, ...], str, str]
 
 
-def _nonfinite(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[str | int, ...]]:
+def storable(text: str) -> bool:
+    """Whether `text` can be stored in a text column: UTF-8 encodable (no lone surrogate, which JSON's
+    ``\\ud800`` escapes can carry) and free of NUL, which PostgreSQL's text refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+def _unfit(value: Any, path: tuple[str | int, ...]) -> Iterator[Problem]:
+    """Non-finite numbers and strings no text column can hold, anywhere in a dumped report (keys too)."""
     if isinstance(value, float):
         if not math.isfinite(value):
-            yield path
+            yield path, "a non-finite number: a report writes NaN and ±Infinity as null", "finite_number"
+    elif isinstance(value, str):
+        if not storable(value):
+            yield path, "text must be UTF-8 without NUL characters", "value_error"
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _nonfinite(item, (*path, key))
+            if isinstance(key, str) and not storable(key):
+                yield path, "a key must be UTF-8 text without NUL characters", "value_error"
+            else:
+                yield from _unfit(item, (*path, key))
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            yield from _nonfinite(item, (*path, i))
+            yield from _unfit(item, (*path, i))
 
 
-def report_problems(report: Report) -> Iterator[Problem]:
-    """Every place where `report` does not add up, as (location, message, type); empty when it does."""
+def report_problems(report: Report, upload_name: str | None = None, tags: Sequence[str] = ()) -> Iterator[Problem]:
+    """Every place where `report` (and the upload's name and tags) does not add up, as (location, message,
+    type); empty when it does."""
     at = ("body", "report")
+    if upload_name is not None and not storable(upload_name):
+        yield ("body", "name"), "the name must be UTF-8 text without NUL characters", "value_error"
+    for i, tag in enumerate(tags):
+        if not storable(tag):
+            yield ("body", "tags", i), "a tag must be UTF-8 text without NUL characters", "value_error"
     if report.spec is not None:
         yield (
             (*at, "spec"),
@@ -110,8 +134,8 @@ def report_problems(report: Report) -> Iterator[Problem]:
         if layer.name in names:
             yield (*at, "layers", i, "name"), f"layer name {layer.name[:80]!r} appears twice", "value_error"
         names.add(layer.name)
-        if layer.params < 0:
-            yield (*at, "layers", i, "params"), "params is a count, at least 0", "value_error"
+        if not 0 <= layer.params <= MAX_LAYER_PARAMS:
+            yield (*at, "layers", i, "params"), f"params is a count, 0 … {MAX_LAYER_PARAMS}", "out_of_range"
     seen_steps: set[int] = set()
     for i, metrics in enumerate(report.steps):
         if not 0 <= metrics.step < steps_run:
@@ -156,14 +180,13 @@ def report_problems(report: Report) -> Iterator[Problem]:
                     f"layer {index} is not one of the report's {n} layers",
                     "value_error",
                 )
-    for path in _nonfinite(report.model_dump(), at):
-        yield path, "a non-finite number: a report writes NaN and ±Infinity as null", "finite_number"
+    yield from _unfit(report.model_dump(), at)
 
 
-def check_report(report: Report) -> None:
+def check_report(report: Report, upload_name: str | None = None, tags: Sequence[str] = ()) -> None:
     """Raise a 422 naming up to MAX_REPORTED_ERRORS problems of `report`, or return when it adds up."""
     problems = []
-    for problem in report_problems(report):
+    for problem in report_problems(report, upload_name, tags):
         problems.append(problem)
         if len(problems) == MAX_REPORTED_ERRORS:
             break
@@ -193,7 +216,7 @@ async def upload_report(
     It is listed by `GET /v1/runs` (filter `?source=external`), shown on the dashboard and in `/compare`
     beside probe runs, and exported as CSV and TensorBoard events like any run.
     """
-    check_report(upload.report)
+    check_report(upload.report, upload.name, upload.tags)
     detail = await run_in_threadpool(_store, factory, upload)
     response.headers["Location"] = str(request.app.url_path_for("get_run", run_id=detail.id))
     return detail
