@@ -26,7 +26,7 @@ from graddiag.service.api.schemas import RunDetail
 from graddiag.service.engine.report import Report
 from graddiag.service.store import runs as store
 
-# Hard caps on one uploaded report (the body cap usually binds first: 1 MiB holds ~3000 records).
+# Hard caps on one uploaded report (the body cap usually binds first: 1 MiB holds about 4000 records).
 MAX_REPORT_LAYERS: Final = 10_000
 MAX_REPORT_STEPS: Final = 100_000
 MAX_REPORT_RECORDS: Final = 1_000_000
