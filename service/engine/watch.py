@@ -22,6 +22,11 @@ saturation_frac) are null and the description says ``eager_statistics: false``; 
 statistics (grad_norm, bias_grad_norm, weight_norm, rel_grad, update_ratio, zero_grad_frac) are recorded.
 DataParallel and DistributedDataParallel models are unwrapped for their layers and names; their
 gradients are the reduced ones the optimizer steps with.
+
+Gradient accumulation (several forward passes per ``optimizer.step()``): the gradient statistics are of
+the accumulated gradient the step uses, the forward ones of the last pass. Under a GradScaler the
+optimizer sees unscaled gradients, and a step the scaler skips (non-finite gradients) never calls
+``optimizer.step()``, so it is neither counted nor recorded.
 """
 
 from __future__ import annotations
