@@ -101,7 +101,7 @@ async def test_page_size_is_capped_by_the_operator(settings: Settings) -> None:
         ("/v1/runs", {"offset": 2**63}, ["query", "offset"]),
         ("/v1/runs", {"seed": -(2**63) - 1}, ["query", "seed"]),
         ("/v1/runs/{run_id}/gradients", {"layer": 10**30}, ["query", "layer"]),
-        ("/v1/runs/{run_id}/gradients", {"step_to": 10**6}, ["query", "step_to"]),
+        ("/v1/runs/{run_id}/gradients", {"step_to": 10**30}, ["query", "step_to"]),
     ],
 )
 async def test_out_of_range_parameters_are_422_naming_them(
