@@ -2,7 +2,7 @@
 against a bare PyTorch loop over the same batches.
 
 Networks: MLP depth 20 width 256 and CNN depth 8 width 32; batch 128, SGD lr 0.01, CIFAR-10; the
-spec's default 100 steps for the MLP (``--steps``), 50 for the CNN (``--cnn-steps``: a CNN step takes
+spec's default 100 steps for the MLP (``--steps``), 30 for the CNN (``--cnn-steps``: a CNN step takes
 ~0.2 s here). Three arms, each a whole run of every step:
 
 (a) bare: ``build_network`` + the probe's own optimizer over ``make_source(spec).batch(step)`` for
@@ -23,7 +23,7 @@ included) against the bare loop plus its set-up is reported too.
 torch threads: ``--threads`` (default 1, as each graddiag worker runs on a CPU machine: one
 single-threaded worker per core).
 
-    python -m bench.recording [--reps 5] [--steps 100] [--cnn-reps 3] [--cnn-steps 50] [--threads 1] [--only mlp,cnn]
+    python -m bench.recording [--reps 5] [--steps 100] [--cnn-reps 5] [--cnn-steps 30] [--threads 1] [--only mlp,cnn]
 """
 
 from __future__ import annotations
@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.recording", description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--cnn-steps", type=int, default=50, help="a CNN step takes ~0.2 s: 6 records in 50")
-    parser.add_argument("--cnn-reps", type=int, default=3)
+    parser.add_argument("--cnn-steps", type=int, default=30, help="a CNN step takes ~0.2 s: 4 records in 30")
+    parser.add_argument("--cnn-reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--only", default="mlp,cnn", help="comma-separated networks")
