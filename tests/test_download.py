@@ -57,6 +57,12 @@ class Files:
         self.server.server_close()
 
 
+@pytest.fixture(autouse=True)
+def _no_configured_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests stand for a fresh machine: CI's GRADDIAG_DATA_DIR (the shared copy) must not leak in."""
+    monkeypatch.delenv("GRADDIAG_DATA_DIR", raising=False)
+
+
 @pytest.fixture
 def files() -> Iterator[Files]:
     server = Files()
