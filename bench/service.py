@@ -460,7 +460,7 @@ def _sweep_table(summary: dict[str, Any]) -> list[str]:
     ]
     for config in summary["configs"]:
         cells = {}
-        for depth, verdict, ratio in zip(config["depths"], config["verdicts"], config["first_last_ratio"], strict=True):
+        for depth, verdict, ratio in zip(config["depths"], config["verdicts"], config["profile_span"], strict=True):
             cells[depth] = f"{verdict}" + (f" ({ratio:+.1f})".replace("-", "−") if ratio is not None else "")
         critical = config["critical_depth"]
         label = ", ".join(str(v) for v in config["config"].values())
@@ -536,7 +536,8 @@ def _markdown(result: dict[str, Any]) -> str:
             "",
             f"The README's sweep on CIFAR-10 ({r['runs']} runs, `graddiag serve` with its default {r['workers']} "
             f"worker(s) × {r['torch_threads']} torch thread(s), workers warm; {r.get('date', result['date'])}): "
-            f"**{r['seconds']} s**.",
+            f"**{r['seconds']} s**. Verdicts along depth and the fitted span (decades) of the profile the verdict "
+            "used:",
             "",
             *_sweep_table(r["summary"]),
         ]
