@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -472,14 +473,19 @@ def _layer_infos(model: Network) -> list[LayerInfo]:
 
 
 def _records(step: int, rows: list[list[float]]) -> list[LayerRecord]:
-    return [
-        LayerRecord(
-            step=step,
-            layer=index,
-            **{name: _finite_or_none(value) for name, value in zip(STAT_COLUMNS, row, strict=True)},
-        )
-        for index, row in enumerate(rows)
-    ]
+    """One LayerRecord per row of `Recorder.layer_stats`, non-finite values as None.
+
+    The values are Python floats from ``tolist()``, already of the model's field types, so the records
+    are constructed without validation: recording every step must cost next to nothing.
+    """
+    isfinite = math.isfinite
+    records = []
+    for index, row in enumerate(rows):
+        values: dict[str, Any] = {
+            name: value if isfinite(value) else None for name, value in zip(STAT_COLUMNS, row, strict=True)
+        }
+        records.append(LayerRecord.model_construct(step=step, layer=index, **values))
+    return records
 
 
 def _metrics(probe: _Probe) -> Tensor:

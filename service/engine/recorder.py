@@ -72,6 +72,9 @@ _PRESCALE = 2.0**60
 _CHUNK = 1 << 16
 
 
+_OWNER_INDEX: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+
+
 def _precise_norms(tensors: Sequence[Tensor]) -> Tensor:
     """L2 norm of each tensor, one batched pass; tensors over _CHUNK entries are summed chunk by chunk.
 
@@ -92,7 +95,13 @@ def _precise_norms(tensors: Sequence[Tensor]) -> Tensor:
     if len(pieces) == len(tensors):
         return norms
     device = norms.device
-    index = torch.tensor(owners, device=device)
+    key = (device, tuple(owners))
+    index = _OWNER_INDEX.get(key)
+    if index is None:
+        # A network has a few fixed layouts (its gradients, its weights): build each index vector once.
+        if len(_OWNER_INDEX) >= 64:  # a long-lived worker sees many specs: keep the cache small
+            _OWNER_INDEX.clear()
+        index = _OWNER_INDEX[key] = torch.tensor(owners, device=device)
     squares = torch.zeros(len(tensors), dtype=torch.float64, device=device).index_add_(
         0, index, norms.double().square()
     )
