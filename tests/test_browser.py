@@ -55,8 +55,17 @@ BASE: dict[str, Any] = {
     "bias_init": "zeros",
 }
 GRID = {"activation": ["sigmoid", "relu"], "depth": [2, 6, 12]}
-# Thousands of tiny steps: still running while the page watches it, cancelled when seen.
-LONG: dict[str, Any] = {**BASE, "depth": 4, "steps": 5000, "record_every": 500, "seed": 7}
+# Thousands of steps (~20 s on one thread): still running while the page watches several progress events
+# arrive, cancelled when seen. Tiny steps finished in a few seconds once recording got cheap.
+LONG: dict[str, Any] = {
+    **BASE,
+    "depth": 6,
+    "width": 128,
+    "batch_size": 128,
+    "steps": 5000,
+    "record_every": 500,
+    "seed": 7,
+}
 WAIT_MS = 30_000
 
 
