@@ -9,7 +9,6 @@ graddiag there; the repository is not on its path.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,13 +25,12 @@ from alembic.script import ScriptDirectory
 
 from graddiag.service.client import Client
 from graddiag.service.store.db import MIGRATIONS_DIR
-from tests.support import REPO
+from tests.support import copy_build_inputs
 from tests.support.server import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 # What the build reads: the project file, its readme, and the folders the graddiag/ links point into.
-BUILD_INPUTS: Final = ("pyproject.toml", "README.md", "graddiag", "models", "service", "migrations")
 SPEC_FLAGS: Final = ("--dataset", "synthetic", "--depth", "2", "--width", "8", "--batch-size", "8", "--steps", "3")
 # The user's own packages, named like graddiag's folders in the repository.
 USER_MODULES: Final = {
@@ -59,15 +57,7 @@ class Installed:
 
 
 def _build_wheel(tmp: Path) -> Path:
-    source = tmp / "source"
-    source.mkdir()
-    for name in BUILD_INPUTS:
-        path = REPO / name
-        if path.is_dir():
-            # symlinks=True: graddiag/models etc. stay links, as in the repository, for the build to follow.
-            shutil.copytree(path, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(path, source / name)
+    source = copy_build_inputs(tmp / "source")
     dist = tmp / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(source)],
