@@ -19,10 +19,12 @@ NUM_CLASSES: Final = 10
 INPUT_FEATURES: Final = math.prod(IMAGE_SHAPE)
 IMAGE_PIXELS: Final = IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
 
-# A parameterised layer of a network: a weight layer (linear, conv) or a normalisation layer. The networks
-# graddiag builds have only these three; a user's model (graddiag.diagnose / watch) may also have an
-# embedding table and recurrent weights, which are recorded but stay out of the depth profile.
-LayerKind = Literal["linear", "conv", "norm", "embedding", "recurrent"]
+# A parameterised layer of a network: a weight layer (linear, conv), a normalisation layer, an embedding
+# table (a transformer's position table and class token; a user's nn.Embedding), a recurrent matrix (the
+# hidden-to-hidden weights of rnn/gru/lstm; a user's RNN weights) or an attention projection (q, k, v, out).
+# The depth profile runs over the linear and conv layers (a recurrent net's input projections, a
+# transformer's MLPs); the others are recorded beside it.
+LayerKind = Literal["linear", "conv", "norm", "embedding", "recurrent", "attention"]
 
 # A CNN has at most this many stages, a 2x2 max-pool between consecutive ones.
 MAX_STAGES: Final = 3

@@ -82,6 +82,31 @@ class LayerRecord(_Row):
     )
 
 
+class TimeRecord(_Row):
+    """One recurrent layer at one time step of one recorded step: the gradient through time.
+
+    `layer` is the LayerInfo index of the layer's recurrent matrix (kind "recurrent"), `t` the time step
+    (0 = the first row of the image). Norms are Frobenius norms over the batch and the hidden units of the
+    total derivative, every path included (the layer above at t, the recurrence to t + 1).
+    """
+
+    step: int
+    layer: int
+    t: int
+    grad_norm: float | None = Field(description="‖∂L/∂h_t‖: the loss's gradient at the hidden state h_t.")
+    cell_grad_norm: float | None = Field(None, description="‖∂L/∂c_t‖ at the LSTM's cell state; null for rnn, gru.")
+    state_rms: float | None = Field(None, description="RMS of h_t in the forward pass.")
+    gate_mean: float | None = Field(
+        None,
+        description="Mean of the gate that keeps the past: LSTM forget gate f_t, GRU update gate z_t; null for rnn.",
+    )
+    saturation_frac: float | None = Field(
+        None,
+        description="Fraction of saturated units (local derivative under 5 % of its maximum): the sigmoid gates "
+        "(lstm, gru), tanh's h_t (rnn tanh); null for rnn relu.",
+    )
+
+
 class Theory(_Row):
     """Mean-field prediction of the back-propagated signal's profile at initialisation.
 
@@ -307,6 +332,10 @@ class Report(_Row):
     layers: list[LayerInfo]
     steps: list[StepMetrics]
     records: list[LayerRecord]
+    time_records: list[TimeRecord] = Field(
+        default_factory=list,
+        description="The gradient through time of a recurrent net's layers at each recorded step; empty otherwise.",
+    )
     verdict: Verdict
     eval: EvalResult
     timing: Timing
