@@ -9,6 +9,7 @@ importable without torch: the API process never imports it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Final, Literal
 
 from graddiag.models.spec import Spec
@@ -18,6 +19,25 @@ IMAGE_SHAPE: Final[tuple[int, int, int]] = (3, 32, 32)
 NUM_CLASSES: Final = 10
 INPUT_FEATURES: Final = math.prod(IMAGE_SHAPE)
 IMAGE_PIXELS: Final = IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
+
+# Recurrent nets read an image row by row: 32 time steps of 32 pixels x RGB.
+SEQUENCE_LENGTH: Final = IMAGE_SHAPE[1]
+SEQUENCE_FEATURES: Final = IMAGE_SHAPE[0] * IMAGE_SHAPE[2]
+# Transformers read an image as 4x4 patches: 64 tokens of 3 x 4 x 4 features.
+PATCH: Final = 4
+PATCHES: Final = (IMAGE_SHAPE[1] // PATCH) * (IMAGE_SHAPE[2] // PATCH)
+PATCH_FEATURES: Final = IMAGE_SHAPE[0] * PATCH * PATCH
+# Gate blocks stacked in a recurrent layer's matrices: rnn one, gru three (r, z, n), lstm four (i, f, g, o).
+_GATES: Final = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def gate_count(cell: str) -> int:
+    """Gate blocks of `width` rows stacked in a recurrent layer's W_ih and W_hh (rnn 1, gru 3, lstm 4)."""
+    try:
+        return _GATES[cell]
+    except KeyError:
+        raise ValueError(f"unknown recurrent cell {cell!r}; expected one of {', '.join(_GATES)}") from None
+
 
 # A parameterised layer of a network: a weight layer (linear, conv), a normalisation layer, an embedding
 # table (a transformer's position table and class token; a user's nn.Embedding), a recurrent matrix (the
@@ -46,50 +66,96 @@ def stage_pixels(stage: int) -> int:
     return (IMAGE_SHAPE[1] >> stage) * (IMAGE_SHAPE[2] >> stage)
 
 
-def norm_parameter_count(spec: Spec) -> int:
-    """Parameters of one norm layer of `spec` (a scale and a shift per unit or channel), 0 without norm."""
-    return 2 * spec.width if spec.norm != "none" else 0
+def transformer_tokens(spec: Spec) -> int:
+    """Tokens a transformer's blocks see: the 64 patches, plus the class token with pooling='cls'."""
+    return PATCHES + (spec.pooling == "cls")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One entry of a network's `layers` list (models/networks.py), by size: what `Layer` holds of it.
+
+    `weights`: entries of the weight (linear, conv, recurrent, attention), the scale (norm) or the table
+    (embedding); `biases`: entries of the bias or the norm's shift, 0 where there is none.
+    """
+
+    kind: LayerKind
+    weights: int
+    biases: int
+
+    @property
+    def params(self) -> int:
+        """Every parameter of the layer."""
+        return self.weights + self.biases
+
+
+def _dense(kind: LayerKind, fan_in: int, fan_out: int) -> LayerShape:
+    return LayerShape(kind, fan_in * fan_out, fan_out)
+
+
+def layer_shapes(spec: Spec) -> list[LayerShape]:
+    """The network's parameterised layers in forward order, as `Network.layers` lists them.
+
+    mlp: Linear(3072 -> width), depth - 1 x Linear(width -> width), each followed by its norm layer when
+    the spec has one, Linear(width -> 10). cnn: a 3x3 conv 3 -> width, depth - 1 convs width -> width,
+    each followed by its norm, Linear(width -> 10); residual connections add no parameters. rnn, gru,
+    lstm: per stacked layer the input projection Linear(96 or width -> G x width) and the recurrent
+    matrix width -> G x width (G gate blocks, `gate_count`), Linear(width -> 10). transformer: the patch
+    projection Linear(48 -> width), the class token (1 x width, pooling='cls') and the position table
+    (tokens x width), per block LayerNorm, q, k, v, out (width -> width), LayerNorm, fc1 (width ->
+    mlp_ratio x width), fc2 (back to width) in the order they run (pre: norm1 first; post: attention
+    first), a final LayerNorm (pre only), Linear(width -> 10).
+    """
+    w = spec.width
+    output = _dense("linear", w, NUM_CLASSES)
+    norm = [LayerShape("norm", w, w)] if spec.norm != "none" else []
+    if spec.arch == "mlp":
+        hidden = [_dense("linear", w, w), *norm]
+        return [_dense("linear", INPUT_FEATURES, w), *norm, *hidden * (spec.depth - 1), output]
+    if spec.arch == "cnn":
+        kernel = CONV_KERNEL * CONV_KERNEL
+        hidden = [_dense("conv", kernel * w, w), *norm]
+        return [_dense("conv", kernel * IMAGE_SHAPE[0], w), *norm, *hidden * (spec.depth - 1), output]
+    if spec.arch == "transformer":
+        tokens = transformer_tokens(spec)
+        embed = [_dense("linear", PATCH_FEATURES, w)]
+        if spec.pooling == "cls":
+            embed.append(LayerShape("embedding", w, 0))
+        embed.append(LayerShape("embedding", tokens * w, 0))
+        layer_norm = LayerShape("norm", w, w)
+        attention = [_dense("attention", w, w)] * 4
+        mlp = [_dense("linear", w, spec.mlp_ratio * w), _dense("linear", spec.mlp_ratio * w, w)]
+        if spec.norm_position == "pre":
+            block = [layer_norm, *attention, layer_norm, *mlp]
+            return [*embed, *block * spec.depth, layer_norm, output]
+        block = [*attention, layer_norm, *mlp, layer_norm]
+        return [*embed, *block * spec.depth, output]
+    gates = gate_count(spec.arch) * w
+    recurrent = [_dense("linear", w, gates), _dense("recurrent", w, gates)]
+    first = [_dense("linear", SEQUENCE_FEATURES, gates), _dense("recurrent", w, gates)]
+    return [*first, *recurrent * (spec.depth - 1), output]
 
 
 def parameter_count(spec: Spec) -> int:
-    """Every parameter of the network `spec` describes: weights, biases, norm scales and shifts.
-
-    mlp: Linear(3072 -> width), depth - 1 x Linear(width -> width), Linear(width -> 10); cnn: a 3x3 conv
-    3 -> width, depth - 1 convs width -> width, Linear(width -> 10); a norm layer after every hidden
-    weight layer. Residual connections add no parameters.
-    """
-    w = spec.width
-    if spec.arch == "cnn":
-        kernel = CONV_KERNEL * CONV_KERNEL
-        first, hidden = IMAGE_SHAPE[0] * kernel * w + w, kernel * w * w + w
-    else:
-        first, hidden = INPUT_FEATURES * w + w, w * w + w
-    output = NUM_CLASSES * w + NUM_CLASSES
-    return first + (spec.depth - 1) * hidden + spec.depth * norm_parameter_count(spec) + output
+    """Every parameter of the network `spec` describes: weights, biases, norm scales and shifts, tables."""
+    return sum(layer.params for layer in layer_shapes(spec))
 
 
 def largest_layer_parameter_count(spec: Spec) -> int:
-    """Parameters of the network's largest weight layer (its weight and bias)."""
-    w = spec.width
-    if spec.arch == "cnn":
-        kernel = CONV_KERNEL * CONV_KERNEL
-        first, hidden = IMAGE_SHAPE[0] * kernel * w + w, kernel * w * w + w
-    else:
-        first, hidden = INPUT_FEATURES * w + w, w * w + w
-    return max(first, hidden if spec.depth > 1 else 0, NUM_CLASSES * w + NUM_CLASSES)
+    """Parameters of the network's largest layer other than a norm (its weight or table and its bias)."""
+    return max(layer.params for layer in layer_shapes(spec) if layer.kind != "norm")
 
 
 def weight_layer_parameter_count(spec: Spec) -> int:
-    """Parameters of the network's weight layers (linear, conv: weights and biases), norm layers excluded."""
-    return parameter_count(spec) - spec.depth * norm_parameter_count(spec)
+    """Parameters of every layer but the norm layers (weights, biases, embedding tables)."""
+    return sum(layer.params for layer in layer_shapes(spec) if layer.kind != "norm")
 
 
 def weight_count(spec: Spec) -> int:
-    """Weights (and norm scales) of every layer, biases and norm shifts excluded."""
-    biases = spec.depth * spec.width + NUM_CLASSES + spec.depth * norm_parameter_count(spec) // 2
-    return parameter_count(spec) - biases
+    """Weights, tables and norm scales of every layer, biases and norm shifts excluded."""
+    return sum(layer.weights for layer in layer_shapes(spec))
 
 
 def layer_count(spec: Spec) -> int:
-    """Parameterised layers in the network's `layers` list: a weight layer per hidden layer, its norm, the output."""
-    return spec.depth * (2 if spec.norm != "none" else 1) + 1
+    """Parameterised layers in the network's `layers` list."""
+    return len(layer_shapes(spec))
