@@ -29,6 +29,7 @@ FindingKind = Literal[
     "structural_zero_bias",
     "norm_layers",
     "penalty_dominates",
+    "layer_norm_position",
 ]
 Severity = Literal["info", "warning", "critical"]
 
@@ -137,7 +138,9 @@ class Theory(_Row):
 
 class Evidence(_Row):
     """The numbers behind a verdict. Slopes are in decades per layer toward the input; a span is the
-    fitted change across the interior layers (slope × (interior − 1)), in decades."""
+    fitted change across the interior layers (slope × (interior − 1)), in decades. For a transformer the
+    profiles run across its blocks, one value per block (docs/verdict.md), and `interior_layers` counts
+    blocks."""
 
     decades_per_layer: float | None = None
     act_decades_per_layer: float | None = None
@@ -178,6 +181,11 @@ class Evidence(_Row):
     norm_span_decades: float | None = None
     saturation_frac_max: float | None = None
     penalty_grad_ratio_max: float | None = None
+    near_output_ratio: float | None = Field(
+        None,
+        description="transformer: the last block's ‖∂L/∂W‖ of mlp.fc2 at init over the geometric mean of every "
+        "block's; above 1 the gradient is largest near the output (Xiong et al. 2020's post-LN).",
+    )
 
 
 class Finding(_Row):
