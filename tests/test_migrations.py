@@ -42,7 +42,15 @@ def test_upgrade_from_empty_to_head(db_url: str) -> None:
     assert db.current(db_url) is None
     db.upgrade(db_url)
     assert db.current(db_url) == _head()
-    assert _tables(db_url) == {"alembic_version", "sweeps", "runs", "run_layers", "run_steps", "run_records"}
+    assert _tables(db_url) == {
+        "alembic_version",
+        "sweeps",
+        "runs",
+        "run_layers",
+        "run_steps",
+        "run_records",
+        "run_time_records",
+    }
     db.upgrade(db_url)  # idempotent
     assert db.current(db_url) == _head()
 
@@ -233,6 +241,61 @@ def test_0003_external_runs_round_trip(db_url: str) -> None:
         with engine.connect() as connection:
             assert set(connection.execute(select(text("id")).select_from(text("runs"))).scalars()) == {probe_id}
             assert connection.execute(text("SELECT count(*) FROM run_records")).scalar_one() == 0
+    finally:
+        engine.dispose()
+    db.upgrade(url)
+    assert db.current(url) == _head()
+
+
+def test_0005_time_records_table_keys_cascade_and_downgrade(db_url: str) -> None:
+    """0005 adds run_time_records keyed (run_id, step, layer, t) with a per-layer index; rows go with their
+    run; the downgrade drops the table and keeps the runs."""
+    from graddiag.service.store.runs import delete_run, load_report
+    from tests.support.reports import recurrent_report, succeed
+
+    url = db_url
+    db.upgrade(url, "0004")
+    assert "run_time_records" not in _tables(url)
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    try:
+        inspector = inspect(engine)
+        assert inspector.get_pk_constraint("run_time_records")["constrained_columns"] == [
+            "run_id",
+            "step",
+            "layer",
+            "t",
+        ]
+        indexes = {index["name"]: index["column_names"] for index in inspector.get_indexes("run_time_records")}
+        assert indexes == {"ix_run_time_records_layer": ["run_id", "layer", "step", "t"]}
+        spec = TINY.model_copy(update={"arch": "gru", "activation": "tanh", "depth": 2})
+        report = recurrent_report(spec, time_steps=4)
+        with db.make_sessionmaker(engine)() as session:
+            kept, gone = (create_run(session, spec)[0].id for _ in range(2))
+        for run_id in (kept, gone):
+            succeed(engine, run_id, report)
+        with db.make_sessionmaker(engine)() as session:
+            loaded = load_report(session, kept)
+            assert loaded is not None and loaded.time_records == report.time_records
+            delete_run(session, gone)
+        with engine.connect() as connection:
+            owners = connection.execute(text("SELECT DISTINCT run_id FROM run_time_records")).scalars().all()
+            assert owners == [kept]
+        # One row per (run, step, layer, t).
+        first = report.time_records[0]
+        with engine.begin() as connection, pytest.raises(IntegrityError):
+            connection.execute(
+                text("INSERT INTO run_time_records (run_id, step, layer, t) VALUES (:r, :s, :l, :t)"),
+                {"r": kept, "s": first.step, "l": first.layer, "t": first.t},
+            )
+    finally:
+        engine.dispose()
+    db.downgrade(url, "0004")
+    assert "run_time_records" not in _tables(url)
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT id FROM runs")).scalars().all() == [kept]
     finally:
         engine.dispose()
     db.upgrade(url)

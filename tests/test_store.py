@@ -29,6 +29,7 @@ from graddiag.service.store.runs import (
     RunFinished,
     RunNotFound,
     cancel_run,
+    create_external_run,
     create_run,
     decode_finding_kinds,
     delete_run,
@@ -39,12 +40,23 @@ from graddiag.service.store.runs import (
     layer_rows,
     list_runs,
     load_report,
+    recurrent_layers,
     report_columns,
     report_rows,
+    time_steps,
+    time_table,
 )
 from graddiag.service.store.sweeps import SweepInvalid, SweepNotFound, create_sweep, sweep_status, sweep_summary
-from graddiag.service.store.tables import FINDING_KINDS_LENGTH, Run, RunLayer, RunRecord, RunStep, stamp
-from tests.support.reports import with_findings
+from graddiag.service.store.tables import (
+    FINDING_KINDS_LENGTH,
+    Run,
+    RunLayer,
+    RunRecord,
+    RunStep,
+    RunTimeRecord,
+    stamp,
+)
+from tests.support.reports import external_report, recurrent_report, with_findings
 from tests.support.specs import TINY
 from tests.support.store import sample_report
 
@@ -105,6 +117,69 @@ def test_report_round_trip_is_exact(session: Session) -> None:
     assert loaded.model_dump() == report.model_dump()
     assert get_run(session, run.id).verdict == "vanishing"
     assert get_run(session, run.id).evidence == report.verdict.evidence.model_dump(mode="json")
+
+
+LSTM = Spec(arch="lstm", depth=2, width=16, steps=3, batch_size=8, dataset="synthetic")
+
+
+@pytest.mark.parametrize("arch", ["rnn", "gru", "lstm"])
+def test_time_records_round_trip_in_order(session: Session, arch: str) -> None:
+    spec = LSTM.model_copy(update={"arch": arch, "steps": 7, "record_every": 3})
+    report = recurrent_report(spec, time_steps=5)
+    # Stored in any order, read back by (step, layer, t).
+    shuffled = report.model_copy(update={"time_records": report.time_records[::-1]})
+    run, _ = create_run(session, spec)
+    succeed(session, run.id, shuffled)
+
+    loaded = load_report(session, run.id)
+    assert loaded is not None
+    assert loaded.model_dump() == report.model_dump()
+    keys = [(r.step, r.layer, r.t) for r in loaded.time_records]
+    assert keys == sorted(keys) and len(keys) == 3 * 2 * 5  # steps 0, 3, 6 x layers 1, 3 x t 0..4
+    assert recurrent_layers(session, run.id) == [(1, f"{arch}1.hh"), (3, f"{arch}2.hh")]
+    assert time_steps(session, run.id) == [0, 3, 6]
+    if arch == "lstm":
+        assert {r.cell_grad_norm is not None for r in loaded.time_records} == {True}
+    else:
+        assert {r.cell_grad_norm for r in loaded.time_records} == {None}
+
+
+def test_time_table_filters_by_layer_and_step(session: Session) -> None:
+    run, _ = create_run(session, LSTM)
+    succeed(session, run.id, recurrent_report(LSTM, time_steps=4))
+    every = time_table(session, run.id)
+    assert [row[:3] for row in every] == [(s, layer, t) for s in (0, 2) for layer in (1, 3) for t in range(4)]
+    one_layer = time_table(session, run.id, layer=3)
+    assert [row[:3] for row in one_layer] == [(s, 3, t) for s in (0, 2) for t in range(4)]
+    one_step = time_table(session, run.id, layer=1, step=2)
+    # grad_norm = 10^(-0.1 (T-1-t)) (1 + step) / (layer + 1): t = 3 is the last time step.
+    assert [row[3] for row in one_step] == pytest.approx([10 ** (-0.1 * (3 - t)) * 3 / 2 for t in range(4)])
+    assert time_table(session, run.id, step=1) == []  # not a recorded step
+    with pytest.raises(RunNotFound):
+        time_table(session, "nope")
+
+
+def test_runs_without_time_records_have_none(session: Session) -> None:
+    run, _ = create_run(session, TINY)
+    assert time_table(session, run.id) == [] and recurrent_layers(session, run.id) == []  # queued
+    succeed(session, run.id, sample_report(TINY))
+    loaded = load_report(session, run.id)
+    assert loaded is not None and loaded.time_records == []
+    assert (
+        time_table(session, run.id) == []
+        and recurrent_layers(session, run.id) == []
+        and not time_steps(session, run.id)
+    )
+
+
+def test_external_run_keeps_its_time_records(session: Session) -> None:
+    base = recurrent_report(LSTM, time_steps=3)
+    report = external_report().model_copy(
+        update={"layers": base.layers, "records": base.records, "time_records": base.time_records}
+    )
+    run = create_external_run(session, report, name="my-lstm", tags=[])
+    assert load_report(session, run.id) == report
+    assert _count(session, RunTimeRecord, run.id) == 2 * 2 * 3
 
 
 def test_findings_forward_signal_and_flags_round_trip(session: Session) -> None:
@@ -333,16 +408,17 @@ def test_cancel_semantics(session: Session) -> None:
 
 
 def test_delete_cascades_to_report_rows(session: Session) -> None:
-    keep, _ = create_run(session, TINY)
-    gone, _ = create_run(session, TINY)
+    keep, _ = create_run(session, LSTM)
+    gone, _ = create_run(session, LSTM)
     for run in (keep, gone):
-        succeed(session, run.id, sample_report(TINY))
-    assert _count(session, RunRecord, gone.id) == 4 * 5  # 4 layers x 5 recorded steps
+        succeed(session, run.id, recurrent_report(LSTM))
+    assert _count(session, RunRecord, gone.id) == 5 * 2  # 5 layers x 2 recorded steps
+    assert _count(session, RunTimeRecord, gone.id) == 2 * 2 * 32  # 2 recorded steps x 2 recurrent layers x 32 t
 
     delete_run(session, gone.id)
     with pytest.raises(RunNotFound):
         get_run(session, gone.id)
-    for table in (RunLayer, RunStep, RunRecord):
+    for table in (RunLayer, RunStep, RunRecord, RunTimeRecord):
         assert _count(session, table, gone.id) == 0
         assert _count(session, table, keep.id) > 0
     with pytest.raises(RunNotFound):
@@ -529,3 +605,40 @@ def test_unknown_sweep(session: Session) -> None:
     for call in (sweep_status, sweep_summary):
         with pytest.raises(SweepNotFound):
             call(session, "nope")
+
+
+def test_every_spec_field_filters_a_listing() -> None:
+    # The listing's conditions read one RunFilters field per spec field: a new spec field needs its filter.
+    assert set(Spec.model_fields) <= set(RunFilters.model_fields)
+
+
+def test_recurrent_and_transformer_fields_filter_and_sort(session: Session) -> None:
+    lstm = Spec(arch="lstm", depth=2, width=16, steps=3, dataset="synthetic")
+    runs = {
+        "default": lstm,
+        "one": lstm.model_copy(update={"forget_bias": 1.0}),
+        "two": lstm.model_copy(update={"forget_bias": 2.0}),
+        "chrono": lstm.model_copy(update={"forget_bias": "chrono"}),
+        "vit": Spec(arch="transformer", depth=2, width=16, heads=2, norm_position="post", pooling="mean"),
+    }
+    ids = {name: create_run(session, spec)[0].id for name, spec in runs.items()}
+
+    def listed(**filters: Any) -> list[str]:
+        rows, total = list_runs(session, RunFilters(**filters))
+        assert total == len(rows)
+        names = {run_id: name for name, run_id in ids.items()}
+        return [names[row.id] for row in rows]
+
+    assert listed(forget_bias="chrono") == ["chrono"]
+    assert listed(forget_bias=1.0) == ["one"]
+    assert sorted(listed(arch="lstm")) == ["chrono", "default", "one", "two"]
+    assert listed(heads=2) == ["vit"] and listed(norm_position="post") == ["vit"] and listed(pooling="mean") == ["vit"]
+    # A word where a number may stand is no number: numeric comparisons and sorting pass over it.
+    assert sorted(listed(filter="forget_bias > 0.5")) == ["one", "two"]
+    assert listed(filter="forget_bias = 'chrono'") == ["chrono"]
+    assert sorted(listed(filter="forget_bias != 'chrono'")) == ["default", "one", "two", "vit"]
+    assert listed(sort="-forget_bias")[:2] == ["two", "one"]
+    with pytest.raises(ValueError, match="forget_bias is a number or one of 'chrono'"):
+        RunFilters(filter="forget_bias = 'big'")
+    with pytest.raises(ValueError, match="compares with = or != only"):
+        RunFilters(filter="forget_bias < 'chrono'")

@@ -20,7 +20,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Union, get_args, get_origin
 
-from sqlalchemy import ColumnElement, String, and_, cast
+from sqlalchemy import ColumnElement, String, and_, case, cast, null
 from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.elements import KeyedColumnElement
 
@@ -53,7 +53,8 @@ Kind = Literal["number", "string", "bool"]
 
 @dataclass(frozen=True)
 class FieldInfo:
-    """How a filterable name compares: its kind and, for a closed set of strings, the allowed values."""
+    """How a filterable name compares: its kind and, for a closed set of strings, the allowed values (for a
+    number, the words it may hold instead of one)."""
 
     kind: Kind
     allowed: tuple[str, ...] | None = None
@@ -63,7 +64,12 @@ def _spec_field_info(name: str) -> FieldInfo:
     annotation = Spec.model_fields[name].annotation
     # `float | None` and friends: the non-None member decides.
     if get_origin(annotation) in (Union, types.UnionType):
-        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        words = tuple(str(value) for arg in members if get_origin(arg) is Literal for value in get_args(arg))
+        if words and any(arg in (int, float) for arg in members):
+            # A number or a named setting (forget_bias: a float or 'chrono'): the words compare with = and !=.
+            return FieldInfo("number", words)
+        annotation = members[0]
     if annotation is bool:
         return FieldInfo("bool")
     if annotation in (int, float):
@@ -92,12 +98,22 @@ def field_expression(name: str) -> KeyedColumnElement[Any] | ColumnElement[Any]:
         table_column, key = METRICS[name]
         return getattr(Run, table_column)[key].as_float()
     value = Run.spec[name]
-    kind = FIELDS[name].kind
-    if kind == "number":
+    info = FIELDS[name]
+    if info.kind == "number" and info.allowed:
+        # A word where a number may stand reads as NULL here: PostgreSQL's cast of it to a float would fail.
+        return case((value.as_string().in_(info.allowed), null()), else_=value.as_float())
+    if info.kind == "number":
         return value.as_float()
-    if kind == "bool":
+    if info.kind == "bool":
         return value.as_boolean()
     return value.as_string()
+
+
+def equals(name: str, value: float | str | bool) -> ColumnElement[bool]:
+    """`name` = `value`, where a word given for a number field (forget_bias = 'chrono') compares as text."""
+    if isinstance(value, str) and FIELDS[name].kind == "number":
+        return Run.spec[name].as_string() == value
+    return field_expression(name) == value
 
 
 def sort_expression(sort: str) -> ColumnElement[Any]:
@@ -167,8 +183,13 @@ def _check(clause: Clause) -> None:
             raise ValueError(f"{clause.name} {clause.op} null: null compares with = or != only")
         return
     if info.kind == "number":
+        if isinstance(clause.value, str) and info.allowed and clause.value in info.allowed:
+            if clause.op not in ("=", "!="):
+                raise ValueError(f"{clause.name} = {clause.value!r} compares with = or != only, not {clause.op}")
+            return
         if isinstance(clause.value, bool) or not isinstance(clause.value, float):
-            raise ValueError(f"{clause.name} is a number: compare it with a number, e.g. {clause.name} < 0.5")
+            words = f" or one of {', '.join(repr(w) for w in info.allowed)}" if info.allowed else ""
+            raise ValueError(f"{clause.name} is a number{words}: compare it with a number, e.g. {clause.name} < 0.5")
         return
     if clause.op not in ("=", "==", "!="):
         raise ValueError(f"{clause.name} compares with = or != only, not {clause.op}")
@@ -223,9 +244,11 @@ def clause_condition(clause: Clause) -> ColumnElement[bool]:
     if value is None:
         return expression.is_(None) if clause.op == "=" else expression.is_not(None)
     if clause.op == "=":
-        return expression == value
+        return equals(clause.name, value)
     if clause.op == "!=":
         # SQL's NULL != x is unknown; a run without the value does differ from it.
+        if isinstance(value, str) and FIELDS[clause.name].kind == "number":
+            expression = Run.spec[clause.name].as_string()
         return (expression != value) | expression.is_(None)
     return {"<": expression < value, "<=": expression <= value, ">": expression > value, ">=": expression >= value}[
         clause.op

@@ -13,14 +13,27 @@ import shutil
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Final, TypeVar, cast
+from typing import Annotated, Any, Final, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from graddiag.models.spec import Activation, Arch, BiasInit, ClipMode, Dataset, Device, Init, Norm, Optimizer, Spec
+from graddiag.models.spec import (
+    Activation,
+    Arch,
+    BiasInit,
+    ClipMode,
+    Dataset,
+    Device,
+    Init,
+    Norm,
+    NormPosition,
+    Optimizer,
+    Pooling,
+    Spec,
+)
 from graddiag.service.engine.report import (
     EvalResult,
     FindingKind,
@@ -30,6 +43,7 @@ from graddiag.service.engine.report import (
     ModelDescription,
     Report,
     StepMetrics,
+    TimeRecord,
     Timing,
     Verdict,
 )
@@ -37,7 +51,7 @@ from graddiag.service.store.query import (
     JSON_SPEC_FIELDS,
     SORTABLE,
     Clause,
-    field_expression,
+    equals,
     filter_condition,
     has_tag,
     name_contains,
@@ -53,10 +67,11 @@ from graddiag.service.store.tables import (
     RunSource,
     RunStatus,
     RunStep,
+    RunTimeRecord,
     stamp,
 )
 
-RowModel = TypeVar("RowModel", LayerInfo, StepMetrics, LayerRecord)
+RowModel = TypeVar("RowModel", LayerInfo, StepMetrics, LayerRecord, TimeRecord)
 # Integers a filter compares with a column: bounded to 64 bits, which SQL integers are (beyond, the
 # driver raises OverflowError instead of matching nothing).
 SqlInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -110,6 +125,11 @@ class RunFilters(BaseModel):
     record_every: SqlInt | None = None
     device: Device | None = None
     tensorboard: bool | None = None
+    forget_bias: float | Literal["chrono"] | None = None
+    heads: SqlInt | None = None
+    norm_position: NormPosition | None = None
+    mlp_ratio: SqlInt | None = None
+    pooling: Pooling | None = None
     status: RunStatus | None = None
     verdict: Label | None = None
     sweep_id: str | None = None
@@ -258,7 +278,7 @@ def _conditions(filters: RunFilters) -> list[ColumnElement[bool]]:
     for name in JSON_SPEC_FIELDS:
         value = getattr(filters, name)
         if value is not None:
-            conditions.append(field_expression(name) == value)
+            conditions.append(equals(name, value))
     if filters.filter is not None:
         conditions.append(filter_condition(filters.clauses()))
     if filters.name:
@@ -331,12 +351,15 @@ ReportRows = list[tuple[type[Base], list[dict[str, Any]]]]
 
 
 def report_rows(run_id: str, report: Report) -> ReportRows:
-    """A report's layers, steps and records as tidy rows per table (built before a write transaction,
-    so the write lock is held only for the inserts)."""
-    tables: tuple[tuple[type[Base], list[LayerInfo] | list[StepMetrics] | list[LayerRecord]], ...] = (
+    """A report's layers, steps, records and time records as tidy rows per table (built before a write
+    transaction, so the write lock is held only for the inserts)."""
+    tables: tuple[
+        tuple[type[Base], list[LayerInfo] | list[StepMetrics] | list[LayerRecord] | list[TimeRecord]], ...
+    ] = (
         (RunLayer, report.layers),
         (RunStep, report.steps),
         (RunRecord, report.records),
+        (RunTimeRecord, report.time_records),
     )
     return [
         (
@@ -360,12 +383,12 @@ def insert_report_rows(connection: Connection | Session, rows: ReportRows) -> No
 def _read_rows(
     session: Session,
     model: type[RowModel],
-    table: type[RunLayer | RunStep | RunRecord],
+    table: type[RunLayer | RunStep | RunRecord | RunTimeRecord],
     run_id: str,
     *conditions: ColumnElement[bool],
     order_by: tuple[str, ...],
 ) -> list[RowModel]:
-    # The tidy tables' columns are named after the report model's fields, so one select fits all three.
+    # The tidy tables' columns are named after the report model's fields, so one select fits them all.
     columns = table.__table__.c
     query = (
         select(*(columns[name] for name in model.model_fields))
@@ -437,6 +460,46 @@ def recorded_step_range(session: Session, run_id: str) -> tuple[int, int] | None
     return None if first is None else (int(first), int(last))
 
 
+TIME_FIELDS: Final[tuple[str, ...]] = tuple(TimeRecord.model_fields)
+# One run's time records are read in the order of their primary key.
+TIME_ORDER: Final = ("step", "layer", "t")
+# The layer kind whose rows the time records are (a recurrent layer's recurrent matrix).
+RECURRENT_KIND: Final = "recurrent"
+
+
+def recurrent_layers(session: Session, run_id: str) -> list[tuple[int, str]]:
+    """(index, name) of the run's recurrent layers in forward order: the layers its time records are
+    of (empty for a run without any, or before it succeeded)."""
+    query = (
+        select(RunLayer.index, RunLayer.name)
+        .where(RunLayer.run_id == run_id, RunLayer.kind == RECURRENT_KIND)
+        .order_by(RunLayer.index)
+    )
+    return [(index, name) for index, name in session.execute(query)]
+
+
+def time_steps(session: Session, run_id: str) -> list[int]:
+    """The steps at which the run has time records, in order (read from the primary key)."""
+    query = select(RunTimeRecord.step).where(RunTimeRecord.run_id == run_id).distinct().order_by(RunTimeRecord.step)
+    return list(session.scalars(query))
+
+
+def time_table(
+    session: Session, run_id: str, *, layer: int | None = None, step: int | None = None
+) -> list[tuple[Any, ...]]:
+    """The run's time records as plain tuples in TIME_FIELDS order, by (step, layer, t); optionally of one
+    layer and/or one step. Plain tuples for the same reason as gradient_table. Raises RunNotFound."""
+    get_run(session, run_id)
+    columns = RunTimeRecord.__table__.c
+    conditions: list[ColumnElement[bool]] = [columns.run_id == run_id]
+    if layer is not None:
+        conditions.append(columns.layer == layer)
+    if step is not None:
+        conditions.append(columns.step == step)
+    query = select(*(columns[name] for name in TIME_FIELDS)).where(*conditions)
+    return [tuple(row) for row in session.execute(query.order_by(*(columns[name] for name in TIME_ORDER)))]
+
+
 def load_report(session: Session, run_id: str) -> Report | None:
     """The report of a succeeded run, rebuilt from the tidy tables; None before it succeeded."""
     run = get_run(session, run_id)
@@ -450,6 +513,7 @@ def load_report(session: Session, run_id: str) -> Report | None:
         layers=_read_rows(session, LayerInfo, RunLayer, run_id, order_by=("index",)),
         steps=_read_rows(session, StepMetrics, RunStep, run_id, order_by=("step",)),
         records=_read_rows(session, LayerRecord, RunRecord, run_id, order_by=("step", "layer")),
+        time_records=_read_rows(session, TimeRecord, RunTimeRecord, run_id, order_by=TIME_ORDER),
         verdict=verdict,
         eval=EvalResult.model_validate(run.eval_result),
         timing=Timing.model_validate(run.timing),

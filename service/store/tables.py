@@ -244,3 +244,22 @@ class RunRecord(Base):
     saturation_frac: Mapped[float | None] = mapped_column(Float)
     act_norm: Mapped[float | None] = mapped_column(Float)
     penalty_grad_norm: Mapped[float | None] = mapped_column(Float)
+
+
+class RunTimeRecord(Base):
+    """One recurrent layer at one time step of one recorded step: the gradient through time (the report's
+    TimeRecord). The primary key is the order readers want, one run's rows by step, layer and t; the layer
+    index serves one layer's t × step heatmap."""
+
+    __tablename__ = "run_time_records"
+    __table_args__ = (Index("ix_run_time_records_layer", "run_id", "layer", "step", "t"),)
+
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    layer: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    t: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    grad_norm: Mapped[float | None] = mapped_column(Float)
+    cell_grad_norm: Mapped[float | None] = mapped_column(Float)
+    state_rms: Mapped[float | None] = mapped_column(Float)
+    gate_mean: Mapped[float | None] = mapped_column(Float)
+    saturation_frac: Mapped[float | None] = mapped_column(Float)

@@ -22,6 +22,7 @@ from graddiag.service.engine.report import (
     Severity,
     StepMetrics,
     Theory,
+    TimeRecord,
     Timing,
     Verdict,
 )
@@ -84,6 +85,43 @@ def plain_report(spec: Spec, label: Label = "healthy") -> Report:
             device="cpu", data_s=0.0, train_s=0.1, eval_s=0.0, total_s=0.1, step_ms=20.0, steps_run=spec.steps
         ),
     )
+
+
+def recurrent_report(spec: Spec, label: Label = "healthy", time_steps: int = 32) -> Report:
+    """plain_report's figures for a recurrent spec (arch rnn, gru or lstm), with the network's layer names
+    (`<arch><i>.ih` linear, `<arch><i>.hh` recurrent, `output.linear`) and time records of every `.hh`
+    layer at every recorded step with known values: ‖∂L/∂h_t‖ = 10^(-0.1·(T-1-t)) · (1 + step) / (layer
+    index + 1), falling 0.1 decade per time step toward t = 0; the cell's gradient (lstm) is twice that;
+    gate means (lstm, gru) and the saturated fraction (null for relu) vary with t."""
+    base = plain_report(spec, label)
+    names = [name for i in range(1, spec.depth + 1) for name in (f"{spec.arch}{i}.ih", f"{spec.arch}{i}.hh")]
+    layers = [
+        LayerInfo(index=i, name=name, kind="recurrent" if name.endswith(".hh") else "linear", params=100 * (i + 1))
+        for i, name in enumerate([*names, "output.linear"])
+    ]
+    template = {record.step: record for record in base.records if record.layer == 0}
+    records = [
+        template[step].model_copy(update={"layer": layer.index, "grad_norm": 0.1 * (layer.index + 1) * (1 + step)})
+        for step in template
+        for layer in layers
+    ]
+    time_records = [
+        TimeRecord(
+            step=step,
+            layer=layer.index,
+            t=t,
+            grad_norm=10.0 ** (-0.1 * (time_steps - 1 - t)) * (1 + step) / (layer.index + 1),
+            cell_grad_norm=2 * 10.0 ** (-0.1 * (time_steps - 1 - t)) * (1 + step) if spec.arch == "lstm" else None,
+            state_rms=0.5 + t / (4 * time_steps),
+            gate_mean=None if spec.arch == "rnn" else 0.5 + t / (4 * time_steps),
+            saturation_frac=None if spec.activation == "relu" else t / (2 * time_steps),
+        )
+        for step in template
+        for layer in layers
+        if layer.kind == "recurrent"
+        for t in range(time_steps)
+    ]
+    return base.model_copy(update={"layers": layers, "records": records, "time_records": time_records})
 
 
 def finding(kind: FindingKind, index: int = 0) -> Finding:
