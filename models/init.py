@@ -12,6 +12,17 @@ PyTorch's weight 1, bias 0. ``init_gain`` always multiplies the weights' standar
 - ``normal``: N(0, (init_std · init_gain)²).
 
 ``bias_init="default"`` keeps PyTorch's bias init, ``"zeros"`` zeroes every Linear/Conv2d bias.
+
+Recurrent nets (rnn, gru, lstm): each gate's block of W_ih and W_hh (PyTorch stacks them, i f g o for
+lstm, r z n for gru) is initialised as a matrix of its own, so Glorot/He/orthogonal see a gate's fans.
+``default`` is PyTorch's recurrent init, U(±1/√width) for every weight and bias. ``orthogonal`` and
+``identity`` (init_gain · I, the IRNN of Le et al. 2015, whose biases are zero: add bias_init='zeros')
+name the recurrent matrix: W_ih and the output layer keep PyTorch's init. ``forget_bias`` (lstm) sets the
+forget gate's b_ih to the number and its b_hh to 0; ``chrono`` draws b_f = log U(1, T − 1) with T the 32
+steps, the input gate's bias −b_f (Tallec & Ollivier 2018).
+
+Transformers: ``init`` applies to every Linear (patch projection, q/k/v/out, the MLPs, the output) as for
+the MLP; the position table and class token are N(0, 0.02²) (the ViT convention); layer norms keep 1, 0.
 """
 
 from __future__ import annotations
@@ -21,14 +32,17 @@ from typing import TYPE_CHECKING, Literal, assert_never
 import torch
 from torch import nn
 
-from graddiag.models.spec import Spec
+from graddiag.models.shapes import SEQUENCE_LENGTH, gate_count
+from graddiag.models.spec import RECURRENT_ARCHS, Spec
 
 if TYPE_CHECKING:
-    from graddiag.models.networks import Network
+    from graddiag.models.networks import Network, Recurrent
 
 KaimingNonlinearity = Literal["linear", "sigmoid", "tanh", "relu", "leaky_relu", "selu"]
 
 LEAKY_RELU_SLOPE = 0.01
+# Standard deviation of a transformer's position table and class token (ViT's).
+EMBEDDING_STD = 0.02
 
 _KAIMING: dict[str, tuple[KaimingNonlinearity, float]] = {
     "sigmoid": ("sigmoid", 0.0),
@@ -70,12 +84,48 @@ def initialise(network: Network, spec: Spec, generator: torch.Generator) -> None
     state, the spec and the generator's state. Norm layers are left untouched.
     """
     with torch.no_grad():
+        in_recurrent: set[int] = set()
+        for _, cell in network.recurrent:
+            _initialise_recurrent(cell, spec, generator)
+            in_recurrent |= {id(parameter) for parameter in cell.parameters()}
         for layer in network.layers:
-            if layer.kind == "norm":
+            if layer.kind == "norm" or id(layer.weight) in in_recurrent:
                 continue
-            _initialise_weight(layer.module.get_parameter("weight"), spec, generator)
+            if layer.kind == "embedding":
+                nn.init.normal_(layer.weight, std=EMBEDDING_STD, generator=generator)
+                continue
+            if not (spec.arch in RECURRENT_ARCHS and spec.init in ("orthogonal", "identity")):
+                _initialise_weight(layer.module.get_parameter("weight"), spec, generator)
             if spec.bias_init == "zeros":
                 layer.module.get_parameter("bias").zero_()
+
+
+def _initialise_recurrent(cell: Recurrent, spec: Spec, generator: torch.Generator) -> None:
+    """A recurrent layer's matrices gate block by gate block, its biases, and the LSTM's forget bias."""
+    hidden = cell.hidden
+    for matrix, recurrent in ((cell.ih.weight, False), (cell.hh.weight, True)):
+        if spec.init in ("orthogonal", "identity") and not recurrent:
+            continue
+        for block in matrix.split(hidden):
+            if spec.init == "identity":
+                nn.init.eye_(block)
+                block.mul_(spec.init_gain)
+            else:
+                _initialise_weight(block, spec, generator)
+    if spec.bias_init == "zeros":
+        cell.ih.bias.zero_()
+        cell.hh.bias.zero_()
+    if spec.arch == "lstm" and spec.forget_bias is not None:
+        assert gate_count("lstm") == 4
+        gate_i, gate_f = slice(0, hidden), slice(hidden, 2 * hidden)
+        if spec.forget_bias == "chrono":
+            drawn = torch.empty(hidden).uniform_(1.0, SEQUENCE_LENGTH - 1, generator=generator).log_()
+            cell.ih.bias[gate_f] = drawn
+            cell.ih.bias[gate_i] = -drawn
+            cell.hh.bias[gate_i] = 0.0
+        else:
+            cell.ih.bias[gate_f] = spec.forget_bias
+        cell.hh.bias[gate_f] = 0.0
 
 
 def _initialise_weight(weight: torch.Tensor, spec: Spec, generator: torch.Generator) -> None:
@@ -99,5 +149,7 @@ def _initialise_weight(weight: torch.Tensor, spec: Spec, generator: torch.Genera
             if spec.init_std is None:
                 raise ValueError("init='normal' needs init_std")
             nn.init.normal_(weight, mean=0.0, std=spec.init_std * gain, generator=generator)
+        case "identity":
+            raise ValueError("init='identity' applies to a recurrent matrix only")
         case _:
             assert_never(spec.init)

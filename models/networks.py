@@ -12,6 +12,19 @@ conv → norm → activation. With ``residual`` the rest of each stage forms bas
 ``stage{s}.block{j}`` (conv1 → norm1 → act1 → conv2 → norm2, then act(x + ·)); a stage's odd conv out is
 a last one-conv block (conv → norm, then act(x + ·)).
 
+rnn, gru, lstm: ``rows`` reads each image row by row (32 time steps of 96 features: 32 pixels × RGB),
+then ``{arch}1`` … ``{arch}{depth}`` stacked recurrent layers of ``width`` hidden units, each unrolled over
+time (:class:`Recurrent`: ``ih`` projects the whole input sequence at once, ``hh`` is the recurrent matrix
+applied at every step, PyTorch's cell equations and gate order), ``last`` keeps the top layer's last
+hidden state and ``output`` (Linear width→10) classifies it.
+
+transformer: ``patches`` cuts each image into 4×4 patches (64 tokens of 48 features), ``embed`` projects
+them to ``width`` (``embed.linear``), prepends a class token (``embed.cls``, pooling='cls') and adds a
+learned position table (``embed.pos``), then ``block1`` … ``block{depth}`` (:class:`Block`: multi-head
+self-attention ``attn.q/k/v/out`` and an MLP ``mlp.fc1 → act → mlp.fc2``, layer norms before each
+sub-block (pre) or after each residual sum (post)), a final ``norm`` (pre only), ``pool`` (the class token
+or the mean token) and ``output`` (Linear width→10).
+
 Layer names are the modules' qualified names in the network (``dict(network.named_modules())``), e.g.
 ``hidden3.linear``, ``hidden3.norm``, ``stem.conv``, ``stage2.block1.conv2``, ``output.linear``.
 """
@@ -22,13 +35,29 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from graddiag.models.init import LEAKY_RELU_SLOPE, initialise
-from graddiag.models.shapes import CONV_KERNEL, IMAGE_SHAPE, INPUT_FEATURES, NUM_CLASSES, LayerKind, cnn_stage_sizes
-from graddiag.models.spec import Spec
+from graddiag.models.shapes import (
+    CONV_KERNEL,
+    IMAGE_SHAPE,
+    INPUT_FEATURES,
+    NUM_CLASSES,
+    PATCH,
+    PATCH_FEATURES,
+    PATCHES,
+    SEQUENCE_FEATURES,
+    SEQUENCE_LENGTH,
+    LayerKind,
+    cnn_stage_sizes,
+    gate_count,
+)
+from graddiag.models.spec import RECURRENT_ARCHS, Spec
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -77,12 +106,21 @@ class Network(nn.Module):
     """Named blocks run one after another; `layers` lists every parameterised layer in forward order."""
 
     layers: list[Layer]
+    # Each recurrent layer with the index of its recurrent matrix (kind "recurrent") in `layers`.
+    recurrent: list[tuple[int, Recurrent]]
 
     def __init__(self, blocks: Iterable[tuple[str, nn.Module]]) -> None:
         super().__init__()
         for name, block in blocks:
             self.add_module(name, block)
         self.layers = _collect_layers(self)
+        modules = dict(self.named_modules())
+        self.recurrent = []
+        for layer in self.layers:
+            if layer.kind == "recurrent":
+                owner = modules[layer.name.rpartition(".")[0]]
+                assert isinstance(owner, Recurrent)
+                self.recurrent.append((layer.index, owner))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (B, 10) for images (B, 3, 32, 32)."""
@@ -112,7 +150,7 @@ def build_network(spec: Spec) -> Network:
     """
     with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        network = Network(_mlp_blocks(spec) if spec.arch == "mlp" else _cnn_blocks(spec))
+        network = Network(_BLOCKS[spec.arch](spec))
         # Continue the construction stream rather than reseed with spec.seed: a second stream from the
         # same seed would replay the bits behind the default biases, making new weights functions of them.
         generator = torch.Generator()
@@ -170,7 +208,7 @@ def _mlp_blocks(spec: Spec) -> list[tuple[str, nn.Module]]:
 
     blocks = [("flatten", nn.Flatten()), ("input", hidden(INPUT_FEATURES, residual=False))]
     blocks += [(f"hidden{i}", hidden(spec.width, spec.residual)) for i in range(1, spec.depth)]
-    blocks.append(("output", nn.Sequential(OrderedDict(linear=nn.Linear(spec.width, NUM_CLASSES)))))
+    blocks.append(("output", _output(spec.width)))
     return blocks
 
 
@@ -212,12 +250,244 @@ def _cnn_blocks(spec: Spec) -> list[tuple[str, nn.Module]]:
     blocks += [
         ("gap", nn.AdaptiveAvgPool2d(1)),
         ("flatten", nn.Flatten()),
-        ("output", nn.Sequential(OrderedDict(linear=nn.Linear(spec.width, NUM_CLASSES)))),
+        ("output", _output(spec.width)),
     ]
     return blocks
 
 
+class Rows(nn.Module):
+    """Images (B, 3, 32, 32) as sequences (B, 32, 96): time step t is row t, its 32 pixels × RGB."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], SEQUENCE_LENGTH, SEQUENCE_FEATURES)
+
+
+class Patches(nn.Module):
+    """Images (B, 3, 32, 32) as 64 tokens of 48 features: 4×4 patches in row-major order, channels first."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, height, width = x.shape
+        x = x.reshape(b, c, height // PATCH, PATCH, width // PATCH, PATCH)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(b, PATCHES, PATCH_FEATURES)
+
+
+class RecurrentLinear(nn.Linear):
+    """The hidden-to-hidden matrix of a recurrent layer (kind "recurrent"): applied by its layer at every step."""
+
+
+class AttentionLinear(nn.Linear):
+    """A query, key, value or output projection of self-attention (kind "attention")."""
+
+
+class StateHook(Protocol):
+    """Called by a :class:`Recurrent` layer at every time step while registered.
+
+    `h` is the hidden state h_t (and `c` the LSTM's cell state c_t, else None); `keep` is the gate that
+    carries the past (LSTM forget gate f_t, GRU update gate z_t, None for rnn) and `gates` every sigmoid
+    gate of the step (empty for rnn). They are the graph's own tensors: a hook may register gradient
+    hooks on them, and must not modify them.
+    """
+
+    def __call__(self, t: int, h: Tensor, c: Tensor | None, keep: Tensor | None, gates: tuple[Tensor, ...]) -> None: ...
+
+
+class Recurrent(nn.Module):
+    """One recurrent layer unrolled over time: (B, T, in) → (B, T, hidden), the hidden states h_1 … h_T.
+
+    The cell equations are PyTorch's (nn.RNN, nn.GRU, nn.LSTM; gates stacked in the order i, f, g, o for
+    lstm and r, z, n for gru), with h_0 = c_0 = 0. ``ih`` applies W_ih x + b_ih to the whole sequence in
+    one call; ``hh`` (W_hh, b_hh) is applied with F.linear at each step, so forward hooks on it never
+    fire: a step's states reach a registered :class:`StateHook` instead. Parameters are drawn as
+    PyTorch draws a recurrent layer's, U(−1/√hidden, 1/√hidden) for every weight and bias.
+    """
+
+    def __init__(self, cell: str, in_features: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        if cell not in RECURRENT_ARCHS:
+            raise ValueError(f"unknown recurrent cell {cell!r}; expected one of {', '.join(RECURRENT_ARCHS)}")
+        self.cell = cell
+        self.hidden = hidden
+        self.activation = activation
+        self.ih = nn.Linear(in_features, gate_count(cell) * hidden)
+        self.hh = RecurrentLinear(hidden, gate_count(cell) * hidden)
+        bound = hidden**-0.5
+        with torch.no_grad():
+            for parameter in (self.ih.weight, self.ih.bias, self.hh.weight, self.hh.bias):
+                parameter.uniform_(-bound, bound)
+        self._state_hooks: OrderedDict[int, StateHook] = OrderedDict()
+
+    def register_state_hook(self, hook: StateHook) -> RemovableHandle:
+        """Call `hook` at every time step of every forward pass until the returned handle is removed."""
+        handle = RemovableHandle(self._state_hooks)
+        self._state_hooks[handle.id] = hook
+        return handle
+
+    def forward(self, x: Tensor) -> Tensor:
+        projected = self.ih(x)
+        h = x.new_zeros(x.shape[0], self.hidden)
+        c = h if self.cell == "lstm" else None
+        weight, bias = self.hh.weight, self.hh.bias
+        states = []
+        for t in range(x.shape[1]):
+            recurrent = F.linear(h, weight, bias)
+            keep: Tensor | None = None
+            gates: tuple[Tensor, ...] = ()
+            if self.cell == "rnn":
+                pre = projected[:, t] + recurrent
+                h = torch.tanh(pre) if self.activation == "tanh" else torch.relu(pre)
+            elif self.cell == "lstm":
+                assert c is not None
+                i, f, g, o = (projected[:, t] + recurrent).chunk(4, dim=1)
+                i, f, o = torch.sigmoid(i), torch.sigmoid(f), torch.sigmoid(o)
+                c = f * c + i * torch.tanh(g)
+                h = o * torch.tanh(c)
+                keep, gates = f, (i, f, o)
+            else:
+                x_r, x_z, x_n = projected[:, t].chunk(3, dim=1)
+                h_r, h_z, h_n = recurrent.chunk(3, dim=1)
+                r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+                h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
+                keep, gates = z, (r, z)
+            for hook in self._state_hooks.values():
+                hook(t, h, c, keep, gates)
+            states.append(h)
+        return torch.stack(states, dim=1)
+
+
+class LastStep(nn.Module):
+    """The last time step of a sequence: (B, T, H) → (B, H)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, -1]
+
+
+class Embedding(nn.Module):
+    """A learned table added to (``pos``) or prepended as a token to (``cls``) a token sequence."""
+
+    def __init__(self, rows: int, width: int, prepend: bool) -> None:
+        super().__init__()
+        # Drawn by models.init (N(0, 0.02²), the ViT convention); zeros until then.
+        self.weight = nn.Parameter(torch.zeros(rows, width))
+        self.prepend = prepend
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.prepend:
+            return torch.cat((self.weight.expand(x.shape[0], -1, -1), x), dim=1)
+        return x + self.weight
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v and out projections (scaled dot product)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = AttentionLinear(width, width)
+        self.k = AttentionLinear(width, width)
+        self.v = AttentionLinear(width, width)
+        self.out = AttentionLinear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, tokens, width = x.shape
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(b, tokens, self.heads, width // self.heads).transpose(1, 2)
+
+        mixed = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.out(mixed.transpose(1, 2).reshape(b, tokens, width))
+
+
+class Block(nn.Module):
+    """A transformer encoder block, as nn.TransformerEncoderLayer(norm_first=pre, dropout=0) computes it.
+
+    pre: x + attn(norm1(x)), then x + mlp(norm2(x)); post: norm1(x + attn(x)), then norm2(x + mlp(x)).
+    Children are registered in the order they run, so the layers list is in forward order either way.
+    """
+
+    norm1: nn.LayerNorm
+    attn: Attention
+    norm2: nn.LayerNorm
+    mlp: nn.Sequential
+
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        self.pre = spec.norm_position == "pre"
+        width, hidden = spec.width, spec.mlp_ratio * spec.width
+        norm1, attn = nn.LayerNorm(width), Attention(width, spec.heads)
+        norm2 = nn.LayerNorm(width)
+        mlp = nn.Sequential(
+            OrderedDict(
+                fc1=nn.Linear(width, hidden), act=make_activation(spec.activation), fc2=nn.Linear(hidden, width)
+            )
+        )
+        order: tuple[tuple[str, nn.Module], ...] = (("norm1", norm1), ("attn", attn), ("norm2", norm2), ("mlp", mlp))
+        if not self.pre:
+            order = (("attn", attn), ("norm1", norm1), ("mlp", mlp), ("norm2", norm2))
+        for name, module in order:
+            self.add_module(name, module)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class Pool(nn.Module):
+    """The class token (the first) or the mean over tokens: (B, T, d) → (B, d)."""
+
+    def __init__(self, pooling: str) -> None:
+        super().__init__()
+        self.pooling = pooling
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, 0] if self.pooling == "cls" else x.mean(dim=1)
+
+
+def _output(width: int) -> nn.Module:
+    return nn.Sequential(OrderedDict(linear=nn.Linear(width, NUM_CLASSES)))
+
+
+def _recurrent_blocks(spec: Spec) -> list[tuple[str, nn.Module]]:
+    blocks: list[tuple[str, nn.Module]] = [("rows", Rows())]
+    for i in range(1, spec.depth + 1):
+        in_features = SEQUENCE_FEATURES if i == 1 else spec.width
+        blocks.append((f"{spec.arch}{i}", Recurrent(spec.arch, in_features, spec.width, spec.activation)))
+    return [*blocks, ("last", LastStep()), ("output", _output(spec.width))]
+
+
+def _transformer_blocks(spec: Spec) -> list[tuple[str, nn.Module]]:
+    parts: list[tuple[str, nn.Module]] = [("linear", nn.Linear(PATCH_FEATURES, spec.width))]
+    tokens = PATCHES
+    if spec.pooling == "cls":
+        parts.append(("cls", Embedding(1, spec.width, prepend=True)))
+        tokens += 1
+    parts.append(("pos", Embedding(tokens, spec.width, prepend=False)))
+    blocks: list[tuple[str, nn.Module]] = [("patches", Patches()), ("embed", nn.Sequential(OrderedDict(parts)))]
+    blocks += [(f"block{i}", Block(spec)) for i in range(1, spec.depth + 1)]
+    if spec.norm_position == "pre":
+        blocks.append(("norm", nn.LayerNorm(spec.width)))
+    return [*blocks, ("pool", Pool(spec.pooling)), ("output", _output(spec.width))]
+
+
+_BLOCKS: dict[str, Callable[[Spec], list[tuple[str, nn.Module]]]] = {
+    "mlp": _mlp_blocks,
+    "cnn": _cnn_blocks,
+    "rnn": _recurrent_blocks,
+    "gru": _recurrent_blocks,
+    "lstm": _recurrent_blocks,
+    "transformer": _transformer_blocks,
+}
+
+
 def _kind(module: nn.Module) -> LayerKind | None:
+    if isinstance(module, RecurrentLinear):
+        return "recurrent"
+    if isinstance(module, AttentionLinear):
+        return "attention"
+    if isinstance(module, Embedding):
+        return "embedding"
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):

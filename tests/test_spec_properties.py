@@ -26,7 +26,15 @@ from graddiag.models.spec import Spec, SpecCaps
 from graddiag.service.engine.probe import run_probe
 
 # Upper bounds of the sizes that set a probe's cost, for the runs these tests train.
-TINY_CAPS: dict[str, int] = {"depth": 4, "width": 8, "steps": 2, "batch_size": 8, "record_every": 2}
+TINY_CAPS: dict[str, int] = {
+    "depth": 4,
+    "width": 8,
+    "steps": 2,
+    "batch_size": 8,
+    "record_every": 2,
+    "heads": 4,
+    "mlp_ratio": 2,
+}
 ENVIRONMENT: dict[str, Any] = {"dataset": "synthetic", "device": "cuda" if torch.cuda.is_available() else "cpu"}
 PROPERTY_SETTINGS = settings(
     max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
@@ -49,20 +57,30 @@ def _bounds(field: FieldInfo) -> tuple[float | None, float | None, bool, bool]:
     return low, high, low_open, high_open  # type: ignore[return-value]
 
 
-def _base_type(annotation: Any) -> tuple[Any, bool]:
-    """(the annotation without None, whether None is allowed)."""
+def _base_types(annotation: Any) -> tuple[list[Any], bool]:
+    """(the annotation's types without None, whether None is allowed)."""
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, type(int | None)) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return annotation, False
+    if typing.get_origin(annotation) in (typing.Union, type(int | None)):
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [annotation], False
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(the annotation's first type other than None, whether None is allowed)."""
+    kinds, optional = _base_types(annotation)
+    return kinds[0], optional
 
 
 def valid_values(name: str, field: FieldInfo) -> st.SearchStrategy[Any]:
-    """Values the field accepts (sizes capped by TINY_CAPS)."""
+    """Values the field accepts (sizes capped by TINY_CAPS); a union draws from each of its types."""
     if name in ENVIRONMENT:
         return st.just(ENVIRONMENT[name])
-    kind, optional = _base_type(field.annotation)
+    kinds, optional = _base_types(field.annotation)
+    strategy = st.one_of([_values_of(name, field, kind) for kind in kinds])
+    return st.none() | strategy if optional else strategy
+
+
+def _values_of(name: str, field: FieldInfo, kind: Any) -> st.SearchStrategy[Any]:
     low, high, low_open, high_open = _bounds(field)
     strategy: st.SearchStrategy[Any]
     if typing.get_origin(kind) is Literal:
@@ -80,7 +98,7 @@ def valid_values(name: str, field: FieldInfo) -> st.SearchStrategy[Any]:
         )
     else:
         raise AssertionError(f"no strategy for Spec.{name}: {field.annotation!r}; teach this test the new type")
-    return st.none() | strategy if optional else strategy
+    return strategy
 
 
 def out_of_bounds(field: FieldInfo) -> st.SearchStrategy[Any]:
@@ -116,10 +134,42 @@ def _accepted(values: dict[str, Any]) -> Spec | None:
         return None  # a combination rule (e.g. init='normal' needs init_std) refused it
 
 
+ACTIVATIONS = typing.get_args(Spec.model_fields["activation"].annotation)
+TRANSFORMER_ONLY = ("heads", "norm_position", "mlp_ratio", "pooling")
+
+
+def _fit_to_arch(draw: st.DrawFn, values: dict[str, Any]) -> dict[str, Any]:
+    """Values drawn for every field, made to fit the drawn architecture's combination rules.
+
+    Without this nearly every draw would combine an architecture with another's fields (heads for an MLP,
+    batch norm for an LSTM) and be refused; the refusals themselves are tested in tests/test_spec_rules.py.
+    """
+    arch = values["arch"]
+    implied = Spec(arch=arch)
+    if arch == "transformer":
+        values["norm"], values["residual"] = implied.norm, implied.residual
+        values["width"] = values["heads"] * draw(st.integers(1, TINY_CAPS["width"] // values["heads"]))
+    else:
+        values.update({name: Spec.model_fields[name].default for name in TRANSFORMER_ONLY})
+    if arch != "lstm":
+        values["forget_bias"] = None
+    if arch in ("rnn", "gru", "lstm"):
+        values["norm"], values["residual"] = "none", False
+    elif values["init"] == "identity":
+        values["init"] = draw(st.sampled_from([i for i in INITS if i != "identity"]))
+    allowed = [a for a in ACTIVATIONS if _accepted({"arch": arch, "activation": a}) is not None]
+    if values["activation"] not in allowed:
+        values["activation"] = draw(st.sampled_from(allowed))
+    return values
+
+
+INITS = typing.get_args(Spec.model_fields["init"].annotation)
+
+
 @st.composite
 def specs(draw: st.DrawFn) -> Spec:
-    """Specs Spec accepts, every field drawn (combinations it refuses are redrawn)."""
-    spec = _accepted(draw(st.fixed_dictionaries(FIELDS)))
+    """Specs Spec accepts, every field drawn (combinations it still refuses are redrawn)."""
+    spec = _accepted(_fit_to_arch(draw, draw(st.fixed_dictionaries(FIELDS))))
     assume(spec is not None)
     assert spec is not None
     return spec

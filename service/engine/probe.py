@@ -21,11 +21,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graddiag.models.networks import Layer, Network, build_network
+from graddiag.models.shapes import SEQUENCE_LENGTH
 from graddiag.models.spec import Spec
 from graddiag.service.engine.data import BatchSource, ImageSet, make_source
 from graddiag.service.engine.recorder import STAT_COLUMNS, Recorder, locate_nonfinite
-from graddiag.service.engine.report import EvalResult, LayerInfo, LayerRecord, Report, StepMetrics, Timing
+from graddiag.service.engine.report import (
+    EvalResult,
+    LayerInfo,
+    LayerRecord,
+    Report,
+    StepMetrics,
+    TimeRecord,
+    Timing,
+)
 from graddiag.service.engine.theory import theory_for
+from graddiag.service.engine.time_recorder import TimeRecorder
 from graddiag.service.engine.verdict import decide, measure
 
 
@@ -94,6 +104,8 @@ class _Probe:
     model: Network
     optimizer: torch.optim.Optimizer
     recorder: Recorder
+    # A recurrent net's gradient through time; None for the other architectures.
+    time_recorder: TimeRecorder | None
     layers: list[LayerInfo]
     # Whole-model figures, kept until the report: every step's loss (a float on the CPU, where it is
     # read anyway to stop on a non-finite one; a device tensor elsewhere) and count of correct
@@ -107,6 +119,7 @@ class _Probe:
     init_biases: list[Tensor | None]
     # Built once per recorded step, so progress reports do not rebuild every earlier record.
     records: list[LayerRecord] = field(default_factory=list)
+    time_records: list[TimeRecord] = field(default_factory=list)
     # Per example: the mean-field map is diagonal, and images differ in contrast.
     input_second_moments: list[float] | None = None
     nonfinite_step: int | None = None
@@ -131,6 +144,7 @@ def _set_up(spec: Spec, data: tuple[ImageSet, ImageSet] | None, eval_samples: in
         model=model,
         optimizer=make_optimizer(spec, list(model.parameters())),
         recorder=recorder,
+        time_recorder=TimeRecorder(model.recurrent, SEQUENCE_LENGTH) if model.recurrent else None,
         layers=_layer_infos(model),
         losses=[],
         correct=[],
@@ -208,6 +222,7 @@ def _stop_nonfinite(
         grad_norms, zero_fracs, stats.get("penalty_norms"), weight_norms=stats.get("weight_norms")
     )
     probe.records += _records(step, rows.cpu().tolist())
+    _record_time(probe, step)
     return False
 
 
@@ -220,6 +235,8 @@ def _train_step(probe: _Probe, step: int, record: bool, on_record: Callable[[int
     """
     spec, model, recorder = probe.spec, probe.model, probe.recorder
     recorder.begin_step(record)
+    if probe.time_recorder is not None:
+        probe.time_recorder.begin_step(record)
     inputs, labels = probe.source.batch(step)
     if step == 0:
         probe.input_second_moments = inputs.detach().flatten(1).double().square().mean(1).tolist()
@@ -310,6 +327,7 @@ def _recorded_step(
             grad_norms, zero_fracs, penalty_norms, weight_norms=weight_norms, update_norms=update_norms
         )
         probe.records += _records(step, stats.cpu().tolist())
+        _record_time(probe, step)
     return True
 
 
@@ -342,6 +360,8 @@ def _train(
                 on_progress(Progress(step + 1, spec.steps, loss_now, label))
     finally:
         probe.recorder.close()
+        if probe.time_recorder is not None:
+            probe.time_recorder.close()
     if probe.device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -391,6 +411,7 @@ def _finish(probe: _Probe, *, started: float, data_s: float, train_s: float) -> 
         layers=probe.layers,
         steps=step_metrics,
         records=probe.records,
+        time_records=probe.time_records,
         verdict=verdict,
         eval=EvalResult(
             loss=held_loss,
@@ -486,6 +507,12 @@ def _records(step: int, rows: list[list[float]]) -> list[LayerRecord]:
         }
         records.append(LayerRecord.model_construct(step=step, layer=index, **values))
     return records
+
+
+def _record_time(probe: _Probe, step: int) -> None:
+    """A recorded step's gradient through time, where the network has recurrent layers."""
+    if probe.time_recorder is not None and probe.time_recorder.layers:
+        probe.time_records += probe.time_recorder.rows(step)
 
 
 def _metrics(probe: _Probe) -> Tensor:
