@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -205,6 +206,13 @@ class Spec(BaseModel):
 
 _TRANSFORMER_FIELDS = ("heads", "norm_position", "mlp_ratio", "pooling")
 _LATER_FIELDS = ("forget_bias", *_TRANSFORMER_FIELDS)
+
+
+def combination_field(message: str) -> str | None:
+    """The field a refused combination names (each message of Spec's combination checks starts with it, after
+    pydantic's "Value error, "), so a sweep or the CLI can point at it; None when the message names none."""
+    word = re.match(r"[a-z_]+", message.removeprefix("Value error, "))
+    return word.group() if word is not None and word.group() in Spec.model_fields else None
 
 
 class SpecCaps(BaseModel):

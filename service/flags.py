@@ -11,12 +11,12 @@ import json
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
-from graddiag.models.spec import Spec
+from graddiag.models.spec import Spec, combination_field
 
 # Exit status of a command given an invalid spec or settings.
 EXIT_INVALID = 2
@@ -28,10 +28,27 @@ def _flag(name: str) -> str:
 
 def _choices(annotation: Any) -> tuple[Any, ...] | None:
     """The values a Literal (or an optional Literal) allows; None for other types."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        members = [arg for arg in get_args(annotation) if arg is not type(None)]
-        annotation = members[0] if len(members) == 1 else None
+    members = [arg for arg in _members(annotation) if arg is not type(None)]
+    annotation = members[0] if len(members) == 1 else None
     return get_args(annotation) if get_origin(annotation) is Literal else None
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The types of a union (a plain type is a union of one)."""
+    return get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+
+
+def _mixed(annotation: Any) -> str | None:
+    """What a union of a number and named values allows, e.g. forget_bias's "a number, chrono or none";
+    None for other types."""
+    members = _members(annotation)
+    named = [value for member in members if get_origin(member) is Literal for value in get_args(member)]
+    # A bounded number is Annotated[float, …]: its first argument is the type.
+    numbers = [get_args(member)[0] if get_origin(member) is Annotated else member for member in members]
+    if not named or not any(number in (int, float) for number in numbers):
+        return None
+    words = ["a number", *map(str, named), *(["none"] if type(None) in members else [])]
+    return ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def _number(value: float) -> str:
@@ -74,6 +91,8 @@ def field_help(field: FieldInfo) -> str:
     choices = _choices(field.annotation)
     if choices is not None:
         parts.append(f"One of: {', '.join(map(str, choices))}.")
+    elif (mixed := _mixed(field.annotation)) is not None:
+        parts.append(f"Allowed: {mixed}.")
     elif (bounds := _bounds(field)) is not None and bounds not in description:
         parts.append(f"Allowed: {bounds}.")
     parts.append(f"Default: {_shown(field.get_default(call_default_factory=True))}.")
@@ -112,11 +131,21 @@ def given_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, 
 
 
 def format_validation_error(error: ValidationError, what: str = "spec") -> str:
-    """'invalid <what>:' and one line per offending field: 'field: what is wrong'."""
-    lines = []
+    """'invalid <what>:' and one line per offending field: 'field: what is wrong'.
+
+    A value that fits no member of a union (forget_bias: a number or 'chrono') gets one error per member,
+    located `field.<member>`; they are joined into one line for the field with "or". A spec's refused
+    combination (located nowhere by pydantic) is put under the field its message names.
+    """
+    problems: dict[str, list[str]] = {}
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or what
-        lines.append(f"  {where}: {item['msg']}")
+        loc, message = item["loc"], item["msg"]
+        # The models are flat: a second, textual location part is pydantic's tag of a union member.
+        parts = loc[:1] if len(loc) == 2 and isinstance(loc[1], str) else loc
+        if not loc and error.title == Spec.__name__:  # a refused combination: located at the field it names
+            parts, message = (combination_field(message) or what,), message.removeprefix("Value error, ")
+        problems.setdefault(".".join(str(part) for part in parts) or what, []).append(message)
+    lines = [f"  {where}: {' or '.join(messages)}" for where, messages in problems.items()]
     return f"invalid {what}:\n" + "\n".join(lines)
 
 

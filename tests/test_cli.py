@@ -26,7 +26,8 @@ def test_probe_json_has_the_report_keys() -> None:
     result = graddiag("probe", *TINY, "--record-every", "1", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"spec", "layers", "steps", "records", "verdict", "eval", "timing"}
+    assert set(report) == {"spec", "layers", "steps", "records", "time_records", "verdict", "eval", "timing"}
+    assert report["time_records"] == []  # an mlp has no time axis
     assert set(report["layers"][0]) == {"index", "name", "kind", "params", "structural_zero_bias"}
     assert set(report["steps"][0]) == {"step", "loss", "accuracy", "grad_norm_total_pre", "grad_norm_total_post"}
     assert set(report["records"][0]) == {
@@ -105,6 +106,15 @@ def test_spec_file_with_flag_override(tmp_path: Path) -> None:
         (["--activation", "swish"], "activation: Input should be 'sigmoid', 'tanh'"),
         (["--init", "normal"], "init_std is required when init='normal'"),
         (["--lr", "fast"], "lr: Input should be a valid number"),
+        # Refused combinations are put under the field they name; a union's members' messages share a line.
+        (["--arch", "rnn", "--forget-bias", "1"], "  forget_bias: forget_bias applies to arch='lstm' only"),
+        (["--arch", "transformer", "--width", "30"], "  width: width=30 must be a multiple of heads=4"),
+        (["--arch", "gru", "--activation", "relu"], "  activation: activation='relu' is not available for arch='gru'"),
+        (
+            ["--arch", "lstm", "--forget-bias", "Chrono"],
+            "  forget_bias: Input should be a valid number, unable to parse string as a number or Input should be "
+            "'chrono'\n",
+        ),
     ],
 )
 def test_invalid_spec_exits_2_with_a_readable_message(args: list[str], expected: str) -> None:

@@ -48,6 +48,10 @@ def test_probe_help_lists_allowed_values_and_defaults(capsys: pytest.CaptureFixt
     assert "(0, 1000]" in _entry(text, "--lr")
     # Short choices are the flag's metavar too.
     assert "--optimizer {sgd,momentum,adam,adamw}" in text
+    assert "--norm-position {pre,post}" in text and "--pooling {cls,mean}" in text
+    # A field that takes a number or a name says both.
+    assert "Allowed: a number, chrono or none." in _entry(text, "--forget-bias")
+    assert "[1, 64]" in _entry(text, "--heads") and "[1, 8]" in _entry(text, "--mlp-ratio")
 
 
 def test_serve_help_gives_defaults_too(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from graddiag.models.spec import Spec, SpecCaps
+from graddiag.models.spec import RECURRENT_ARCHS, Spec, SpecCaps, combination_field
 from graddiag.service.engine.report import FindingKind, Label, Severity
 from graddiag.service.store.query import has_tag, name_contains
 from graddiag.service.store.runs import build_run
@@ -24,6 +24,11 @@ _MAX_ERRORS = 20
 # Values and keys quoted in a message are cut to this many characters, so a 1 MB value cannot make a
 # 1 MB message (let alone one per grid point).
 _MAX_QUOTED_CHARS = 40
+
+_SPAN_DECADES = 2.0  # the verdict's span threshold before the finite-width allowance (engine.verdict)
+# Critical sequence lengths beyond this many time steps are reported as null: a slope under 0.002 decades per
+# step changes the gradient by under 0.06 decades across the 32 steps measured, which no fit tells from level.
+MAX_SEQUENCE_LENGTH = 1000
 
 
 class SweepInvalid(ValueError):
@@ -105,10 +110,34 @@ class SweepConfig(BaseModel):
     finding_depths: dict[FindingKind, int] = Field(
         description="Each finding kind seen in this configuration → the shallowest depth where it appears."
     )
+    time_decades_per_step: list[float | None] = Field(
+        description="Per depth, a recurrent net's fitted slope of log10 ‖∂L/∂h_t‖ against the time step t at "
+        "initialisation, in decades per step toward t = 0 (negative: the gradient shrinks into the past); null "
+        "for other architectures and before the run succeeded."
+    )
+    critical_sequence_length: list[float | None] = Field(
+        description="Per depth, 2 / |time_decades_per_step|: the number of time steps over which the fitted "
+        "gradient through time changes by 2 decades, the verdict's line (longer sequences than this vanish or "
+        f"explode through time). Null where the slope is null, and where it exceeds {MAX_SEQUENCE_LENGTH} "
+        "steps (a slope that small is level within what the 32 measured steps can tell)."
+    )
+
+
+class ArchSequenceLength(BaseModel):
+    """A recurrent architecture of the sweep and the shortest critical sequence length among its grid points."""
+
+    arch: str
+    critical_sequence_length: float | None = Field(
+        description="The shortest critical_sequence_length of this architecture's succeeded runs; null when none "
+        "has one (none succeeded yet, or every slope is level)."
+    )
+    grid: dict[str, Any] | None = Field(description="The grid point where it is shortest; null with it.")
+    runs: int = Field(description="This architecture's succeeded runs, the ones it was taken over.")
 
 
 class SweepSummary(BaseModel):
-    """Per configuration: verdict by depth, the shallowest unhealthy depth and the gradient ratio."""
+    """Per configuration: verdict by depth, the shallowest unhealthy depth and the gradient ratio; per
+    recurrent architecture, the shortest critical sequence length."""
 
     id: str
     done: bool
@@ -116,6 +145,11 @@ class SweepSummary(BaseModel):
         None, description="The filter asked for: only configurations with this finding."
     )
     configs: list[SweepConfig]
+    sequence_lengths: list[ArchSequenceLength] = Field(
+        default_factory=list,
+        description="Per recurrent architecture (rnn, gru, lstm) among the sweep's runs, in that order; empty for "
+        "a sweep of other architectures.",
+    )
 
 
 def quoted(value: Any, limit: int = _MAX_QUOTED_CHARS) -> str:
@@ -203,9 +237,14 @@ def _grid_specs(
         except ValidationError as exc:
             where = f"grid point {index} ({_point_label(point)})"
             # include_input=False: pydantic would otherwise copy every offending value into each error.
+            problems: dict[str | int, list[str]] = {}
             for error in exc.errors(include_url=False, include_context=False, include_input=False):
-                field = error["loc"][0] if error["loc"] else "spec"
-                errors.add(["grid", index, field], f"{where}: {error['msg']}")
+                # A refused combination has no location of its own: it is put under the field it names. A
+                # value fitting no member of a union (forget_bias) has an error per member: one line, "or".
+                field = error["loc"][0] if error["loc"] else combination_field(error["msg"]) or "spec"
+                problems.setdefault(field, []).append(error["msg"].removeprefix("Value error, "))
+            for field, messages in problems.items():
+                errors.add(["grid", index, field], f"{where}: {' or '.join(messages)}")
             continue
         violations = caps.violations(spec)
         for field, message in violations:
@@ -311,7 +350,40 @@ def _first_last_decades(run: Run) -> float | None:
     return math.log10(ratio) if isinstance(ratio, int | float) and ratio > 0 else None
 
 
-_SPAN_DECADES = 2.0  # the verdict's span threshold before the finite-width allowance (engine.verdict)
+def _time_slope(run: Run) -> float | None:
+    """The run's fitted decades per time step toward t = 0 at initialisation (recurrent runs only)."""
+    slope = (run.evidence or {}).get("time_decades_per_step") if run.status == "succeeded" else None
+    return float(slope) if isinstance(slope, int | float) and math.isfinite(slope) else None
+
+
+def critical_sequence_length(slope: float | None) -> float | None:
+    """2 / |slope|: how many time steps the fitted through-time profile needs to change by 2 decades (the
+    verdict's line); None without a slope or beyond MAX_SEQUENCE_LENGTH steps."""
+    if slope is None or abs(slope) * MAX_SEQUENCE_LENGTH <= _SPAN_DECADES:
+        return None
+    return _SPAN_DECADES / abs(slope)
+
+
+def _sequence_lengths(runs: list[Run]) -> list[ArchSequenceLength]:
+    """Per recurrent architecture among `runs`: the shortest critical sequence length and where it is."""
+    out = []
+    for arch in RECURRENT_ARCHS:
+        succeeded = [run for run in runs if run.arch == arch and run.status == "succeeded"]
+        if not any(run.arch == arch for run in runs):
+            continue
+        lengths = [
+            (length, run) for run in succeeded if (length := critical_sequence_length(_time_slope(run))) is not None
+        ]
+        length, shortest = min(lengths, key=lambda pair: pair[0], default=(None, None))
+        out.append(
+            ArchSequenceLength(
+                arch=arch,
+                critical_sequence_length=length,
+                grid=None if shortest is None else shortest.grid or {},
+                runs=len(succeeded),
+            )
+        )
+    return out
 
 
 def _profile_span(run: Run) -> tuple[float | None, Literal["grad_norm", "act_grad_norm"] | None, float | None]:
@@ -335,8 +407,9 @@ def sweep_summary(session: Session, sweep_id: str, finding: FindingKind | None =
 
     critical_depth is the smallest depth whose verdict is not healthy; first_last_ratio is log10 of the
     first over the last interior weight layer's gradient norm at initialisation (None until succeeded);
-    finding_depths is, per finding kind, the smallest depth whose run has it. With `finding`, only the
-    configurations where some run has a finding of that kind.
+    finding_depths is, per finding kind, the smallest depth whose run has it; a recurrent run's critical
+    sequence length is 2 / |decades per time step|. With `finding`, only the configurations where some run
+    has a finding of that kind (the per-architecture sequence lengths stay the whole sweep's).
     """
     sweep, runs = _sweep_runs(session, sweep_id)
     groups: dict[str, tuple[dict[str, Any], list[Run]]] = {}
@@ -355,6 +428,7 @@ def sweep_summary(session: Session, sweep_id: str, finding: FindingKind | None =
             for item in cell or ():
                 finding_depths[item.kind] = min(finding_depths.get(item.kind, run.depth), run.depth)
         spans = [_profile_span(run) if run.status == "succeeded" else (None, None, None) for run in members]
+        slopes = [_time_slope(run) for run in members]
         unhealthy = [
             run.depth for run, verdict in zip(members, verdicts, strict=True) if verdict not in (None, "healthy")
         ]
@@ -370,9 +444,17 @@ def sweep_summary(session: Session, sweep_id: str, finding: FindingKind | None =
                 span_threshold=[threshold for _, _, threshold in spans],
                 findings=findings,
                 finding_depths=finding_depths,
+                time_decades_per_step=slopes,
+                critical_sequence_length=[critical_sequence_length(slope) for slope in slopes],
             )
         )
-    return SweepSummary(id=sweep.id, done=all(run.status in FINISHED for run in runs), finding=finding, configs=configs)
+    return SweepSummary(
+        id=sweep.id,
+        done=all(run.status in FINISHED for run in runs),
+        finding=finding,
+        configs=configs,
+        sequence_lengths=_sequence_lengths(runs),
+    )
 
 
 # --- the list of sweeps ---------------------------------------------------------------------------------------
