@@ -45,6 +45,13 @@ class RecordFilters(TypedDict, total=False):
     step_to: int | None
 
 
+class TimeFilters(TypedDict, total=False):
+    """Which time records `time()` asks for (all when none is given)."""
+
+    layer: int | None
+    step: int | None
+
+
 class GraddiagError(Exception):
     """The server answered with an error; `problem` is its RFC 9457 body."""
 
@@ -175,6 +182,11 @@ class _Requests:
     ) -> _Call:
         params = _drop_none({"layer": layer, "step_from": step_from, "step_to": step_to, "format": fmt})
         return _Call("GET", f"/v1/runs/{run_id}/gradients", params=params, expect="text" if fmt == "csv" else "json")
+
+    @staticmethod
+    def time(run_id: str, fmt: Format, *, layer: int | None = None, step: int | None = None) -> _Call:
+        params = _drop_none({"layer": layer, "step": step, "format": fmt})
+        return _Call("GET", f"/v1/runs/{run_id}/time", params=params, expect="text" if fmt == "csv" else "json")
 
     @staticmethod
     def tensorboard(run_id: str) -> _Call:
@@ -365,6 +377,18 @@ class Client(_BaseClient[httpx.Client, httpx.BaseTransport]):
         result: list[Json] | str = self._send(_Requests.gradients(run_id, fmt, **filters))
         return result
 
+    @overload
+    def time(self, run_id: str, *, fmt: Literal["json"] = ..., **filters: Unpack[TimeFilters]) -> list[Json]: ...
+    @overload
+    def time(self, run_id: str, *, fmt: Literal["csv"], **filters: Unpack[TimeFilters]) -> str: ...
+    def time(self, run_id: str, *, fmt: Format = "json", **filters: Unpack[TimeFilters]) -> list[Json] | str:
+        """The gradient through time of a recurrent run: its rows (step, layer, t, grad_norm, cell_grad_norm,
+        state_rms, gate_mean, saturation_frac) ordered by step, layer, t, or the CSV text with `fmt="csv"`;
+        `layer` and `step` keep one recurrent layer and/or one recorded step. Empty for a run without
+        recurrent layers; `layers()` names the layers (kind "recurrent")."""
+        result: Json | str = self._send(_Requests.time(run_id, fmt, **filters))
+        return result if isinstance(result, str) else list(result["rows"])
+
     def tensorboard(self, run_id: str) -> bytes:
         """The succeeded run's TensorBoard events as a tar.gz (one `<run id>/` folder)."""
         result: bytes = self._send(_Requests.tensorboard(run_id))
@@ -522,6 +546,15 @@ class AsyncClient(_BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         """See :meth:`Client.gradients`."""
         result: list[Json] | str = await self._send(_Requests.gradients(run_id, fmt, **filters))
         return result
+
+    @overload
+    async def time(self, run_id: str, *, fmt: Literal["json"] = ..., **filters: Unpack[TimeFilters]) -> list[Json]: ...
+    @overload
+    async def time(self, run_id: str, *, fmt: Literal["csv"], **filters: Unpack[TimeFilters]) -> str: ...
+    async def time(self, run_id: str, *, fmt: Format = "json", **filters: Unpack[TimeFilters]) -> list[Json] | str:
+        """See :meth:`Client.time`."""
+        result: Json | str = await self._send(_Requests.time(run_id, fmt, **filters))
+        return result if isinstance(result, str) else list(result["rows"])
 
     async def tensorboard(self, run_id: str) -> bytes:
         """See :meth:`Client.tensorboard`."""

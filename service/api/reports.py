@@ -3,7 +3,8 @@
 The body is the engine's own Report shape, so a client uploads exactly what `diagnose` returned. A
 report whose parts do not add up is refused with a 422 naming each offending place (at most
 MAX_REPORTED_ERRORS of them): records or findings naming layers the report lacks, steps outside
-``0 … timing.steps_run − 1``, layer indices that are not 0, 1, 2, … in order, duplicate rows, and
+``0 … timing.steps_run − 1``, layer indices that are not 0, 1, 2, … in order, time records of layers that
+are not recurrent or at a negative time step, duplicate rows, and
 non-finite numbers (a non-finite value is written as null in a report; JSON's NaN/Infinity extensions
 are refused). Sizes are capped (MAX_REPORT_*), and the server's body cap (`max_body_bytes`) applies first.
 """
@@ -30,8 +31,10 @@ from graddiag.service.store import runs as store
 MAX_REPORT_LAYERS: Final = 10_000
 MAX_REPORT_STEPS: Final = 100_000
 MAX_REPORT_RECORDS: Final = 1_000_000
-# Steps are stored as SQL integers (32 bits on PostgreSQL).
+MAX_REPORT_TIME_RECORDS: Final = 1_000_000
+# Steps and time steps are stored as SQL integers (32 bits on PostgreSQL).
 MAX_REPORT_STEP: Final = 2**31 - 2
+MAX_REPORT_T: Final = 2**31 - 1
 # A layer's name is stored in a 200-character column, its parameter count in a 32-bit SQL integer.
 MAX_LAYER_NAME: Final = 200
 MAX_LAYER_PARAMS: Final = 2**31 - 1
@@ -105,6 +108,7 @@ def report_problems(report: Report, upload_name: str | None = None, tags: Sequen
         ("layers", report.layers, MAX_REPORT_LAYERS),
         ("steps", report.steps, MAX_REPORT_STEPS),
         ("records", report.records, MAX_REPORT_RECORDS),
+        ("time_records", report.time_records, MAX_REPORT_TIME_RECORDS),
     ):
         if len(items) > cap:
             yield (*at, part), f"{len(items)} {part}; at most {cap} are accepted", "too_long"
@@ -164,6 +168,7 @@ def report_problems(report: Report, upload_name: str | None = None, tags: Sequen
         if (record.step, record.layer) in seen:
             yield (*at, "records", i), f"a second record of layer {record.layer} at step {record.step}", "value_error"
         seen.add((record.step, record.layer))
+    yield from _time_problems(report, at)
     if report.model is not None:
         for i, index in enumerate(report.model.branches):
             if not 0 <= index < n:
@@ -181,6 +186,35 @@ def report_problems(report: Report, upload_name: str | None = None, tags: Sequen
                     "value_error",
                 )
     yield from _unfit(report.model_dump(), at)
+
+
+def _time_problems(report: Report, at: tuple[str | int, ...]) -> Iterator[Problem]:
+    """Time records naming no recurrent layer of the report, steps outside the run, negative time steps
+    and a second row of the same (step, layer, t)."""
+    recurrent = {layer.index for layer in report.layers if layer.kind == "recurrent"}
+    steps_run = report.timing.steps_run
+    seen: set[tuple[int, int, int]] = set()
+    for i, row in enumerate(report.time_records):
+        where: tuple[str | int, ...] = (*at, "time_records", i)
+        if row.layer not in recurrent:
+            named = ", ".join(map(str, sorted(recurrent)[:MAX_REPORTED_ERRORS])) or "none"
+            yield (
+                (*where, "layer"),
+                f"layer {row.layer} is not a recurrent layer of the report (kind 'recurrent'; the report's: {named})",
+                "value_error",
+            )
+        if not 0 <= row.step < steps_run:
+            yield (
+                (*where, "step"),
+                f"step {row.step} is outside 0 … {steps_run - 1} (timing.steps_run={steps_run})",
+                "out_of_range",
+            )
+        if not 0 <= row.t <= MAX_REPORT_T:
+            yield (*where, "t"), f"t={row.t}; a time step is 0 … {MAX_REPORT_T}", "out_of_range"
+        key = (row.step, row.layer, row.t)
+        if key in seen:
+            yield where, f"a second time record of layer {row.layer} at step {row.step}, t={row.t}", "value_error"
+        seen.add(key)
 
 
 def check_report(report: Report, upload_name: str | None = None, tags: Sequence[str] = ()) -> None:

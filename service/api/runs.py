@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from graddiag.models.shapes import layer_count
 from graddiag.models.spec import MAX_DEPTH, MAX_STEPS, Spec
 from graddiag.service.api.data import require_cifar10
 from graddiag.service.api.deps import RunIdDep, SessionDep, SessionFactoryDep, SettingsDep
@@ -21,7 +22,7 @@ from graddiag.service.api.errors import documented
 from graddiag.service.api.labels import query_labels
 from graddiag.service.api.limits import check_page_size, check_spec
 from graddiag.service.api.reports import MAX_REPORT_LAYERS, MAX_REPORT_STEP
-from graddiag.service.api.schemas import RunDetail, RunList, RunSummary
+from graddiag.service.api.schemas import RecurrentLayer, RunDetail, RunList, RunSummary, TimeProfile
 from graddiag.service.engine.report import LayerInfo, LayerRecord
 from graddiag.service.store import labels as label_store
 from graddiag.service.store import runs as store
@@ -30,9 +31,9 @@ from graddiag.service.store.labels import MAX_TAGS, Labels
 from graddiag.service.store.tables import FINISHED, Run, Sweep
 
 MAX_WAIT_SECONDS = 600.0
-# A network has at most 2 * MAX_DEPTH + 2 parameterised layers (a weight and a norm per block, input,
-# output): bounds `?layer=`, whose larger values would overflow a SQL integer.
-MAX_LAYER_INDEX = 2 * MAX_DEPTH + 2
+# The most parameterised layers a spec's network has (a pre-LN transformer with a class token, 8 per
+# block): bounds `?layer=`, whose larger values would overflow a SQL integer.
+MAX_LAYER_INDEX = layer_count(Spec(arch="transformer", depth=MAX_DEPTH, width=8, heads=1, pooling="cls")) - 1
 # An uploaded report (POST /v1/reports) may have more layers and later steps than any probe.
 MAX_QUERY_LAYER = max(MAX_LAYER_INDEX, MAX_REPORT_LAYERS - 1)
 MAX_QUERY_STEP = max(MAX_STEPS, MAX_REPORT_STEP)
@@ -225,6 +226,117 @@ def get_gradients(
             headers={"Content-Disposition": f'attachment; filename="{run_id}-gradients.csv"'},
         )
     return Response(records_json(rows), media_type="application/json")
+
+
+# The time CSV's columns: the TimeRecord fields with the layer's name beside its index.
+assert store.TIME_FIELDS[:3] == ("step", "layer", "t")
+TIME_CSV_FIELDS: tuple[str, ...] = ("step", "layer", "layer_name", *store.TIME_FIELDS[2:])
+CSV_MEDIA_TYPE = "text/csv"
+# A 422 lists at most this many of a run's recorded steps.
+MAX_LISTED_STEPS = 20
+
+
+def _quality(accept: str, media_type: str) -> float:
+    """The q-value `accept` gives `media_type` (through type/* or */* where it is not named); 0 if none."""
+    kind = media_type.split("/")[0]
+    found: dict[str, float] = {}
+    for part in accept.split(","):
+        name, *params = (piece.strip() for piece in part.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        found.setdefault(name.lower(), q)
+    for name in (media_type, f"{kind}/*", "*/*"):
+        if name in found:
+            return found[name]
+    return 0.0
+
+
+def wants_csv(format: str | None, accept: str | None) -> bool:
+    """CSV when `?format=csv`, or with no `format` when the Accept header prefers text/csv to JSON."""
+    if format is not None:
+        return format == "csv"
+    if not accept:
+        return False
+    return _quality(accept, CSV_MEDIA_TYPE) > _quality(accept, "application/json")
+
+
+def time_csv(rows: list[tuple[Any, ...]], layer_names: dict[int, str]) -> str:
+    """CSV with TIME_CSV_FIELDS as header; nulls are empty cells."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(TIME_CSV_FIELDS)
+    writer.writerows((row[0], row[1], layer_names.get(row[1], ""), *row[2:]) for row in rows)
+    return buffer.getvalue()
+
+
+def _query_problem(name: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("query", name), "msg": message, "type": "value_error"}])
+
+
+def _check_time_filters(
+    session: Session, run_id: str, layers: list[tuple[int, str]], layer: int | None, step: int | None
+) -> None:
+    """A 422 naming `layer` when the succeeded run has no such recurrent layer, or `step` when the run has
+    time records but none at that step (before the run succeeded nothing can be checked: no rows)."""
+    if layer is not None and store.layer_names(session, run_id) and layer not in dict(layers):
+        recurrent = ", ".join(f"{index} ({name})" for index, name in layers)
+        allowed = f"its recurrent layers are {recurrent}" if layers else "it has no recurrent layers"
+        raise _query_problem("layer", f"layer {layer} is not a recurrent layer of this run: {allowed}")
+    if step is not None:
+        steps = store.time_steps(session, run_id)
+        if steps and step not in steps:
+            listed = ", ".join(map(str, steps[:MAX_LISTED_STEPS])) + (", …" if len(steps) > MAX_LISTED_STEPS else "")
+            raise _query_problem("step", f"step {step} has no time records; recorded steps: {listed}")
+
+
+@router.get(
+    "/{run_id}/time",
+    response_model=TimeProfile,
+    responses={**documented(404, 409), 200: {"content": {CSV_MEDIA_TYPE: {}}}},
+    summary="Gradient through time",
+)
+def get_time(
+    run_id: RunIdDep,
+    session: SessionDep,
+    layer: Annotated[
+        int | None, Query(ge=0, le=MAX_QUERY_LAYER, description="Only this recurrent layer (its index).")
+    ] = None,
+    step: Annotated[int | None, Query(ge=0, le=MAX_QUERY_STEP, description="Only this recorded step.")] = None,
+    format: Annotated[
+        Literal["json", "csv"] | None,
+        Query(description="json or csv; without it, the Accept header decides (text/csv for CSV), else json."),
+    ] = None,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Response:
+    """‖∂L/∂h_t‖ (and the cell's gradient, the state's RMS, the gate mean, the saturated fraction) of every
+    recurrent layer at every time step t of every recorded step.
+
+    Empty rows and layers for a run without recurrent layers, and until the run has succeeded. The CSV's
+    columns: step, layer, layer_name, t, grad_norm, cell_grad_norm, state_rms, gate_mean, saturation_frac.
+    """
+    rows = store.time_table(session, run_id, layer=layer, step=step)
+    layers = store.recurrent_layers(session, run_id)
+    _check_time_filters(session, run_id, layers, layer, step)
+    headers = {"Vary": "Accept"}
+    if wants_csv(format, accept):
+        return Response(
+            time_csv(rows, dict(layers)),
+            media_type=f"{CSV_MEDIA_TYPE}; charset=utf-8",
+            headers={**headers, "Content-Disposition": f'attachment; filename="{run_id}-time.csv"'},
+        )
+    body = {
+        "run_id": run_id,
+        "layers": [RecurrentLayer(index=index, name=name).model_dump() for index, name in layers],
+        # Plain tuples to JSON, as for /gradients: a model per row would cost more than the query.
+        "rows": [dict(zip(store.TIME_FIELDS, row, strict=True)) for row in rows],
+    }
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json", headers=headers)
 
 
 @router.patch("/{run_id}", response_model=RunDetail, responses=documented(404, 409), summary="Name or tag a run")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, fi
 
 from graddiag.models.shapes import LayerKind
 from graddiag.models.spec import Spec
-from graddiag.service.engine.report import FindingKind, Label, ModelDescription, Report
+from graddiag.service.engine.report import FindingKind, Label, ModelDescription, Report, TimeRecord
 from graddiag.service.store.labels import MAX_TAGS, Name, Tag
 from graddiag.service.store.query import run_metrics
 from graddiag.service.store.runs import decode_finding_kinds
@@ -187,6 +187,26 @@ class Comparison(BaseModel):
     """Profiles of several runs, in the order their ids were given."""
 
     runs: list[RunProfile]
+
+
+class RecurrentLayer(BaseModel):
+    """A recurrent layer of a run (its recurrent matrix, kind "recurrent"): what its time records are of."""
+
+    index: int = Field(description="The LayerInfo index, as the rows' `layer` names it.")
+    name: str = Field(description="e.g. lstm1.hh.")
+
+
+class TimeProfile(BaseModel):
+    """A run's gradient through time: its recurrent layers and the time records of each recorded step."""
+
+    run_id: str
+    layers: list[RecurrentLayer] = Field(
+        description="The run's recurrent layers in forward order; empty for a run without any (mlp, cnn, "
+        "transformer) and until the run succeeded."
+    )
+    rows: list[TimeRecord] = Field(
+        description="One per (step, layer, t), ordered by step, then layer, then t (0 = the first time step)."
+    )
 
 
 class Health(BaseModel):
