@@ -468,6 +468,13 @@ def _format_decades(value: float) -> str:
 
 def _not_applicable(spec: Spec, interior: int) -> str | None:
     """Why no derivation here describes this network, or None when one does."""
+    if spec.arch == "transformer":
+        return (
+            "Transformers are not covered: the q-map is derived for chains of weight layers, and a block's "
+            "attention (a softmax over tokens) and its layer norms on a growing residual stream have no variance "
+            "map here. The across-block profile is set beside Xiong et al. (2020) in the layer_norm_position "
+            "finding instead."
+        )
     if interior < 2:
         return "The network has fewer than two interior layers, so there is no per-layer rate to predict."
     if spec.arch == "cnn" and spec.residual:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from graddiag.models.spec import Spec
@@ -115,6 +116,10 @@ LN_CLASSES = math.log(10)
 LOSS_INIT_CEILING = 10.0
 # The penalty drives a layer when its gradient exceeds the data loss's.
 PENALTY_DOMINANCE = 1.0
+# A transformer's updates concentrate near the output when the last block's step-0 update ratio is at
+# least this many times the blocks' geometric mean: a global lr that suits the last block then costs
+# the typical block over a factor 2 of its step, more than one notch of the usual lr grid (1, 2-3, 5).
+NEAR_OUTPUT_FACTOR = 2.0
 # Values that are exactly zero enter log10 at this floor.
 _LOG_FLOOR = 1e-30
 
@@ -165,14 +170,69 @@ def _grad_rms(record: LayerRecord, layer: LayerInfo) -> float | None:
     return None if record.grad_norm is None else record.grad_norm / math.sqrt(max(layer.params, 1))
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One transformer block's layers (LayerInfo indices), found by structure in the layer list."""
+
+    name: str
+    output: int
+    fc2: int
+    attention: tuple[int, ...]
+    mlp: tuple[int, ...]
+    norm: int | None
+
+    @property
+    def weights(self) -> tuple[int, ...]:
+        return self.attention + self.mlp
+
+
+def _transformer_blocks(layers: Sequence[LayerInfo]) -> list[_Block]:
+    """The blocks of graddiag's transformer in forward order; empty for every other network.
+
+    A block is a top-level module of the network that holds attention layers (kind "attention", which
+    only graddiag's transformer has: a user's nn.MultiheadAttention is discovered as linear layers).
+    `models.networks.Block` registers its children in the order they run, so its last layer in forward
+    order produces the block's output: mlp.fc2 for pre-LN (x + fc2(·): the sum passes ∂L/∂h unchanged to
+    fc2's output) and norm2 for post-LN. `fc2` is its last linear layer, `norm` its last norm layer.
+    """
+    groups: dict[str, list[LayerInfo]] = {}
+    for layer in layers:
+        groups.setdefault(layer.name.split(".", 1)[0], []).append(layer)
+    blocks = []
+    for name, members in groups.items():
+        attention = tuple(m.index for m in members if m.kind == "attention")
+        mlp = tuple(m.index for m in members if m.kind == "linear")
+        if not attention or not mlp:
+            continue
+        norms = [m.index for m in members if m.kind == "norm"]
+        blocks.append(_Block(name, members[-1].index, mlp[-1], attention, mlp, norms[-1] if norms else None))
+    return blocks
+
+
 class _Profiles:
-    """The records indexed by step and layer, with the interior weight layers picked out."""
+    """The records indexed by step and layer, with the interior weight layers picked out.
+
+    `grad_layers` and `act_layers` are the layers whose ‖∂L/∂W‖ and ‖∂L/∂h‖ form the depth profiles: the
+    interior weight layers, or for a transformer one layer per block (its mlp.fc2, and the layer that
+    outputs the block). `interior` are the layers whose scale, zeros and ε the rules judge.
+    """
 
     def __init__(self, layers: Sequence[LayerInfo], records: Sequence[LayerRecord]) -> None:
         self.layers = {layer.index: layer for layer in layers}
-        self.weight_layers = [layer.index for layer in layers if layer.kind in ("linear", "conv")]
-        self.norm_layers = [layer.index for layer in layers if layer.kind == "norm"]
-        self.interior = self.weight_layers[1:-1] if len(self.weight_layers) > 2 else []
+        self.blocks = _transformer_blocks(layers)
+        if self.blocks:
+            # The embeddings (position table, class token) start at N(0, 0.02²): their relative update is
+            # large by construction and they sit beside the blocks, not in them.
+            self.weight_layers = [layer.index for layer in layers if layer.kind in ("linear", "attention")]
+            self.norm_layers = [b.norm for b in self.blocks if b.norm is not None]
+            self.interior = [i for b in self.blocks for i in b.weights]
+            self.grad_layers = [b.fc2 for b in self.blocks]
+            self.act_layers = [b.output for b in self.blocks]
+        else:
+            self.weight_layers = [layer.index for layer in layers if layer.kind in ("linear", "conv")]
+            self.norm_layers = [layer.index for layer in layers if layer.kind == "norm"]
+            self.interior = self.weight_layers[1:-1] if len(self.weight_layers) > 2 else []
+            self.grad_layers = self.act_layers = self.interior
         self.by_step: dict[int, dict[int, LayerRecord]] = {}
         for record in records:
             self.by_step.setdefault(record.step, {})[record.layer] = record
@@ -199,7 +259,8 @@ def measure(
     """The numbers behind a verdict: profiles at initialisation (step 0) and over training."""
     profiles = _Profiles(layers, records)
     interior = profiles.interior
-    n = len(interior)
+    grad_layers, act_layers = profiles.grad_layers, profiles.act_layers
+    n = len(grad_layers)
     evidence = Evidence(
         interior_layers=n,
         nonfinite_step=nonfinite_step,
@@ -213,8 +274,8 @@ def measure(
         return evidence
 
     first = profiles.steps[0]
-    grad = profiles.at(first, "grad_norm", interior)
-    act_grad = profiles.at(first, "act_grad_norm", interior)
+    grad = profiles.at(first, "grad_norm", grad_layers)
+    act_grad = profiles.at(first, "act_grad_norm", act_layers)
     evidence.decades_per_layer = fit_slope(grad)
     evidence.act_decades_per_layer = fit_slope(act_grad)
     evidence.span_decades = _span(evidence.decades_per_layer, n)
@@ -225,13 +286,13 @@ def measure(
     evidence.rel_grad_max = _max_or_none(profiles.at(first, "rel_grad", interior))
 
     # The forward signal grows toward the output, so its slope is given in the forward direction.
-    forward = fit_slope(profiles.at(first, "act_norm", interior))
+    forward = fit_slope(profiles.at(first, "act_norm", grad_layers))
     evidence.forward_decades_per_layer = None if forward is None else -forward
     evidence.forward_span_decades = _span(evidence.forward_decades_per_layer, n)
     if profiles.weight_layers:
         evidence.output_rms_init = profiles.at(first, "act_norm", profiles.weight_layers[-1:])[0]
 
-    ratios = profiles.at(first, "update_ratio", interior)
+    ratios = profiles.at(first, "update_ratio", grad_layers)
     evidence.update_ratio_init_decades_per_layer = fit_slope(ratios)
     evidence.update_ratio_init_span_decades = _span(evidence.update_ratio_init_decades_per_layer, n)
     evidence.update_ratio_init_max = _max_or_none(profiles.at(first, "update_ratio", profiles.weight_layers))
@@ -243,9 +304,9 @@ def measure(
         evidence.norm_span_decades = _span(evidence.norm_decades_per_layer, len(profiles.norm_layers))
 
     if len(profiles.steps) > 1:
-        grad_trained = profiles.trained("grad_norm", interior)
+        grad_trained = profiles.trained("grad_norm", grad_layers)
         evidence.decades_per_layer_trained = fit_slope(grad_trained)
-        evidence.act_decades_per_layer_trained = fit_slope(profiles.trained("act_grad_norm", interior))
+        evidence.act_decades_per_layer_trained = fit_slope(profiles.trained("act_grad_norm", act_layers))
         evidence.span_decades_trained = _span(evidence.decades_per_layer_trained, n)
         evidence.act_span_decades_trained = _span(evidence.act_decades_per_layer_trained, n)
         evidence.interior_ratio_trained = _ratio(grad_trained)
@@ -264,7 +325,17 @@ def measure(
         if r.layer in profiles.weight_layers and r.penalty_grad_norm is not None and r.grad_norm
     ]
     evidence.penalty_grad_ratio_max = max(penalty_ratios) if penalty_ratios else None
+    if profiles.blocks:
+        evidence.near_output_ratio = _near_output(grad)
     return evidence
+
+
+def _near_output(values: Sequence[float | None]) -> float | None:
+    """The last value over the geometric mean of all (None unless there are two, all positive)."""
+    present = [v for v in values if v is not None and v > 0]
+    if len(values) < 2 or len(present) < len(values) or values[-1] is None:
+        return None
+    return values[-1] / math.exp(statistics.fmean(math.log(v) for v in present))
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -288,13 +359,19 @@ class _Judge:
         self.profiles = _Profiles(layers, records)
         self.findings: list[Finding] = []
         self.uses_adam = spec.optimizer in ("adam", "adamw")
+        # A transformer's profiles run across its blocks (docs/verdict.md, "Transformers").
+        self.transformer = spec.arch == "transformer"
+        self.unit, self.per = ("blocks", "block") if self.transformer else ("interior layers", "layer")
+        self.post_ln = isinstance(spec, Spec) and spec.arch == "transformer" and spec.norm_position == "post"
 
     # --- the label ---------------------------------------------------------------------------
 
     def noise(self) -> float:
         """NOISE_Z standard deviations of the chance span at this width and depth (0 without a fit)."""
         n = self.evidence.interior_layers
-        if n < MIN_INTERIOR_LAYERS:
+        # The random walk of Hanin 2018 multiplies the signal by a random factor per layer; a transformer's
+        # residual stream adds each block's contribution instead, and no allowance is derived for it.
+        if n < MIN_INTERIOR_LAYERS or self.transformer:
             return 0.0
         qs = self.theory.q_per_layer if self.theory is not None and self.theory.q_per_layer else None
         q_values = [q if q is not None else 1.0 for q in qs] if qs else [1.0] * n
@@ -320,15 +397,16 @@ class _Judge:
                 kind: Label = "vanishing" if span < 0 else "exploding"
                 direction = "falls" if span < 0 else "grows"
                 message = (
-                    f"{phase}, the {what} {direction} by {abs(span):.1f} decades across {n} interior layers "
-                    f"toward the input ({span / (n - 1):+.3f} per layer; threshold {threshold:.1f} decades = "
+                    f"{phase}, the {what} {direction} by {abs(span):.1f} decades across {n} {self.unit} "
+                    f"toward the input ({span / (n - 1):+.3f} per {self.per}; threshold {threshold:.1f} decades = "
                     f"{SPAN_DECADES:g} + {e.noise_decades or 0.0:.2f} finite-width allowance)."
                 )
                 if kind == "vanishing" and self.uses_adam:
                     message += self._adam_clause()
                 elif kind == "vanishing":
                     message += (
-                        f" The first interior layer's gradient is {10 ** abs(span):.2g}× smaller than the last's."
+                        f" The first {self.per if self.transformer else 'interior layer'}'s gradient is "
+                        f"{10 ** abs(span):.2g}× smaller than the last's."
                     )
                 self.add(
                     "gradient_profile",
@@ -341,7 +419,7 @@ class _Judge:
                         "decades_per_layer": span / (n - 1),
                         "threshold": threshold,
                     },
-                    self.profiles.interior,
+                    sorted({*self.profiles.grad_layers, *self.profiles.act_layers}),
                     self._profile_advice(kind),
                 )
                 label = "exploding" if kind == "exploding" or label == "exploding" else kind
@@ -380,19 +458,24 @@ class _Judge:
             )
         return f" Under {self.spec.optimizer} the per-layer update ratios still span {abs(span):.1f} decades."
 
+    def _statistics(self) -> tuple[str, str]:
+        """How the two profiles are named in messages: per interior layer, or per transformer block."""
+        if self.transformer:
+            return "mlp.fc2 weight-gradient norm ‖∂L/∂W‖", "block-output signal ‖∂L/∂h‖"
+        return "weight-gradient norm ‖∂L/∂W‖", "back-propagated signal ‖∂L/∂h‖"
+
     def label_at_init(self) -> Label:
         e = self.evidence
-        spans = {"weight-gradient norm ‖∂L/∂W‖": e.span_decades, "back-propagated signal ‖∂L/∂h‖": e.act_span_decades}
+        weight, signal = self._statistics()
+        spans = {weight: e.span_decades, signal: e.act_span_decades}
         return self.profile("At initialisation", spans, e.rel_grad_median, e.rel_grad_max)
 
     def label_trained(self) -> Label | None:
         e = self.evidence
         if len(self.profiles.steps) < 2:
             return None
-        spans = {
-            "weight-gradient norm ‖∂L/∂W‖": e.span_decades_trained,
-            "back-propagated signal ‖∂L/∂h‖": e.act_span_decades_trained,
-        }
+        weight, signal = self._statistics()
+        spans = {weight: e.span_decades_trained, signal: e.act_span_decades_trained}
         label = self.profile("During training", spans, e.rel_grad_median_trained, e.rel_grad_max_trained)
         growth = _ratio([e.grad_norm_total_max, e.grad_norm_total_init])
         if growth is not None and growth > GRAD_GROWTH_CEILING:
@@ -441,23 +524,26 @@ class _Judge:
         big_loss = loss_ratio is not None and loss_ratio > LOSS_INIT_CEILING
         if e.interior_layers >= MIN_INTERIOR_LAYERS and span is not None and abs(span) >= threshold:
             grows = span > 0
+            what = "RMS of each block's MLP output" if self.transformer else "RMS of each layer's output"
             message = (
-                f"At initialisation the forward signal (RMS of each layer's output) "
-                f"{'grows' if grows else 'shrinks'} by {abs(span):.1f} decades across the interior layers "
-                f"({span / (e.interior_layers - 1):+.3f} per layer toward the output)"
+                f"At initialisation the forward signal ({what}) "
+                f"{'grows' if grows else 'shrinks'} by {abs(span):.1f} decades across the {self.unit} "
+                f"({span / (e.interior_layers - 1):+.3f} per {self.per} toward the output)"
             )
             message += f"; the loss at init is {e.loss_first:.3g}, {loss_ratio:.2g}× ln 10." if loss_ratio else "."
-            advice = (
-                [
+            if self.transformer:
+                # Layer norm and residual connections are already in every block; the init scale is what is left.
+                advice = [f"{'Shrink' if grows else 'Raise'} the initial weights (init_gain)."]
+            elif grows:
+                advice = [
                     "Shrink the initial weights (init_gain) or normalise each block (norm=layer): the residual stream "
                     "or the weights amplify the signal at every layer."
                 ]
-                if grows
-                else [
+            else:
+                advice = [
                     "Raise the initial weights to the Kaiming scale (init=kaiming_normal): the signal dies out "
                     "before it reaches the output, so the output layer learns from noise."
                 ]
-            )
             self.add(
                 "forward_signal",
                 "critical" if grows or big_loss else "warning",
@@ -499,18 +585,29 @@ class _Judge:
             "well-tuned run takes about 1e-3). This is the step size at lr "
             f"{self.spec.lr:g}, not the gradient's flow through depth."
         )
+        numbers: dict[str, float | int | str | None] = {
+            "max_update_ratio": worst,
+            "update_ratio_init_max": e.update_ratio_init_max,
+            "lr": self.spec.lr,
+        }
+        lower = (
+            f"Lower the learning rate about {factor:.2g}-fold (lr={self.spec.lr / factor:.2g}) to bring the "
+            "largest update near 1 % of the weight."
+        )
+        if self.transformer:
+            clause, extra, advice = self._transformer_step()
+            message += clause
+            numbers |= extra
+        else:
+            advice = ["Or warm the learning rate up over the first steps, which is where the largest updates are."]
         self.add(
             "step_size",
             "critical" if worst > UPDATE_RATIO_CEILING else "warning",
             "training",
             message,
-            {"max_update_ratio": worst, "update_ratio_init_max": e.update_ratio_init_max, "lr": self.spec.lr},
+            numbers,
             layers,
-            [
-                f"Lower the learning rate about {factor:.2g}-fold (lr={self.spec.lr / factor:.2g}) to bring the "
-                "largest update near 1 % of the weight.",
-                "Or warm the learning rate up over the first steps, which is where the largest updates are.",
-            ],
+            [lower, *advice],
         )
 
     def adam(self) -> None:
@@ -571,7 +668,11 @@ class _Judge:
                 f"{e.zero_grad_frac_max:.0%} of an interior layer's weight gradient (of the data loss) is exactly "
                 "zero at the last recorded step: those units are dead for every example of the batch.",
                 {"zero_grad_frac_max": e.zero_grad_frac_max, "threshold": DEAD_FRACTION},
-                advice=["Use leaky_relu (its negative side keeps a gradient) or a lower learning rate."],
+                advice=[
+                    "Use gelu (its negative side keeps a gradient) or a lower learning rate."
+                    if self.transformer
+                    else "Use leaky_relu (its negative side keeps a gradient) or a lower learning rate."
+                ],
             )
         worst = e.saturation_frac_max
         if worst is not None and worst >= SATURATION_INFO:
@@ -630,6 +731,142 @@ class _Judge:
                 norms,
             )
 
+    # --- transformers: the profile across blocks (docs/verdict.md, "Transformers") ---------------
+
+    def _block_update_ratios(self) -> list[float | None]:
+        """Per block, the largest update ratio of its attention and MLP weights at the first recorded step."""
+        if not self.profiles.steps:
+            return []
+        first = self.profiles.steps[0]
+        return [_max_or_none(self.profiles.at(first, "update_ratio", b.weights)) for b in self.profiles.blocks]
+
+    def _transformer_step(self) -> tuple[str, dict[str, float | int | str | None], list[str]]:
+        """Where a transformer's large updates are, and the advice they support: warm-up only when the updates
+        are already large at step 0; pre-LN only for post-LN when the last block's step-0 update is at least
+        NEAR_OUTPUT_FACTOR× the blocks' geometric mean (the concentration Xiong et al. 2020 derive)."""
+        e = self.evidence
+        ratios = self._block_update_ratios()
+        concentration = _near_output(ratios)
+        present = [(r, i) for i, r in enumerate(ratios, start=1) if r is not None]
+        largest, where = max(present) if present else (None, None)
+        numbers: dict[str, float | int | str | None] = {
+            "update_ratio_init_largest_block": where,
+            "update_ratio_init_block_max": largest,
+            "update_ratio_init_near_output": concentration,
+        }
+        early = e.update_ratio_init_max is not None and e.update_ratio_init_max > UPDATE_RATIO_WARNING
+        if largest is None:
+            clause = ""
+        else:
+            clause = (
+                f" At step 0 the blocks' largest update is {largest:.3g}× the weight, in block {where} of "
+                f"{len(ratios)}"
+                + (
+                    f"; the last block's is {concentration:.2g}× the blocks' geometric mean."
+                    if concentration is not None
+                    else "."
+                )
+            )
+        advice: list[str] = []
+        if early:
+            advice.append(
+                "Or warm the learning rate up over the first steps: the updates are already this large at step 0."
+            )
+        else:
+            clause += " The updates were small at step 0, so a warm-up would not reach the large ones."
+        near_output = concentration is not None and concentration >= NEAR_OUTPUT_FACTOR
+        if early and near_output and self.post_ln:
+            advice.append(
+                f"Or use norm_position=pre: the last block's step-0 update is {concentration:.2g}× the blocks' "
+                "geometric mean, the post-LN concentration near the output that Xiong et al. (2020) derive and "
+                "pre-LN removes."
+            )
+        return clause, numbers, advice
+
+    def _transformer_profile_advice(self) -> list[str]:
+        """Advice for a transformer whose profile crosses the span rule: no remedy's span is predicted."""
+        advice = [
+            "Use fewer blocks or smaller initial weights (init_gain); graddiag predicts no remedy's span for "
+            "transformers, so probe again after the change."
+        ]
+        if self.post_ln:
+            advice.insert(
+                0,
+                "Use norm_position=pre: Xiong et al. (2020) show pre-LN's gradients at init do not concentrate "
+                "near the output (graddiag predicts no span for it; probe again).",
+            )
+        return advice
+
+    def layer_norm_position(self) -> None:
+        """A transformer's across-block profile at init beside Xiong et al. (2020) for its norm position."""
+        blocks = self.profiles.blocks
+        if not self.transformer or len(blocks) < 2 or not self.profiles.steps:
+            return
+        e = self.evidence
+        first = self.profiles.steps[0]
+        act = self.profiles.at(first, "act_grad_norm", self.profiles.act_layers)
+        act_near = _near_output(act)
+        post = self.post_ln
+        n = len(blocks)
+        message = (
+            f"{'Post' if post else 'Pre'}-LN, {n} blocks, at initialisation: toward the input the block-output "
+            f"‖∂L/∂h‖ changes by {_fmt(e.act_span_decades, '+.2f')} decades and mlp.fc2's ‖∂L/∂W‖ by "
+            f"{_fmt(e.span_decades, '+.2f')}; the last block's fc2 gradient is {_fmt(e.near_output_ratio, '.2f')}× "
+            f"the blocks' geometric mean (its ‖∂L/∂h‖ {_fmt(act_near, '.2f')}×)."
+        )
+        tilts = [span < 0 for span in (e.act_span_decades, e.span_decades) if span is not None]
+        if post:
+            seen = "both profiles" if all(tilts) else "one profile" if any(tilts) else "neither profile"
+            message += (
+                " Xiong et al. (2020) derive that post-LN's gradients at init are largest near the output, at a "
+                f"scale that does not shrink with depth: here {seen} falls toward the input."
+            )
+        else:
+            message += (
+                " Xiong et al. (2020) derive that pre-LN's gradients at init stay level across blocks, the last "
+                "block's shrinking as 1/√L with depth (a depth sweep shows that; one run cannot)."
+            )
+        block_max = _max_or_none(self._block_update_ratios())
+        if block_max is not None:
+            message += (
+                f" What decides whether warm-up matters is the step: at lr {self.spec.lr:g} the blocks' largest "
+                f"update at step 0 is {block_max:.3g}× the weight, "
+                + (
+                    f"above the {UPDATE_RATIO_WARNING:g} warning (see step_size)."
+                    if block_max > UPDATE_RATIO_WARNING
+                    else f"below the {UPDATE_RATIO_WARNING:g} warning."
+                )
+            )
+        rows = self.profiles.by_step[first]
+
+        def combined(indices: Sequence[int]) -> float | None:
+            norms = [rows[i].grad_norm for i in indices if i in rows]
+            if not norms or any(v is None for v in norms):
+                return None
+            return math.sqrt(sum(v * v for v in norms if v is not None))
+
+        numbers: dict[str, float | int | str | None] = {
+            "norm_position": "post" if self.post_ln else "pre",
+            "blocks": n,
+            "act_span_decades": e.act_span_decades,
+            "span_decades": e.span_decades,
+            "near_output_ratio": e.near_output_ratio,
+            "act_near_output_ratio": act_near,
+            "update_ratio_init_block_max": block_max,
+        }
+        for block, h in zip(blocks, act, strict=True):
+            numbers[f"{block.name}.attn"] = combined(block.attention)
+            numbers[f"{block.name}.mlp"] = combined(block.mlp)
+            numbers[f"{block.name}.h"] = h
+        self.add(
+            "layer_norm_position",
+            "info",
+            "init",
+            message,
+            numbers,
+            sorted({*self.profiles.grad_layers, *self.profiles.act_layers}),
+        )
+
     # --- advice that follows from the evidence -------------------------------------------------
 
     def _remedy(self, remedy: str) -> float | None:
@@ -657,6 +894,8 @@ class _Judge:
                     "few units are saturated."
                 )
             )
+        if self.transformer:
+            return self._transformer_profile_advice()
         if not isinstance(spec, Spec):
             return [*advice, UNPREDICTED_REMEDIES[kind]]
         candidates: list[tuple[str, str]] = []
@@ -713,6 +952,8 @@ class _Judge:
 
     def _scale_advice(self, kind: Label) -> list[str]:
         if kind == "vanishing":
+            if self.transformer:
+                return ["Raise the learning rate or the initial weights (init_gain)."]
             return ["Raise the initial weights toward the Kaiming scale (init=kaiming_normal) or the learning rate."]
         advice = []
         if self.spec.norm == "batch":
@@ -783,13 +1024,14 @@ def decide(
     judge.units()
     judge.penalties()
     judge.structure()
+    judge.layer_norm_position()
 
     reasons = [f.message for f in judge.findings if f.severity == "critical" and f.kind in _LABEL_KINDS]
     if label == "healthy":
         reasons.append(
             "The gradient profiles stay within the thresholds: at initialisation ‖∂L/∂W‖ changes by "
             f"{_fmt(evidence.span_decades, '+.2f')} and ‖∂L/∂h‖ by {_fmt(evidence.act_span_decades, '+.2f')} decades "
-            f"across {evidence.interior_layers} interior layers (threshold ±"
+            f"across {evidence.interior_layers} {judge.unit} (threshold ±"
             f"{SPAN_DECADES + (evidence.noise_decades or 0.0):.1f})."
         )
     if theory is not None and theory.applicable:
