@@ -149,14 +149,19 @@ def format_validation_error(error: ValidationError, what: str = "spec") -> str:
     return f"invalid {what}:\n" + "\n".join(lines)
 
 
+def read_spec_file(spec_file: str | None) -> dict[str, Any]:
+    """The fields of a JSON spec file as written (none without a file); ValueError when it cannot be read."""
+    if not spec_file:
+        return {}
+    try:
+        fields = json.loads(Path(spec_file).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read spec file {spec_file}: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise ValueError(f"spec file {spec_file} must hold a JSON object")
+    return fields
+
+
 def load_spec(spec_file: str | None, overrides: dict[str, Any]) -> Spec:
     """A spec from an optional JSON file, with command-line values taking precedence."""
-    base: dict[str, Any] = {}
-    if spec_file:
-        try:
-            base = json.loads(Path(spec_file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read spec file {spec_file}: {exc}") from exc
-        if not isinstance(base, dict):
-            raise ValueError(f"spec file {spec_file} must hold a JSON object")
-    return Spec.model_validate({**base, **overrides})
+    return Spec.model_validate({**read_spec_file(spec_file), **overrides})

@@ -31,7 +31,14 @@ from pydantic import ValidationError
 from graddiag.models.spec import Spec
 from graddiag.service.client import DEFAULT_URL, FINISHED, Client, GraddiagError, Json
 from graddiag.service.engine.report import Report
-from graddiag.service.flags import EXIT_INVALID, add_model_flags, format_validation_error, given_values, load_spec
+from graddiag.service.flags import (
+    EXIT_INVALID,
+    add_model_flags,
+    format_validation_error,
+    given_values,
+    load_spec,
+    read_spec_file,
+)
 from graddiag.service.render import render_report
 from graddiag.service.settings import Settings
 
@@ -264,7 +271,38 @@ def render_sweep(status: Json, summary: Json) -> str:
     ]
     if firsts:
         lines += ["findings, by the shallowest depth where each appears:", *firsts]
-    return "\n".join(lines)
+    return "\n".join(lines + _sequence_lines(summary))
+
+
+def _steps(length: float | None) -> str:
+    return NO_CELL if length is None else f"{length:.0f}"
+
+
+def _sequence_lines(summary: Json) -> list[str]:
+    """Recurrent runs' critical sequence lengths: per row by depth, then the shortest per arch (`.get`: a
+    server from before recurrent nets has none)."""
+    per_arch = summary.get("sequence_lengths") or []
+    if not per_arch:
+        return []
+    lines = [
+        "critical sequence length: the time steps over which the fitted gradient through time changes by 2 "
+        f"decades at init ({NO_CELL} = level, or not measured yet)"
+    ]
+    for config in summary["configs"]:
+        lengths = config.get("critical_sequence_length") or []
+        slopes = config.get("time_decades_per_step") or []
+        if any(slope is not None for slope in slopes):
+            cells = ", ".join(
+                f"{_steps(length)} at depth {depth}" for depth, length in zip(config["depths"], lengths, strict=True)
+            )
+            lines.append(f"  {_config_label(config['config'])}: {cells}")
+    shortest = [
+        f"{item['arch']} {_steps(item['critical_sequence_length'])}"
+        + (f" ({_config_label(item['grid'])})" if item["grid"] is not None else "")
+        for item in per_arch
+    ]
+    lines.append("shortest per arch: " + "; ".join(shortest))
+    return lines
 
 
 def sweep_progress_line(status: Json) -> str:
@@ -321,15 +359,35 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     return print_outcome(follow_run(client, run["id"], args.poll), args.json)
 
 
+def sweep_base(spec_file: str | None, assignments: list[str]) -> dict[str, Any]:
+    """The fields every grid point shares, as given (the file's, then each --set FIELD=VALUE).
+
+    Each value is checked here on its own (an unknown field or a depth of 0 is refused before anything is
+    sent); whether they combine is judged by the server per grid point, since a grid axis may be what makes
+    them valid (`--set heads=8 --grid arch=transformer`: the base alone is an mlp, which has no heads).
+    """
+    try:
+        base = read_spec_file(spec_file)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    base.update((field, parse_value(value)) for field, value in (_assignment(item, "--set") for item in assignments))
+    try:
+        Spec.model_validate(base)
+    except ValidationError as exc:
+        # Fields are validated before their combinations: errors with a location are about a value itself.
+        if any(error["loc"] for error in exc.errors()):
+            raise
+    return base
+
+
 def cmd_sweep(args: argparse.Namespace, client: Client) -> int:
     """Queue one run per grid point; print the sweep id, or with --wait the verdict matrix."""
-    overrides = dict(_assignment(item, "--set") for item in args.set)
-    base = _load_spec(args.base_spec, {field: parse_value(value) for field, value in overrides.items()})
+    base = sweep_base(args.base_spec, args.set)
     grid = parse_grid(args.grid)
     if not grid:
         raise UsageError("name at least one --grid FIELD=V1,V2,…")
     # Only the fields given: the server fills the defaults and validates every point against its caps.
-    status = client.sweep(base.model_dump(mode="json", exclude_unset=True), grid, name=args.name, tags=args.tag)
+    status = client.sweep(base, grid, name=args.name, tags=args.tag)
     if not args.wait:
         print(json.dumps(status, indent=2) if args.json else status["id"])
         return 0
@@ -337,6 +395,12 @@ def cmd_sweep(args: argparse.Namespace, client: Client) -> int:
     status = follow_sweep(client, status["id"], args.poll)
     _print_sweep(client, status, args.json)
     return 0 if status["counts"].get("succeeded", 0) == status["total"] else EXIT_FAILED
+
+
+def _arch_fields(spec: Json) -> str:
+    """The fields only the spec's architecture has, as ` field=value` (`.get`: older servers lack them)."""
+    names = {"lstm": ("forget_bias",), "transformer": ("heads", "norm_position", "mlp_ratio", "pooling")}
+    return "".join(f" {name}={spec.get(name)}" for name in names.get(spec["arch"], ()) if name in spec)
 
 
 def _run_lines(run: Json) -> list[str]:
@@ -349,7 +413,8 @@ def _run_lines(run: Json) -> list[str]:
     else:
         origin = (
             f"  spec: {spec['arch']} depth={spec['depth']} width={spec['width']} activation={spec['activation']} "
-            f"init={spec['init']} norm={spec['norm']} steps={spec['steps']} dataset={spec['dataset']}"
+            f"init={spec['init']} norm={spec['norm']}{_arch_fields(spec)} steps={spec['steps']} "
+            f"dataset={spec['dataset']}"
         )
     lines = [
         f"run {run['id']}: {run['status']}" + (f", verdict {run['verdict']}" if run.get("verdict") else ""),
@@ -496,10 +561,11 @@ def _number(value: Any) -> str:
 
 
 def render_runs(listing: Json) -> str:
-    """Runs as a table: short id, name, the spec's shape, status, verdict and the key result numbers."""
+    """Runs as a table: short id, name, the spec's arch and shape, status, verdict and the key result numbers."""
     header = [
         "run",
         "name",
+        "arch",
         "activation",
         "depth",
         "width",
@@ -520,7 +586,7 @@ def render_runs(listing: Json) -> str:
             [
                 run["id"][:8],
                 run.get("name") or NO_CELL,
-                *(str(spec.get(field, NO_CELL)) for field in ("activation", "depth", "width", "steps", "lr")),
+                *(str(spec.get(field, NO_CELL)) for field in ("arch", "activation", "depth", "width", "steps", "lr")),
                 run["status"],
                 run.get("verdict") or NO_CELL,
                 _number(metrics.get("decades_per_layer")),

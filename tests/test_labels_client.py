@@ -92,6 +92,7 @@ def test_cli_runs_lists_filters_and_sorts_by_results(
     assert lines[0].split() == [
         "run",
         "name",
+        "arch",
         "activation",
         "depth",
         "width",
@@ -104,7 +105,7 @@ def test_cli_runs_lists_filters_and_sorts_by_results(
         "time",
     ]
     assert [line.split()[0] for line in lines[1:4]] == [ids["steep"][:8], ids["mild"][:8], ids["flat"][:8]]
-    assert lines[1].split()[9] == "-0.8" and lines[-1] == "3 run(s)"
+    assert lines[1].split()[2] == "mlp" and lines[1].split()[10] == "-0.8" and lines[-1] == "3 run(s)"
     code, out = _cli(
         capsys, "runs", "--url", base_url, "--filter", "verdict = 'vanishing' and decades_per_layer < -0.3"
     )

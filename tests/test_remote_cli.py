@@ -294,3 +294,107 @@ def test_a_token_guarded_server(
     assert code == 1 and "queued" in err  # past the token check: the run has no verdict yet
     code, out, _ = run_cli(capsys, "status", run_id, "--url", base_url)
     assert code == 0 and out.startswith(f"run {run_id}: queued")
+
+
+def test_submit_and_status_take_the_new_fields(
+    base_url: str, client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(
+        capsys, "submit", "--url", base_url, *TINY_FLAGS, "--arch", "lstm", "--forget-bias", "chrono"
+    )
+    assert code == 0, err
+    lstm = out.strip()
+    assert (client.get(lstm)["spec"]["forget_bias"], client.get(lstm)["spec"]["activation"]) == ("chrono", "tanh")
+    code, out, _ = run_cli(capsys, "status", lstm, "--url", base_url)
+    assert code == 0 and "spec: lstm depth=3 width=16 activation=tanh init=default norm=none forget_bias=chrono" in out
+
+    flags = [
+        "--arch",
+        "transformer",
+        "--heads",
+        "4",
+        "--norm-position",
+        "post",
+        "--mlp-ratio",
+        "2",
+        "--pooling",
+        "mean",
+    ]
+    code, out, err = run_cli(capsys, "submit", "--url", base_url, *TINY_FLAGS, *flags)
+    assert code == 0, err
+    vit_id = out.strip()
+    vit = client.get(vit_id)["spec"]
+    shape = (vit["heads"], vit["norm_position"], vit["mlp_ratio"], vit["pooling"], vit["norm"], vit["residual"])
+    assert shape == (4, "post", 2, "mean", "layer", True)
+    code, out, _ = run_cli(capsys, "status", vit_id, "--url", base_url)
+    assert code == 0 and "norm=layer heads=4 norm_position=post mlp_ratio=2 pooling=mean" in out
+
+
+def test_sweep_base_may_need_the_grid_to_be_valid(
+    base_url: str, client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # heads (and forget_bias) alone do not make a valid mlp base: the grid's arch does, point by point.
+    sets = [f"--set={f}={v}" for f, v in TINY.items()]
+    code, out, err = run_cli(
+        capsys, "sweep", "--url", base_url, *sets, "--set", "heads=8", "--grid", "arch=transformer"
+    )
+    assert code == 0, err
+    (run,) = client.sweep_status(out.strip())["runs"]
+    assert client.get(run["run_id"])["spec"]["heads"] == 8
+    code, out, err = run_cli(
+        capsys,
+        "sweep",
+        "--url",
+        base_url,
+        *sets,
+        "--set",
+        "forget_bias=chrono",
+        "--grid",
+        "forget_bias=chrono,1,null",
+        "--grid",
+        "arch=lstm",
+    )
+    assert code == 0, err
+    assert client.sweep_status(out.strip())["grid"] == {"forget_bias": ["chrono", 1.0, None], "arch": ["lstm"]}
+    # Where no point makes it valid, the server names each refused point and the field.
+    code, out, err = run_cli(
+        capsys, "sweep", "--url", base_url, *sets, "--set", "forget_bias=1", "--grid", "arch=rnn,lstm"
+    )
+    assert code == 2 and out == ""
+    assert "grid.0.forget_bias: grid point 0 (arch='rnn'): forget_bias applies to arch='lstm' only" in err
+    # A value wrong in itself is still refused here, before anything is sent.
+    code, _, err = run_cli(capsys, "sweep", "--url", base_url, "--set", "heads=0", "--grid", "arch=transformer")
+    assert code == 2 and "heads: Input should be greater than or equal to 1" in err
+
+
+def test_sweep_matrix_lists_critical_sequence_lengths() -> None:
+    runs = [{"grid": {"arch": arch, "depth": d}, "status": "succeeded"} for arch in ("rnn", "lstm") for d in (1, 2)]
+    status = {"id": "5d26", "total": 4, "counts": {"succeeded": 4}, "runs": runs}
+
+    def config(arch: str, slopes: list[float | None], lengths: list[float | None]) -> dict[str, object]:
+        return {
+            "config": {"arch": arch},
+            "depths": [1, 2],
+            "verdicts": ["healthy"] * 2,
+            "critical_depth": None,
+            "time_decades_per_step": slopes,
+            "critical_sequence_length": lengths,
+        }
+
+    summary = {
+        "configs": [config("rnn", [-0.1, -0.25], [20.0, 8.0]), config("lstm", [-0.001, None], [None, None])],
+        "sequence_lengths": [
+            {"arch": "rnn", "critical_sequence_length": 8.0, "grid": {"arch": "rnn", "depth": 2}, "runs": 2},
+            {"arch": "lstm", "critical_sequence_length": None, "grid": None, "runs": 2},
+        ],
+    }
+    lines = render_sweep(status, summary).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("critical sequence length:"))
+    assert lines[at + 1 :] == [
+        "  arch=rnn: 20 at depth 1, 8 at depth 2",
+        "  arch=lstm: — at depth 1, — at depth 2",
+        "shortest per arch: rnn 8 (arch=rnn, depth=2); lstm —",
+    ]
+    # A sweep without recurrent runs (or an older server's summary) shows no such section.
+    del summary["sequence_lengths"]
+    assert not any(line.startswith("critical sequence length") for line in render_sweep(status, summary).splitlines())
