@@ -21,6 +21,7 @@ from graddiag.models.spec import Spec
 from graddiag.service.engine.data import make_source
 from graddiag.service.engine.probe import run_probe
 from graddiag.service.engine.report import Finding, Report
+from graddiag.service.export import tensorboard as tensorboard_export
 from graddiag.service.export.tensorboard import (
     EVENT_FILE,
     HistogramCollector,
@@ -29,6 +30,7 @@ from graddiag.service.export.tensorboard import (
     run_name,
     write_events,
 )
+from tests.support.reports import plain_report, recurrent_report
 
 SPEC = Spec(dataset="synthetic", depth=3, width=8, steps=4, batch_size=8, record_every=1)
 LAYER_FIELDS = ("grad_norm", "act_grad_norm", "rel_grad", "update_ratio", "act_norm", "penalty_grad_norm")
@@ -257,3 +259,76 @@ def test_export_imports_neither_store_nor_api() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# --- the gradient through time ------------------------------------------------------------------------
+
+RECURRENT = Spec(arch="lstm", depth=2, width=16, steps=7, record_every=3, batch_size=8, dataset="synthetic")
+TIME_FIELDS = ("grad_norm", "cell_grad_norm", "state_rms", "gate_mean", "saturation_frac")
+
+
+def pixels(accumulator: event_accumulator.EventAccumulator, tag: str) -> tuple[int, np.ndarray]:
+    """The step and the RGB pixels of the one image under `tag`."""
+    from PIL import Image
+
+    (event,) = accumulator.Images(tag)
+    return event.step, np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+
+
+@pytest.mark.parametrize(("arch", "activation"), [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "relu")])
+def test_time_curves_at_the_first_and_last_step(tmp_path: Path, arch: str, activation: str) -> None:
+    report = recurrent_report(RECURRENT.model_copy(update={"arch": arch, "activation": activation}), time_steps=5)
+    acc = read(write_events(report, tmp_path / "run"))
+    names = {layer.index: layer.name for layer in report.layers}
+    tags = set(acc.Tags()["scalars"])
+    for index in (1, 3):
+        for field in TIME_FIELDS:
+            for which, step in (("first", 0), ("last", 6)):
+                tag = f"time/{names[index]}/{field}/{which}"
+                expected = {
+                    r.t: f32(value)
+                    for r in report.time_records
+                    if (r.layer, r.step) == (index, step) and (value := getattr(r, field)) is not None
+                }
+                # A field the cell does not have (the rnn's gate, its relu's saturation) writes no tag.
+                assert (scalars(acc, tag) if tag in tags else {}) == expected, tag
+    assert f"time/{arch}1.hh/cell_grad_norm/last" in tags if arch == "lstm" else not any("cell_grad" in t for t in tags)
+    assert not any(tag.startswith(f"time/{names[0]}/") for tag in tags)  # an input projection has no time records
+    assert "step 0" in text(acc, "time") and "step 6" in text(acc, "time")
+
+
+def test_time_heatmap_image(tmp_path: Path) -> None:
+    report = recurrent_report(RECURRENT, time_steps=5)
+    # One norm not measured: its cell is red.
+    gone = (3, 3, 2)
+    rows = [
+        r.model_copy(update={"grad_norm": None}) if (r.step, r.layer, r.t) == gone else r for r in report.time_records
+    ]
+    acc = read(write_events(report.model_copy(update={"time_records": rows}), tmp_path / "run"))
+    assert set(acc.Tags()["images"]) == {"time/lstm1.hh/heatmap", "time/lstm2.hh/heatmap"}
+    step, image = pixels(acc, "time/lstm1.hh/heatmap")
+    assert step == 6 and image.shape == (3 * 8, 5 * 8, 3)  # 3 recorded steps x 5 time steps, 8 px cells
+    cells = image[4::8, 4::8]  # one pixel inside each cell
+    grey = cells[..., 0].astype(int)
+    assert (cells[..., 0] == cells[..., 1]).all() and (cells[..., 1] == cells[..., 2]).all()
+    # Black at the smallest norm (step 0, t = 0), white at the largest (step 6, t = 4), rising along t and steps.
+    assert grey[0, 0] == 0 and grey[2, 4] == 255
+    assert (np.diff(grey, axis=1) > 0).all() and (np.diff(grey, axis=0) > 0).all()
+    _, other = pixels(acc, "time/lstm2.hh/heatmap")
+    assert tuple(other[4 + 8 * 1, 4 + 8 * 2]) == (255, 0, 0)  # step 3 (row 1), t = 2
+    # The text gives the range: 10^-0.4 at step 0, t = 0 up to 7 at step 6, t = 4 (over layer index + 1).
+    assert (
+        f"| lstm1.hh | {math.log10(10**-0.4 / 2):.4g} | {math.log10(7 / 2):.4g} | {0.4 + math.log10(7):.4g} |"
+        in text(acc, "time")
+    )
+
+
+def test_no_time_records_no_time_tags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    acc = read(write_events(plain_report(SPEC), tmp_path / "mlp"))
+    assert not any(tag.startswith("time/") for tag in acc.Tags()["scalars"]) and not acc.Tags()["images"]
+    assert "time/text_summary" not in acc.Tags()["tensors"]
+    # A table too large to draw keeps its curves and says why it has no image.
+    monkeypatch.setattr(tensorboard_export, "MAX_HEATMAP_CELLS", 10)
+    acc = read(write_events(recurrent_report(RECURRENT, time_steps=5), tmp_path / "lstm"))
+    assert not acc.Tags()["images"] and "time/lstm1.hh/grad_norm/last" in acc.Tags()["scalars"]
+    assert "| lstm1.hh | no heatmap: over 10 (step, t) cells | | |" in text(acc, "time")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -299,3 +301,23 @@ def test_client_reads_the_rows(client: Client, settings: Settings) -> None:
     with pytest.raises(GraddiagError) as missing:
         client.time("0123456789abcdef0123456789abcdef")
     assert missing.value.status == 404
+
+
+async def test_tensorboard_download_built_from_the_report_has_the_time_records(
+    api: httpx.AsyncClient, settings: Settings, tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    report = recurrent_report(LSTM, time_steps=4)
+    run_id = _stored(settings, report)
+    answer = await api.get(f"/v1/runs/{run_id}/tensorboard")
+    assert answer.status_code == 200 and answer.headers["graddiag-events-source"] == "report"
+    with tarfile.open(fileobj=io.BytesIO(answer.content), mode="r:gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    (events,) = tmp_path.rglob("events.out.tfevents.graddiag")
+    accumulator = event_accumulator.EventAccumulator(str(events.parent), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    last = {event.step: event.value for event in accumulator.Scalars("time/lstm2.hh/grad_norm/last")}
+    expected = {r.t: r.grad_norm for r in report.time_records if (r.layer, r.step) == (3, 2)}
+    assert last == pytest.approx(expected, rel=1e-6)
+    assert set(accumulator.Tags()["images"]) == {"time/lstm1.hh/heatmap", "time/lstm2.hh/heatmap"}

@@ -13,7 +13,15 @@ One run is one TensorBoard run directory holding one event file, with these tags
 - text: ``verdict`` (label, reasons, findings, advice, theory, evidence) and ``spec`` (a field/value table);
 - the spec as hparams (TensorBoard's HPARAMS tab; ``None`` fields are left out, see the spec text), with
   the verdict's label and slopes, the held-out and the training loss and accuracy as its metric columns;
-- with ``histograms`` given: ``grad/<layer>`` weight-gradient histograms (see :class:`HistogramCollector`).
+- with ``histograms`` given: ``grad/<layer>`` weight-gradient histograms (see :class:`HistogramCollector`);
+- a recurrent net's gradient through time (the report's ``time_records``), per recurrent layer:
+  ``time/<layer>/<field>/first`` and ``time/<layer>/<field>/last`` with the time step t as TensorBoard's
+  step, for the first and the last recorded step (``<field>``: grad_norm = ‖∂L/∂h_t‖, cell_grad_norm,
+  state_rms, gate_mean, saturation_frac, those measured). The tags name no step number, so runs of
+  different lengths overlay in one chart (RNN vs LSTM at init, say); the ``time`` text names the steps.
+  ``time/<layer>/heatmap`` is an image at the last step: recorded steps top to bottom, t left to right,
+  grey from the layer's smallest log10 ‖∂L/∂h_t‖ (black) to its largest (white), red where none was
+  measured; the ``time`` text gives each layer's range in decades.
 
 Non-finite numbers (``None`` in a report) are skipped, never written as NaN, so an exploded run's
 curves simply end. Scalars are stored as float32, TensorBoard's scalar format.
@@ -38,7 +46,7 @@ from torch import Tensor
 
 from graddiag.models.networks import Layer
 from graddiag.models.spec import Spec
-from graddiag.service.engine.report import Report, Verdict
+from graddiag.service.engine.report import Report, TimeRecord, Verdict
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -78,6 +86,17 @@ HPARAM_METRICS: Final = (
     "loss",
     "accuracy",
 )
+
+# The time records' fields written as ‖·‖-against-t curves; the heatmap draws the first of them.
+TIME_SCALARS: Final = ("grad_norm", "cell_grad_norm", "state_rms", "gate_mean", "saturation_frac")
+# The heatmap's cells are blocks of TIME_CELL × TIME_CELL pixels, smaller along an axis of more than
+# HEATMAP_PIXELS / TIME_CELL cells (at least one pixel): a 32-step sequence is 256 px wide.
+TIME_CELL: Final = 8
+HEATMAP_PIXELS: Final = 256
+# A larger table gets no heatmap (the curves and the text still come): its image would not be readable.
+MAX_HEATMAP_CELLS: Final = 1_000_000
+# A heatmap cell without a measurement (a non-finite or missing norm): red, unlike any grey.
+MISSING_RGB: Final = (1.0, 0.0, 0.0)
 
 # Every file write_events leaves in a run directory; the fixed name keeps the writer's host name and
 # process id (SummaryWriter's default file name) out of downloads. TensorBoard reads any file whose
@@ -180,6 +199,10 @@ def write_events(report: Report, log_dir: Path, *, histograms: Histograms | None
                 if finite.numel():
                     writer.add_histogram(f"grad/{names[index]}", finite, global_step=step)
 
+        if report.time_records:
+            ranges = _write_time(writer, report, names, last_step)
+            writer.add_text("time", _time_markdown(report, names, ranges), global_step=last_step)
+
         writer.add_text("verdict", _verdict_markdown(report), global_step=last_step)
 
     written = _event_files(log_dir, recursive=False)
@@ -257,6 +280,95 @@ def _hparam_metrics(report: Report) -> list[str]:
 def _scalar(writer: SummaryWriter, tag: str, value: float | None, step: int) -> None:
     if value is not None and math.isfinite(value):
         writer.add_scalar(tag, value, global_step=step)
+
+
+def _time_steps(report: Report) -> tuple[int, int]:
+    """The first and the last step that have time records."""
+    steps = [row.step for row in report.time_records]
+    return min(steps), max(steps)
+
+
+def _write_time(
+    writer: SummaryWriter, report: Report, names: Mapping[int, str], last_step: int
+) -> dict[int, tuple[float, float] | None]:
+    """The curves against t at the first and last recorded step and each layer's heatmap; returns each
+    layer's heatmap range (smallest, largest log10 ‖∂L/∂h_t‖), None where it has no finite norm."""
+    first, last = _time_steps(report)
+    for row in report.time_records:
+        for which, step in (("first", first), ("last", last)):
+            if row.step == step:
+                for field in TIME_SCALARS:
+                    _scalar(writer, f"time/{names[row.layer]}/{field}/{which}", getattr(row, field), row.t)
+    by_layer: dict[int, list[TimeRecord]] = {}
+    for row in report.time_records:
+        by_layer.setdefault(row.layer, []).append(row)
+    ranges: dict[int, tuple[float, float] | None] = {}
+    for layer, rows in sorted(by_layer.items()):
+        drawn = _heatmap(rows)
+        if drawn is None:
+            continue
+        image, ranges[layer] = drawn
+        writer.add_image(f"time/{names[layer]}/heatmap", image, global_step=last_step, dataformats="CHW")
+    return ranges
+
+
+def _heatmap(rows: Sequence[TimeRecord]) -> tuple[Tensor, tuple[float, float] | None] | None:
+    """One layer's log10 ‖∂L/∂h_t‖ as an RGB image (3 × height × width, values in [0, 1]) and its (min,
+    max): a cell per (recorded step, time step), grey scaled between them, MISSING_RGB where a norm is
+    missing or not positive. None when the table has over MAX_HEATMAP_CELLS cells (an uploaded report may
+    have any steps and time steps)."""
+    steps = sorted({row.step for row in rows})
+    times = sorted({row.t for row in rows})
+    if len(steps) * len(times) > MAX_HEATMAP_CELLS:
+        return None
+    grid = torch.full((len(steps), len(times)), math.nan, dtype=torch.float64)
+    step_at = {step: i for i, step in enumerate(steps)}
+    t_at = {t: i for i, t in enumerate(times)}
+    for row in rows:
+        if row.grad_norm is not None and math.isfinite(row.grad_norm) and row.grad_norm > 0:
+            grid[step_at[row.step], t_at[row.t]] = math.log10(row.grad_norm)
+    measured = grid[torch.isfinite(grid)]
+    span: tuple[float, float] | None = None
+    grey = grid
+    if measured.numel():
+        span = (float(measured.min()), float(measured.max()))
+        scale = span[1] - span[0]
+        # A flat table (one value) is drawn mid-grey rather than divided by zero.
+        grey = (grid - span[0]) / scale if scale > 0 else torch.full_like(grid, 0.5)
+    image = grey.unsqueeze(0).repeat(3, 1, 1)
+    missing = ~torch.isfinite(grid)
+    for channel, value in enumerate(MISSING_RGB):
+        image[channel][missing] = value
+    image = image.repeat_interleave(_cell(len(steps)), dim=1).repeat_interleave(_cell(len(times)), dim=2)
+    return image.to(torch.float32), span
+
+
+def _cell(cells: int) -> int:
+    """Pixels per heatmap cell along an axis of `cells` cells: TIME_CELL, fewer past HEATMAP_PIXELS, at least 1."""
+    return max(1, min(TIME_CELL, HEATMAP_PIXELS // cells))
+
+
+def _time_markdown(report: Report, names: Mapping[int, str], ranges: Mapping[int, tuple[float, float] | None]) -> str:
+    first, last = _time_steps(report)
+    lines = [
+        f"Gradient through time: `time/<layer>/<field>/first` is step {first}, `…/last` step {last}; "
+        "TensorBoard's step axis is the time step t (0 = the first row of the image).",
+        "",
+        "Heatmaps: recorded steps top to bottom, t left to right; black = the layer's smallest "
+        "log10 ‖∂L/∂h_t‖, white = its largest, red = not measured.",
+        "",
+        "| layer | smallest log10 ‖∂L/∂h_t‖ | largest | span (decades) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for layer in sorted({row.layer for row in report.time_records}):
+        if layer not in ranges:
+            lines.append(f"| {names[layer]} | no heatmap: over {MAX_HEATMAP_CELLS:,} (step, t) cells | | |")
+            continue
+        span = ranges[layer]
+        low, high = span if span is not None else (None, None)
+        width = None if span is None else span[1] - span[0]
+        lines.append(f"| {names[layer]} | {_fmt(low)} | {_fmt(high)} | {_fmt(width)} |")
+    return "\n".join(lines)
 
 
 def _hparam_values(spec: Spec) -> dict[str, Any]:
