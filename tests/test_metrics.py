@@ -15,11 +15,12 @@ from sqlalchemy import text, update
 from graddiag.models.spec import Spec
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine, make_sessionmaker
-from graddiag.service.store.runs import create_run
+from graddiag.service.store.runs import create_external_run, create_run
 from graddiag.service.store.tables import Run
 
 # Shared fixtures (imported so pytest finds them here too).
 from tests.support.api import TINY, serve_app
+from tests.support.reports import external_report
 
 pytestmark = pytest.mark.anyio
 
@@ -110,6 +111,55 @@ async def test_store_figures_match_the_runs(settings: Settings) -> None:
     # Freshest beat: expiry now + 1.5 with lease_seconds=2, i.e. 0.5 s before `now`.
     assert 0.5 <= value(samples, "graddiag_heartbeat_age_seconds") < 0.5 + (time.time() - now)
     assert not any(name == "graddiag_worker_processes" for name, _ in samples)  # no supervised workers
+
+
+async def test_runs_and_verdicts_by_architecture(settings: Settings) -> None:
+    seed(
+        settings.db_url,
+        [
+            {"arch": "lstm"},  # queued
+            {"arch": "lstm", **finished("succeeded", 2.0, "vanishing")},
+            {"arch": "gru", **finished("succeeded", 2.0, "healthy")},
+            {"arch": "rnn", **finished("failed", 1.0)},
+            {"arch": "transformer", **finished("succeeded", 5.0, "exploding")},
+            finished("succeeded", 1.0, "healthy"),  # TINY: an mlp
+        ],
+    )
+    engine = make_engine(settings.db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            create_external_run(session, external_report(), name="upload", tags=[])
+    finally:
+        engine.dispose()
+    async with serve_app(settings) as api:
+        samples = await scrape(api)
+
+    def runs(arch: str, status: str) -> float:
+        return value(samples, "graddiag_runs_by_arch", arch=arch, status=status)
+
+    def verdicts(arch: str, verdict: str) -> float:
+        return value(samples, "graddiag_run_verdicts_by_arch", arch=arch, verdict=verdict)
+
+    assert (runs("lstm", "queued"), runs("lstm", "succeeded"), runs("rnn", "failed")) == (1, 1, 1)
+    assert (runs("mlp", "succeeded"), runs("external", "succeeded"), runs("cnn", "succeeded")) == (1, 1, 0)
+    assert (verdicts("lstm", "vanishing"), verdicts("gru", "healthy"), verdicts("transformer", "exploding")) == (
+        1,
+        1,
+        1,
+    )
+    assert (verdicts("mlp", "healthy"), verdicts("external", "healthy"), verdicts("rnn", "healthy")) == (1, 1, 0)
+    # Every (arch, status) and (arch, verdict) series exists, zeros included, and they add up to the totals.
+    archs = ("mlp", "cnn", "rnn", "gru", "lstm", "transformer", "external")
+    statuses = ("queued", "running", "succeeded", "failed", "cancelled")
+    labels = ("vanishing", "exploding", "healthy")
+    for status in statuses:
+        assert sum(runs(arch, status) for arch in archs) == value(samples, "graddiag_runs", status=status)
+    for verdict in labels:
+        assert sum(verdicts(arch, verdict) for arch in archs) == value(
+            samples, "graddiag_run_verdicts", verdict=verdict
+        )
+    assert sum(1 for name, _ in samples if name == "graddiag_runs_by_arch") == len(archs) * len(statuses)
+    assert sum(1 for name, _ in samples if name == "graddiag_run_verdicts_by_arch") == len(archs) * len(labels)
 
 
 async def test_a_real_run_is_counted_once_finished(settings: Settings, worker: None) -> None:

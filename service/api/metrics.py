@@ -11,6 +11,7 @@ processes), so the database is the one honest source. Request latency is measure
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import typing
@@ -26,9 +27,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from graddiag.models.spec import Arch
 from graddiag.service.api.health import WorkerProbe
 from graddiag.service.engine.report import Label
-from graddiag.service.store.stats import Durations, counts_by_status_and_verdict, durations_by_status, lease_stats
+from graddiag.service.store.stats import (
+    Durations,
+    counts_by_status_verdict_and_arch,
+    durations_by_status,
+    lease_stats,
+)
 from graddiag.service.store.tables import FINISHED, STATUSES
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,9 @@ LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 # The route label of requests no route matched: their raw paths would make the label unbounded.
 UNMATCHED: Final = "<unmatched>"
 LABELS: Final[tuple[str, ...]] = typing.get_args(Label)
+# The `arch` label's values: the spec's architectures and `external` (an uploaded report's run). Every one
+# is exposed, zero included, so a dashboard's per-architecture panel has its series before the first run.
+ARCHS: Final[tuple[str, ...]] = (*typing.get_args(Arch), "external")
 
 router = APIRouter(tags=["metrics"])
 
@@ -101,6 +111,22 @@ def _verdicts() -> GaugeMetricFamily:
     return GaugeMetricFamily("graddiag_run_verdicts", "Succeeded runs by verdict.", labels=["verdict"])
 
 
+def _runs_by_arch() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "graddiag_runs_by_arch",
+        "Runs in the store by architecture (the spec's arch; external: an uploaded report) and status.",
+        labels=["arch", "status"],
+    )
+
+
+def _verdicts_by_arch() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "graddiag_run_verdicts_by_arch",
+        "Succeeded runs by architecture (the spec's arch; external: an uploaded report) and verdict.",
+        labels=["arch", "verdict"],
+    )
+
+
 def _queue_depth() -> GaugeMetricFamily:
     return GaugeMetricFamily("graddiag_queue_depth", "Queued runs waiting for a worker.")
 
@@ -143,6 +169,8 @@ def _families(with_processes: bool) -> list[Metric]:
         _store_up(),
         _runs(),
         _verdicts(),
+        _runs_by_arch(),
+        _verdicts_by_arch(),
         _queue_depth(),
         _durations(),
         _leases(),
@@ -153,22 +181,40 @@ def _families(with_processes: bool) -> list[Metric]:
 
 
 def _store_families(session: Session, now: float, lease_seconds: float) -> list[Metric]:
-    """Three queries: counts by (status, verdict), duration buckets by status, lease state."""
+    """Three queries: counts by (status, verdict, arch), duration buckets by status, lease state."""
     by_status: dict[str, int] = dict.fromkeys(STATUSES, 0)
     by_verdict: dict[str, int] = dict.fromkeys(LABELS, 0)
-    for status, verdict, count in counts_by_status_and_verdict(session):
+    by_arch_status: dict[tuple[str, str], int] = dict.fromkeys(itertools.product(ARCHS, STATUSES), 0)
+    by_arch_verdict: dict[tuple[str, str], int] = dict.fromkeys(itertools.product(ARCHS, LABELS), 0)
+    for status, verdict, arch, count in counts_by_status_verdict_and_arch(session):
         by_status[status] = by_status.get(status, 0) + count
+        by_arch_status[arch, status] = by_arch_status.get((arch, status), 0) + count
         if status == "succeeded" and verdict is not None:
             by_verdict[verdict] = by_verdict.get(verdict, 0) + count
+            by_arch_verdict[arch, verdict] = by_arch_verdict.get((arch, verdict), 0) + count
     runs = _runs()
     for status, count in by_status.items():
         runs.add_metric([status], count)
     verdicts = _verdicts()
     for verdict, count in by_verdict.items():
         verdicts.add_metric([verdict], count)
+    runs_by_arch = _runs_by_arch()
+    for labels, count in by_arch_status.items():
+        runs_by_arch.add_metric(list(labels), count)
+    verdicts_by_arch = _verdicts_by_arch()
+    for labels, count in by_arch_verdict.items():
+        verdicts_by_arch.add_metric(list(labels), count)
     queue = _queue_depth()
     queue.add_metric([], by_status["queued"])
-    return [runs, verdicts, queue, _duration_family(session), *_lease_families(session, now, lease_seconds)]
+    return [
+        runs,
+        verdicts,
+        runs_by_arch,
+        verdicts_by_arch,
+        queue,
+        _duration_family(session),
+        *_lease_families(session, now, lease_seconds),
+    ]
 
 
 def _duration_family(session: Session) -> HistogramMetricFamily:
@@ -270,6 +316,7 @@ def install_metrics(app: FastAPI, *, lease_seconds: float, worker_probe: WorkerP
     summary="Prometheus metrics",
 )
 def metrics(request: Request) -> Response:
-    """Runs by status and verdict, queue depth, run durations, lease health and request latency."""
+    """Runs by status and verdict (also by architecture), queue depth, run durations, lease health and request
+    latency."""
     registry: CollectorRegistry = request.app.state.metrics_registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -39,10 +39,12 @@ def check_schema(session: Session) -> None:
     session.execute(select(Run.id).limit(1)).all()
 
 
-def counts_by_status_and_verdict(session: Session) -> list[tuple[str, str | None, int]]:
-    """(status, verdict, number of runs) for every pair present in the store."""
-    rows = session.execute(select(Run.status, Run.verdict, func.count()).group_by(Run.status, Run.verdict))
-    return [(status, verdict, count) for status, verdict, count in rows]
+def counts_by_status_verdict_and_arch(session: Session) -> list[tuple[str, str | None, str, int]]:
+    """(status, verdict, arch, number of runs) for every combination present in the store; an uploaded
+    report's run, which has no spec and so no arch, counts under its source, `external`."""
+    arch = func.coalesce(Run.arch, Run.source)
+    query = select(Run.status, Run.verdict, arch, func.count()).group_by(Run.status, Run.verdict, arch)
+    return [(status, verdict, arch_, count) for status, verdict, arch_, count in session.execute(query)]
 
 
 def durations_by_status(session: Session, bounds: Sequence[float]) -> dict[str, Durations]:
