@@ -628,6 +628,7 @@ async def test_openapi_documents_the_api(api: httpx.AsyncClient) -> None:
         "/v1/runs/{run_id}",
         "/v1/runs/{run_id}/layers",
         "/v1/runs/{run_id}/gradients",
+        "/v1/runs/{run_id}/time",
         "/v1/runs/{run_id}/cancel",
         "/v1/sweeps",
         "/v1/sweeps/{sweep_id}",
@@ -638,6 +639,11 @@ async def test_openapi_documents_the_api(api: httpx.AsyncClient) -> None:
     ):
         assert path in paths, path
     assert "Report" in schema["components"]["schemas"]
+    time_200 = paths["/v1/runs/{run_id}/time"]["get"]["responses"]["200"]["content"]
+    assert (
+        time_200["application/json"]["schema"] == {"$ref": "#/components/schemas/TimeProfile"}
+        and "text/csv" in time_200
+    )
     problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
     for path, method in (("/v1/runs", "post"), ("/v1/runs/{run_id}/cancel", "post"), ("/v1/compare", "get")):
         responses = paths[path][method]["responses"]
