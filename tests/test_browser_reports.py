@@ -1,5 +1,5 @@
 """An uploaded report of the user's own model in a real browser: the runs table, its run page and /compare
-beside a probe run (headless Chromium through Playwright, as tests/test_browser.py runs it).
+beside a probe run (tests/support/browser.py: headless Chromium through Playwright).
 
 Screenshots are written only with GRADDIAG_SCREENSHOTS=1, into docs/screenshots/ (external-run.png,
 compare-external.png); otherwise none is taken.
@@ -18,7 +18,7 @@ from torch import nn
 
 import graddiag
 from graddiag.service.client import Client
-from tests.test_browser import Tab, browser, chart, client, same, server  # noqa: F401 - fixtures
+from tests.support.browser import Tab, browser, chart, client, same, server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import MutableMapping
@@ -15,7 +16,7 @@ from typing import Any, get_args
 import httpx
 import pytest
 
-from graddiag.models.spec import Spec
+from graddiag.models.spec import Arch, Spec
 from graddiag.service.api import create_app, events
 from graddiag.service.api.dashboard import PLOTLY_JS
 from graddiag.service.engine.probe import run_probe
@@ -120,9 +121,12 @@ async def test_pages_name_what_their_scripts_read(api: httpx.AsyncClient) -> Non
     # The filters offer exactly the values the API accepts, and the sortable headers are buttons.
     for value in ("sigmoid", "relu", "kaiming_normal", "batch", "vanishing", "running"):
         assert f'<option value="{value}">' in runs_page
+    assert '<select name="arch">' in runs_page and '<select name="norm_position">' in runs_page
+    for arch in get_args(Arch):
+        assert f'<option value="{arch}">' in runs_page
     # Spec columns and the result metrics (decades per layer, held-out accuracy, time) sort.
-    assert runs_page.count('aria-sort="') == 11 and runs_page.count('<button type="button">') >= 11
-    for column in ("steps", "lr", "decades_per_layer", "eval_accuracy", "total_s"):
+    assert runs_page.count('aria-sort="') == 12 and runs_page.count('<button type="button">') >= 12
+    for column in ("arch", "steps", "lr", "decades_per_layer", "eval_accuracy", "total_s"):
         assert f'data-sort="{column}"' in runs_page
     assert '<input name="name"' in runs_page and '<input name="tag"' in runs_page
     sweeps_page = (await api.get("/sweeps")).text
@@ -143,6 +147,25 @@ async def test_pages_offer_finding_filters_and_places_for_findings(api: httpx.As
     assert 'id="findings"' in run_page and 'id="chart-forward"' in run_page
     script = (await api.get("/static/js/run.js")).text
     assert "act_norm" in script and "renderFindings" in script
+
+
+async def test_run_pages_state_what_each_architecture_adds(api: httpx.AsyncClient) -> None:
+    """A run page lists the spec fields of its architecture (an LSTM's forget bias, a transformer's heads, norm
+    position, MLP ratio and pooling) and no others, and has the places its script draws the gradient through
+    time and the per-block charts in (hidden until a report has them)."""
+    lstm = await submit(api, {**TINY, "arch": "lstm", "forget_bias": "chrono"})
+    transformer = await submit(api, {**TINY, "arch": "transformer", "heads": 2, "norm_position": "post"})
+    mlp = await submit(api, TINY)
+    field = re.compile(r'<div data-key="(\w+)"><dt>[^<]*</dt><dd>([^<]*)</dd>')
+    keys = {run_id: field.findall((await api.get(f"/runs/{run_id}")).text) for run_id in (lstm, transformer, mlp)}
+    assert ("forget_bias", "chrono") in keys[lstm] and ("arch", "lstm") in keys[lstm]
+    assert {("heads", "2"), ("norm_position", "post"), ("mlp_ratio", "4"), ("pooling", "cls")} <= set(keys[transformer])
+    extra = {"forget_bias", "heads", "norm_position", "mlp_ratio", "pooling"}
+    assert not extra & {key for key, _ in keys[mlp]} and not {"heads", "pooling"} & {key for key, _ in keys[lstm]}
+    page = (await api.get(f"/runs/{lstm}")).text
+    for element in ("through-time", "chart-time", "chart-time-heatmap", "chart-gates", "blocks", "chart-blocks"):
+        assert f'id="{element}"' in page
+    assert '<section id="through-time" class="through-time" aria-labelledby="through-time-title" hidden>' in page
 
 
 async def test_plotly_js_is_served_from_the_installed_package(api: httpx.AsyncClient) -> None:

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from graddiag.models.spec import Activation, Init, Norm
+from graddiag.models.spec import Activation, Arch, Init, Norm, NormPosition
 from graddiag.service.api.data import cifar10_check, local_workers
 from graddiag.service.api.deps import SessionDep, SettingsDep
 from graddiag.service.engine.report import FindingKind, Label
@@ -35,9 +35,11 @@ PLOTLY_JS: Final = Path(str(_PLOTLY.locate_file("plotly/package_data/plotly.min.
 
 # The runs table's filter choices, from the same Literals the API validates against.
 FILTER_CHOICES: Final = {
+    "arch": get_args(Arch),
     "activation": get_args(Activation),
     "init": get_args(Init),
     "norm": get_args(Norm),
+    "norm_position": get_args(NormPosition),
     "verdict": get_args(Label),
     "status": STATUSES,
     "finding": get_args(FindingKind),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, update
 
+from graddiag.models.shapes import LayerKind
 from graddiag.models.spec import Spec
 from graddiag.service.engine.report import (
     EvalResult,
@@ -202,3 +203,33 @@ def external_report(depth: int = 4, steps: int = 6, record_every: int = 2) -> Re
         branches=[2],
     )
     return base.model_copy(update={"spec": None, "model": model, "layers": layers, "verdict": verdict})
+
+
+def transformer_report(spec: Spec, label: Label = "healthy") -> Report:
+    """plain_report's steps and verdict for a transformer spec, with the network's layer names and kinds in
+    forward order (the patch embedding, the position table and, with cls pooling, the class token; per block
+    norm1, attn.q/k/v/out, norm2, mlp.fc1, mlp.fc2; the final norm with pre-LN; the output layer) and records
+    with known values at every recorded step: layer i has ‖∂L/∂W‖ = 0.01·(i + 1)·(1 + step) and
+    ‖∂L/∂h‖ = 0.1·(i + 1)·(1 + step)."""
+    base = plain_report(spec, label)
+    attention: list[tuple[str, LayerKind]] = [(f"attn.{part}", "attention") for part in ("q", "k", "v", "out")]
+    block = [("norm1", "norm"), *attention, ("norm2", "norm"), ("mlp.fc1", "linear"), ("mlp.fc2", "linear")]
+    named: list[tuple[str, LayerKind]] = [("embed.linear", "linear"), ("embed.pos", "embedding")]
+    named += [("embed.cls", "embedding")] if spec.pooling == "cls" else []
+    named += [(f"block{i}.{name}", kind) for i in range(1, spec.depth + 1) for name, kind in block]
+    named += [("norm", "norm")] if spec.norm_position == "pre" else []
+    named += [("output.linear", "linear")]
+    layers = [LayerInfo(index=i, name=name, kind=kind, params=100 * (i + 1)) for i, (name, kind) in enumerate(named)]
+    template = {record.step: record for record in base.records if record.layer == 0}
+    records = [
+        template[step].model_copy(
+            update={
+                "layer": layer.index,
+                "grad_norm": 0.01 * (layer.index + 1) * (1 + step),
+                "act_grad_norm": 0.1 * (layer.index + 1) * (1 + step),
+            }
+        )
+        for step in template
+        for layer in layers
+    ]
+    return base.model_copy(update={"layers": layers, "records": records})

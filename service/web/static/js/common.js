@@ -97,12 +97,38 @@ export function fmt(value) {
 
 export const shortId = (id) => id.slice(0, 8);
 
-/** "sigmoid · depth 6 · xavier_normal" — what tells runs apart at a glance. */
+/** The recurrent architectures (their width is the hidden size; their reports hold the gradient through time). */
+export const RECURRENT = new Set(["rnn", "gru", "lstm"]);
+
+/** What a spec's architecture adds to its label and the runs table's setup cell: an LSTM's forget-gate bias,
+ * a transformer's heads, norm position (pre-/post-LN) and pooling. Empty for mlp and cnn, whose norm and
+ * residual are choices of their own; a recurrent net's or transformer's are fixed by the architecture. */
+export function archDetails(spec) {
+  if (spec.arch === "transformer") return [`${spec.heads} heads`, `${spec.norm_position}-LN`, `${spec.pooling} pooling`];
+  if (spec.arch === "lstm" && spec.forget_bias !== null && spec.forget_bias !== undefined) return [`forget bias ${spec.forget_bias}`];
+  return [];
+}
+
+/** A spec's architecture and activation: "sigmoid" for an MLP (the default), "cnn relu", "lstm", "transformer gelu".
+ * An LSTM's or GRU's activation is its cell's own (tanh), so it is left out. */
+export function archLabel(spec) {
+  const arch = spec.arch || "mlp";
+  if (arch === "mlp") return spec.activation;
+  return arch === "lstm" || arch === "gru" ? arch : `${arch} ${spec.activation}`;
+}
+
+/** How a spec's network is set up: the init, what its architecture adds (archDetails), and an MLP's or CNN's
+ * normalisation and residual connections when on (a recurrent net's and a transformer's are fixed). */
+export function setupParts(spec) {
+  const fixed = RECURRENT.has(spec.arch) || spec.arch === "transformer";
+  const choices = fixed ? [] : [spec.norm !== "none" ? `${spec.norm} norm` : null, spec.residual ? "residual" : null];
+  return [spec.init, ...archDetails(spec), ...choices].filter(Boolean);
+}
+
+/** "sigmoid · depth 6 · width 16 · xavier_normal", "lstm · depth 2 · width 16 · default · forget bias 1" — what
+ * tells runs apart at a glance. */
 export function specLabel(spec) {
-  const parts = [spec.activation, `depth ${spec.depth}`, `width ${spec.width}`, spec.init];
-  if (spec.norm !== "none") parts.push(`${spec.norm} norm`);
-  if (spec.residual) parts.push("residual");
-  return parts.join(" · ");
+  return [archLabel(spec), `depth ${spec.depth}`, `width ${spec.width}`, ...setupParts(spec)].join(" · ");
 }
 
 /** "ResNet · 11.2M params · sgd lr 0.01" — an uploaded report's model (it has no spec). */
@@ -178,6 +204,13 @@ export function recordsAt(records, step) {
   const byLayer = new Map();
   for (const r of records) if (r.step === step) byLayer.set(r.layer, r);
   return byLayer;
+}
+
+/** A layer's group: a transformer block ("block3" of "block3.attn.q") or a stacked recurrent layer ("lstm2" of
+ * "lstm2.hh"), as graddiag's networks name them; null for any other layer. */
+export function layerGroup(name) {
+  const match = /^((?:block|rnn|gru|lstm)\d+)\./.exec(name);
+  return match ? match[1] : null;
 }
 
 /** Positive values only: a log axis cannot show zero or missing values (plotly leaves a gap for null). */

@@ -1,5 +1,5 @@
 // Two or more runs' per-layer profiles overlaid, from GET /v1/compare.
-import { BASE, PALETTE, el, fmt, getJSON, logAxis, placeholder, plot, positive, runHref, runLabel, shortId, showError, verdictBadge } from "./common.js";
+import { BASE, PALETTE, RECURRENT, archLabel, el, fmt, getJSON, logAxis, placeholder, plot, positive, runHref, runLabel, shortId, showError, verdictBadge } from "./common.js";
 
 const main = document.getElementById("main");
 const ids = main.dataset.runIds ? main.dataset.runIds.split(",") : [];
@@ -18,10 +18,13 @@ form.addEventListener("submit", (event) => {
   location.href = `${BASE}/compare?${new URLSearchParams(picked.map((id) => ["run_id", id]))}`;
 });
 
+/** "1a2b3c4d sigmoid/12", "1a2b3c4d lstm/2": a run in a legend. */
+const runShortLabel = (run) => `${shortId(run.run_id)} ${run.spec ? `${archLabel(run.spec)}/${run.spec.depth}` : run.name || run.model.class_name}`;
+
 function traces(runs, field, moments) {
   return runs.flatMap((run, i) =>
     moments.map((moment) => ({
-      name: `${shortId(run.run_id)} ${run.spec ? `${run.spec.activation}/${run.spec.depth}` : run.name || run.model.class_name}${moments.length > 1 ? ` ${moment === "init" ? "init" : "end"}` : ""}`,
+      name: `${runShortLabel(run)}${moments.length > 1 ? ` ${moment === "init" ? "init" : "end"}` : ""}`,
       legendgroup: run.run_id,
       // From the output: the last layer is 0 and earlier ones count down, so nets of different depths line
       // up where the loss enters (the input side is where they differ).
@@ -72,6 +75,45 @@ function render(comparison) {
   plot("chart-act", act, { title: { text: "Activation gradient at initialisation" }, xaxis: axis, yaxis: logAxis("‖∂L/∂h‖", ys(act)) });
   const rel = traces(runs, "rel_grad", ["init"]);
   plot("chart-rel", rel, { title: { text: "Relative gradient at initialisation" }, xaxis: axis, yaxis: logAxis("‖∂L/∂W‖ / ‖W‖", ys(rel)) });
+}
+
+/** The recurrent runs' gradient through time side by side: each run's top layer (where the loss enters),
+ * ‖∂L/∂h_t‖ against t at its first (solid) and last (dashed) recorded step, from GET /v1/runs/{id}/time. The
+ * figure stays hidden unless at least one compared run is recurrent. */
+async function renderTime(runs) {
+  const recurrent = runs.map((run, i) => [run, i]).filter(([run]) => run.spec && RECURRENT.has(run.spec.arch));
+  const figure = document.getElementById("figure-time");
+  figure.hidden = !recurrent.length;
+  if (!recurrent.length) return;
+  const profiles = await Promise.all(recurrent.map(([run]) => getJSON(`/v1/runs/${encodeURIComponent(run.run_id)}/time`)));
+  const drawn = recurrent.flatMap(([run, i], k) => {
+    const { layers, rows } = profiles[k];
+    if (!layers.length || !rows.length) return [];
+    const top = layers.at(-1);
+    const mine = rows.filter((r) => r.layer === top.index);
+    const steps = [...new Set(mine.map((r) => r.step))].sort((a, b) => a - b);
+    return [...new Set([steps[0], steps.at(-1)])].map((step) => {
+      const at = mine.filter((r) => r.step === step).sort((a, b) => a.t - b.t);
+      return {
+        name: `${runShortLabel(run)} ${top.name} step ${step}`,
+        legendgroup: run.run_id,
+        x: at.map((r) => r.t),
+        y: at.map((r) => positive(r.grad_norm)),
+        mode: "lines+markers",
+        marker: { size: 4 },
+        line: { color: PALETTE[i % PALETTE.length], dash: step === steps[0] ? "solid" : "dash" },
+      };
+    });
+  });
+  if (!drawn.length) {
+    placeholder("chart-time", "The recurrent runs have no gradient records through time.");
+    return;
+  }
+  plot("chart-time", drawn, {
+    title: { text: "Gradient through time, top recurrent layer" },
+    xaxis: { title: { text: "time step t (the loss reads the last)" } },
+    yaxis: logAxis("‖∂L/∂h_t‖", drawn.flatMap((t) => t.y)),
+  });
 }
 
 /** The spec fields whose values differ between the compared runs, one row each (runs without a spec show —). */
@@ -147,7 +189,13 @@ if (!ids.length) {
   renderRecent();
 } else {
   try {
-    render(await getJSON(`/v1/compare?${new URLSearchParams(ids.map((id) => ["run_id", id]))}`));
+    const comparison = await getJSON(`/v1/compare?${new URLSearchParams(ids.map((id) => ["run_id", id]))}`);
+    render(comparison);
+    // The profiles through time come from each recurrent run: a failure there leaves the drawn charts alone.
+    renderTime(comparison.runs).catch((error) => {
+      console.warn(error);
+      placeholder("chart-time", `Cannot read the gradient through time: ${error.message}`);
+    });
   } catch (error) {
     showError(problem, error);
     for (const id of charts) placeholder(id, "Nothing to draw.");

@@ -9,7 +9,9 @@ import {
   getJSON,
   kindLabel,
   labelsEditor,
+  layerGroup,
   logAxis,
+  PALETTE,
   placeholder,
   plot,
   positive,
@@ -252,6 +254,60 @@ function profileTraces(layers, atInit, atEnd, field, first, last) {
   ];
 }
 
+/** Runs of consecutive layers in one group (a transformer block, a stacked recurrent layer), in forward order. */
+function layerGroups(layers) {
+  const groups = [];
+  for (const layer of layers) {
+    const name = layerGroup(layer.name);
+    if (name === null) continue;
+    const open = groups.at(-1);
+    if (open && open.name === name && open.last === layer.index - 1) open.last = layer.index;
+    else groups.push({ name, first: layer.index, last: layer.index });
+  }
+  return groups;
+}
+
+// At most this many group labels on a layer axis; a deeper net labels every k-th group.
+const MAX_GROUP_TICKS = 12;
+
+/** The layer axis of the per-layer charts and the shapes that go with it. A transformer's or stacked recurrent
+ * net's layers are read per group: one tick per block (or recurrent layer) at its middle and every other group
+ * shaded, so the across-block profile shows; the layers outside any group keep their index. Other nets get
+ * one tick per layer. */
+function layerAxis(layers) {
+  const groups = layerGroups(layers);
+  if (!groups.length) {
+    const axis = { title: { text: "layer (input → output)" }, tickvals: layers.map((l) => l.index), ticktext: layers.map((l) => String(l.index)) };
+    return { axis, shapes: [] };
+  }
+  const every = Math.ceil(groups.length / MAX_GROUP_TICKS);
+  const labelled = groups.filter((_, i) => i % every === 0 || i === groups.length - 1);
+  const loose = layers.filter((l) => layerGroup(l.name) === null);
+  const ticks = [...loose.map((l) => [l.index, String(l.index)]), ...labelled.map((g) => [(g.first + g.last) / 2, g.name])].sort((a, b) => a[0] - b[0]);
+  const kind = groups[0].name.startsWith("block") ? "block" : "recurrent layer";
+  const axis = {
+    title: { text: `layer (input → output), grouped by ${kind}` },
+    zeroline: false, // the shading marks the groups; a line at layer 0 would cut the first one
+    tickvals: ticks.map(([x]) => x),
+    ticktext: ticks.map(([, text]) => text),
+  };
+  const shapes = groups
+    .filter((_, i) => i % 2 === 0)
+    .map((g) => ({
+      type: "rect",
+      xref: "x",
+      yref: "paper",
+      x0: g.first - 0.5,
+      x1: g.last + 0.5,
+      y0: 0,
+      y1: 1,
+      fillcolor: "rgba(31, 58, 95, 0.07)",
+      line: { width: 0 },
+      layer: "below",
+    }));
+  return { axis, shapes };
+}
+
 function drawCharts(report) {
   const { layers, records, steps } = report;
   if (!records.length) {
@@ -263,17 +319,14 @@ function drawCharts(report) {
   const last = recorded.at(-1);
   const atInit = recordsAt(records, first);
   const atEnd = recordsAt(records, last);
-  const layerAxis = {
-    title: { text: "layer (input → output)" },
-    tickvals: layers.map((l) => l.index),
-    ticktext: layers.map((l) => String(l.index)),
-  };
+  const { axis: layerX, shapes } = layerAxis(layers);
   const theory = theoryTrace(layers, atInit, report.verdict.theory);
   const profile = [...profileTraces(layers, atInit, atEnd, "grad_norm", first, last), ...(theory ? [theory] : [])];
   plot("chart-profile", profile, {
     title: { text: "Gradient norm per layer" },
-    xaxis: layerAxis,
+    xaxis: layerX,
     yaxis: logAxis("‖∂L/∂W‖", ys(profile)),
+    shapes,
   });
   // The caption says what is drawn: the mean-field line only where the theory applies (not for a CNN, nor
   // with normalisation or residuals), and why not otherwise.
@@ -308,7 +361,7 @@ function drawCharts(report) {
     {
       title: { text: "log10 gradient norm: layer × step" },
       xaxis: { title: { text: "step" } },
-      yaxis: { ...layerAxis, title: { text: "layer" } },
+      yaxis: { ...layerX, title: { text: "layer" } },
       margin: { l: 60, r: 16, t: 36, b: 48 },
     },
   );
@@ -316,8 +369,9 @@ function drawCharts(report) {
     const forward = profileTraces(layers, atInit, atEnd, "act_norm", first, last);
     plot("chart-forward", forward, {
       title: { text: "Forward signal per layer" },
-      xaxis: layerAxis,
+      xaxis: layerX,
       yaxis: logAxis("RMS of the layer's output", ys(forward)),
+      shapes,
     });
   } else {
     placeholder("chart-forward", "This run recorded no forward signal (it predates the act_norm record).");
@@ -325,14 +379,16 @@ function drawCharts(report) {
   const act = profileTraces(layers, atInit, atEnd, "act_grad_norm", first, last);
   plot("chart-act", act, {
     title: { text: "Activation gradient per layer" },
-    xaxis: layerAxis,
+    xaxis: layerX,
     yaxis: logAxis("‖∂L/∂h‖", ys(act)),
+    shapes,
   });
   const rel = profileTraces(layers, atInit, atEnd, "rel_grad", first, last);
   plot("chart-rel", rel, {
     title: { text: "Relative gradient per layer" },
-    xaxis: layerAxis,
+    xaxis: layerX,
     yaxis: logAxis("‖∂L/∂W‖ / ‖W‖", ys(rel)),
+    shapes,
   });
 
   const x = steps.map((s) => s.step);
@@ -369,6 +425,192 @@ function drawCharts(report) {
   );
 }
 
+/** A transformer's blocks (layers named block{i}.…): per block, the weight gradient of the attention output
+ * projection and of the MLP's second layer, and the gradient at the block's output, at initialisation and at the
+ * last recorded step, block 1 nearest the input. Nothing for other nets. */
+function drawBlocks(report) {
+  const section = document.getElementById("blocks");
+  const blocks = layerGroups(report.layers).filter((g) => g.name.startsWith("block"));
+  const byName = new Map(report.layers.map((l) => [l.name, l]));
+  section.hidden = !blocks.length || !report.records.length;
+  if (section.hidden) return;
+  const recorded = [...new Set(report.records.map((r) => r.step))].sort((a, b) => a - b);
+  const [first, last] = [recorded[0], recorded.at(-1)];
+  const moments = [
+    [first, `init (step ${first})`, "solid"],
+    [last, `end (step ${last})`, "dash"],
+  ];
+  const x = blocks.map((_, i) => i + 1);
+  /** One line per moment through the layer `suffix` of every block (null where a block lacks it). */
+  const lines = (suffix, field, label, color) =>
+    moments.map(([step, when, dash]) => {
+      const at = recordsAt(report.records, step);
+      const picked = blocks.map((g) => byName.get(`${g.name}.${suffix}`));
+      return {
+        name: `${label} ${when}`,
+        x,
+        y: picked.map((l) => (l ? positive(at.get(l.index)?.[field]) : null)),
+        text: picked.map((l) => l?.name ?? "—"),
+        hovertemplate: "block %{x}: %{text}<br>%{y:.3g}<extra></extra>",
+        mode: "lines+markers",
+        line: { color, dash },
+      };
+    });
+  const blockAxis = { title: { text: "block (input → output)" }, dtick: 1 };
+  const weights = [...lines("attn.out", "grad_norm", "attn.out", "#0072b2"), ...lines("mlp.fc2", "grad_norm", "mlp.fc2", "#d55e00")];
+  plot("chart-blocks", weights, {
+    title: { text: "Weight gradient per block" },
+    xaxis: blockAxis,
+    yaxis: logAxis("‖∂L/∂W‖", ys(weights)),
+  });
+  // The block's output is the residual stream after its MLP: with pre-LN that is the MLP's own output added to
+  // the stream (mlp.fc2's ∂L/∂h), with post-LN the second norm's output (norm2 comes after the addition).
+  const spec = report.spec;
+  if (!spec || spec.arch !== "transformer") {
+    placeholder("chart-block-out", "Where a block's output is depends on the norm placement, which only graddiag's own transformers state.");
+    return;
+  }
+  const outputLayer = spec.norm_position === "post" ? "norm2" : "mlp.fc2";
+  const out = lines(outputLayer, "act_grad_norm", "‖∂L/∂h‖", "#009e73");
+  plot("chart-block-out", out, {
+    title: { text: `Gradient at each block's output (${spec.norm_position}-LN)` },
+    xaxis: blockAxis,
+    yaxis: logAxis("‖∂L/∂h‖ at the block output", ys(out)),
+  });
+  document.getElementById("caption-block-out").textContent =
+    `‖∂L/∂h‖ at each block's output (the residual stream leaving the block: the ∂L/∂h of block{i}.${outputLayer} ` +
+    `in this ${spec.norm_position}-LN stack), at initialisation (solid) and at the last recorded step (dashed).`;
+}
+
+/** The mean-field prediction through time (verdict.theory.time) as a line over t: through the judged layer's
+ * value at the last t at initialisation, slope = predicted decades per step toward t = 0. Drawn only beside what
+ * it predicts: the first recorded step, and the quantity of its model (an LSTM's cell path predicts ‖∂L/∂c_t‖). */
+function timeTheoryTrace(theory, field, initStep, series, ts) {
+  const slope = theory?.predicted_decades_per_step;
+  if (!theory?.applicable || initStep === null || slope === null || slope === undefined || !Number.isFinite(slope)) return null;
+  if (field !== (theory.model === "lstm_cell" ? "cell_grad_norm" : "grad_norm")) return null;
+  const anchor = positive(series(initStep, theory.layer, field).at(-1));
+  if (anchor === null) return null;
+  const end = ts.at(-1);
+  return {
+    name: `mean-field prediction (${fmt(slope)} decades/step)`,
+    x: ts,
+    y: ts.map((t) => anchor * 10 ** (slope * (end - t))),
+    mode: "lines",
+    line: { dash: "dot", color: "#555" },
+  };
+}
+
+const timeStep = document.getElementById("time-step");
+const timeQuantity = document.getElementById("time-quantity");
+const timeLayer = document.getElementById("time-layer");
+// The through-time quantities the charts can show, as the axis names them.
+const TIME_QUANTITY = { grad_norm: "‖∂L/∂h_t‖", cell_grad_norm: "‖∂L/∂c_t‖" };
+// The step selector's default: the first and the last recorded step together.
+const ENDS = "ends";
+
+/** A recurrent net's gradient through time (the report's time_records): ‖∂L/∂h_t‖ (or an LSTM's ‖∂L/∂c_t‖)
+ * against t per layer at the chosen recorded steps, a heatmap of t × recorded step for one layer, and the gates'
+ * mean and saturation over t where the cell has them. The section stays hidden for runs without such records. */
+function drawTime(report) {
+  const section = document.getElementById("through-time");
+  const records = report.time_records || [];
+  section.hidden = !records.length;
+  if (!records.length) return;
+  const names = new Map(report.layers.map((l) => [l.index, l.name]));
+  const steps = [...new Set(records.map((r) => r.step))].sort((a, b) => a - b);
+  const layers = [...new Set(records.map((r) => r.layer))].sort((a, b) => a - b);
+  const ts = [...new Set(records.map((r) => r.t))].sort((a, b) => a - b);
+  const byKey = new Map(records.map((r) => [`${r.step}:${r.layer}:${r.t}`, r]));
+  const series = (step, layer, field) => ts.map((t) => byKey.get(`${step}:${layer}:${t}`)?.[field] ?? null);
+  const label = (layer) => names.get(layer) ?? `layer ${layer}`;
+  const color = (layer) => PALETTE[layers.indexOf(layer) % PALETTE.length];
+  const [first, last] = [steps[0], steps.at(-1)];
+
+  timeStep.replaceChildren(
+    el("option", { value: ENDS }, steps.length > 1 ? `first and last (${first}, ${last})` : `step ${first}`),
+    ...steps.map((s) => el("option", { value: String(s) }, `step ${s}`)),
+  );
+  timeLayer.replaceChildren(...layers.map((l) => el("option", { value: String(l) }, label(l))));
+  timeLayer.value = String(layers.at(-1)); // the top layer: where the loss enters through time
+  const hasCell = records.some((r) => r.cell_grad_norm !== null && r.cell_grad_norm !== undefined);
+  document.getElementById("time-quantity-control").hidden = !hasCell;
+  const gated = records.some((r) => r.gate_mean !== null && r.gate_mean !== undefined);
+  const saturating = records.some((r) => r.saturation_frac !== null && r.saturation_frac !== undefined);
+  document.getElementById("figure-gates").hidden = !gated && !saturating;
+
+  const draw = () => {
+    const field = hasCell ? timeQuantity.value : "grad_norm";
+    const chosen = timeStep.value === ENDS ? [...new Set([first, last])] : [Number(timeStep.value)];
+    const dash = (step) => (chosen.length > 1 && step === last ? "dash" : "solid");
+    const profile = layers.flatMap((layer) =>
+      chosen.map((step) => ({
+        name: `${label(layer)} · step ${step}`,
+        x: ts,
+        y: series(step, layer, field).map(positive),
+        mode: "lines+markers",
+        marker: { size: 4 },
+        line: { color: color(layer), dash: dash(step) },
+      })),
+    );
+    const theory = timeTheoryTrace(report.verdict.theory.time, field, chosen.includes(first) ? first : null, series, ts);
+    if (theory) profile.push(theory);
+    plot("chart-time", profile, {
+      title: { text: `${TIME_QUANTITY[field]} through time` },
+      xaxis: { title: { text: "time step t (the loss reads the last)" } },
+      yaxis: logAxis(TIME_QUANTITY[field], ys(profile)),
+    });
+    const layer = Number(timeLayer.value);
+    plot(
+      "chart-time-heatmap",
+      [
+        {
+          type: "heatmap",
+          x: ts,
+          y: steps,
+          z: steps.map((step) => series(step, layer, field).map((v) => (positive(v) === null ? null : Math.log10(v)))),
+          colorscale: "Viridis",
+          colorbar: { title: { text: "log10" }, thickness: 12 },
+          hovertemplate: `t %{x}, step %{y}<br>log10 ${TIME_QUANTITY[field]} = %{z:.2f}<extra></extra>`,
+        },
+      ],
+      {
+        title: { text: `log10 ${TIME_QUANTITY[field]}: t × step, ${label(layer)}` },
+        xaxis: { title: { text: "time step t" } },
+        yaxis: { title: { text: "recorded step" } },
+      },
+    );
+    if (gated || saturating) drawGates(chosen, dash);
+  };
+
+  /** Gate means (top panel) and saturated fractions (bottom panel, under the shared t axis) over t, one colour
+   * per layer; one legend entry per line pair. A cell without gates (rnn) or without saturation has one panel. */
+  const drawGates = (chosen, dash) => {
+    const both = gated && saturating;
+    const traces = [];
+    for (const layer of layers) {
+      for (const step of chosen) {
+        const common = { x: ts, mode: "lines", name: `${label(layer)} · step ${step}`, legendgroup: `${layer}:${step}`, line: { color: color(layer), dash: dash(step) } };
+        if (gated) traces.push({ ...common, y: series(step, layer, "gate_mean"), yaxis: both ? "y2" : "y" });
+        if (saturating) traces.push({ ...common, y: series(step, layer, "saturation_frac"), showlegend: !gated });
+      }
+    }
+    const fraction = (title, domain) => ({ title: { text: title }, range: [0, 1], domain, anchor: "x" });
+    plot("chart-gates", traces, {
+      title: { text: both ? "Gates and saturation through time" : gated ? "Gates through time" : "Saturation through time" },
+      xaxis: { title: { text: "time step t" } },
+      ...(both
+        ? { yaxis: fraction("saturated fraction", [0, 0.45]), yaxis2: fraction("gate mean", [0.55, 1]) }
+        : { yaxis: fraction(gated ? "gate mean" : "saturated fraction", [0, 1]) }),
+    });
+  };
+
+  timeStep.onchange = draw;
+  timeQuantity.onchange = draw;
+  timeLayer.onchange = draw;
+  draw();
+}
+
 async function finish() {
   const run = await getJSON(`/v1/runs/${encodeURIComponent(runId)}`);
   main.classList.remove("following");
@@ -388,7 +630,11 @@ async function finish() {
   renderVerdict(run);
   renderFindings(run.report);
   if (run.report) showDownloads(run);
-  if (run.report) drawCharts(run.report);
+  if (run.report) {
+    drawCharts(run.report);
+    drawTime(run.report);
+    drawBlocks(run.report);
+  }
   else if (!liveLoss.x.length) placeholder("chart-loss", `No loss curve: the run ${run.status === "failed" ? "failed" : "was cancelled"}.`);
 }
 

@@ -1,5 +1,5 @@
 // The runs table: filters and sort kept in the URL, pages of GET /v1/runs, live status, keyboard use.
-import { BASE, FINISHED, el, findingChips, fmt, getJSON, modelLabel, runHref, shortId, statusBadge, tagChips, verdictBadge } from "./common.js";
+import { BASE, FINISHED, el, findingChips, fmt, getJSON, modelLabel, runHref, setupParts, shortId, statusBadge, tagChips, verdictBadge } from "./common.js";
 
 const LIMIT = 25;
 // While a listed run is queued or running the page re-reads the list this often.
@@ -62,15 +62,17 @@ function row(run, focusable) {
   // An uploaded report (source "external") has no spec: its name and model span the spec's columns.
   const configuration = spec
     ? [
+        el("td", { class: "col-arch" }, spec.arch),
         el("td", { class: "col-activation" }, spec.activation),
-        // Init, normalisation and residual connections in one cell: the table keeps room for the results.
-        el("td", { class: "col-setup" }, [spec.init, spec.norm !== "none" ? `${spec.norm} norm` : null, spec.residual ? "residual" : null].filter(Boolean).join(" · ")),
+        // Init, normalisation and residual connections (or what the architecture adds: a transformer's heads and
+        // norm position, an LSTM's forget bias) in one cell: the table keeps room for the results.
+        el("td", { class: "col-setup" }, setupParts(spec).join(" · ")),
         el("td", { class: "num col-depth" }, String(spec.depth)),
         el("td", { class: "num" }, String(spec.width)),
         el("td", { class: "num col-steps" }, String(spec.steps)),
         el("td", { class: "num col-lr" }, String(spec.lr)),
       ]
-    : [el("td", { colspan: "6", class: "col-model" }, el("span", { class: "badge source-external" }, "external"), " ", modelLabel(run.model))];
+    : [el("td", { colspan: "7", class: "col-model" }, el("span", { class: "badge source-external" }, "external"), " ", modelLabel(run.model))];
   const metrics = run.metrics || {};
   const seconds = metrics.total_s;
   return el(
