@@ -321,3 +321,25 @@ async def test_tensorboard_download_built_from_the_report_has_the_time_records(
     expected = {r.t: r.grad_norm for r in report.time_records if (r.layer, r.step) == (3, 2)}
     assert last == pytest.approx(expected, rel=1e-6)
     assert set(accumulator.Tags()["images"]) == {"time/lstm1.hh/heatmap", "time/lstm2.hh/heatmap"}
+
+
+# --- end to end -------------------------------------------------------------------------------------------
+
+
+async def test_an_lstm_run_through_the_worker_serves_its_time_records(settings: Settings, worker: None) -> None:
+    spec = {"arch": "lstm", "depth": 2, "width": 16, "steps": 3, "dataset": "synthetic", "batch_size": 8}
+    async with serve_app(settings) as api:
+        run = (await api.post("/v1/runs", params={"wait": 120}, json=spec)).json()
+        assert run["status"] == "succeeded", run
+        served = (await api.get(f"/v1/runs/{run['id']}/time")).json()
+        table = list(csv.DictReader(io.StringIO((await api.get(f"/v1/runs/{run['id']}/time?format=csv")).text)))
+    report = Report.model_validate(run["report"])
+    assert served["layers"] == [{"index": 1, "name": "lstm1.hh"}, {"index": 3, "name": "lstm2.hh"}]
+    assert served["rows"] == _rows(report)
+    recorded = sorted({record.step for record in report.records})
+    assert [(r["step"], r["layer"], r["t"]) for r in served["rows"]] == [
+        (step, layer, t) for step in recorded for layer in (1, 3) for t in range(32)
+    ]
+    assert all(r["grad_norm"] > 0 and r["cell_grad_norm"] > 0 for r in served["rows"])
+    assert len(table) == len(served["rows"]) and {row["layer_name"] for row in table} == {"lstm1.hh", "lstm2.hh"}
+    assert [float(row["grad_norm"]) for row in table] == [r["grad_norm"] for r in served["rows"]]
