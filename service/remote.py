@@ -1,5 +1,6 @@
-"""Client commands of `graddiag`: submit, sweep, status, watch and export against a running server,
-and tensorboard-export (through the server, or straight from its database).
+"""Client commands of `graddiag`: submit, sweep, status, watch and export (the per-layer records, or with
+--time a recurrent run's gradient through time) against a running server, and tensorboard-export
+(through the server, or straight from its database).
 
 The server is `--url`, else `$GRADDIAG_URL`, else http://127.0.0.1:8000; a server that requires a
 bearer token gets `--token`, else `$GRADDIAG_TOKEN`. Every call goes through
@@ -452,13 +453,27 @@ def cmd_watch(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_export(args: argparse.Namespace, client: Client) -> int:
-    """A run's per-step, per-layer gradient records as CSV or JSON, to stdout or -o FILE."""
-    options = {"layer": args.layer, "step_from": args.step_from, "step_to": args.step_to}
+    """A run's per-step, per-layer gradient records (with --time, a recurrent run's records per time step) as
+    CSV or JSON, to stdout or -o FILE."""
+    if args.time and (args.step_from is not None or args.step_to is not None):
+        raise UsageError("--time takes --step STEP (one recorded step), not --step-from / --step-to")
+    if not args.time and args.step is not None:
+        raise UsageError("--step goes with --time; the per-layer records take --step-from / --step-to")
     if args.format == "csv":
-        content = client.gradients(args.run_id, fmt="csv", **options)
+        content = (
+            client.time(args.run_id, fmt="csv", layer=args.layer, step=args.step)
+            if args.time
+            else client.gradients(
+                args.run_id, fmt="csv", layer=args.layer, step_from=args.step_from, step_to=args.step_to
+            )
+        )
         rows = max(0, content.count("\n") - 1)
     else:
-        records = client.gradients(args.run_id, fmt="json", **options)
+        records = (
+            client.time(args.run_id, layer=args.layer, step=args.step)
+            if args.time
+            else client.gradients(args.run_id, layer=args.layer, step_from=args.step_from, step_to=args.step_to)
+        )
         content, rows = json.dumps(records, indent=None) + "\n", len(records)
     if args.output in (None, "-"):
         sys.stdout.write(content)
@@ -731,9 +746,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     export.add_argument("run_id", metavar="RUN_ID", help=ID_HELP)
     export.add_argument("--format", choices=("csv", "json"), default="csv", help="csv (default) or json")
     export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
-    export.add_argument("--layer", type=int, help="only this layer index")
+    export.add_argument(
+        "--time",
+        action="store_true",
+        help="a recurrent run's gradient through time (step, layer, t, grad_norm, cell_grad_norm, state_rms, "
+        "gate_mean, saturation_frac) instead of the per-layer records",
+    )
+    export.add_argument("--layer", type=int, help="only this layer index (with --time: a recurrent layer's)")
     export.add_argument("--step-from", type=int, help="first step, inclusive")
     export.add_argument("--step-to", type=int, help="last step, inclusive")
+    export.add_argument("--step", type=int, help="with --time: only this recorded step")
     export.set_defaults(handler=_guarded(cmd_export))
 
     tensorboard = sub.add_parser(

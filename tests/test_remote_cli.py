@@ -398,3 +398,31 @@ def test_sweep_matrix_lists_critical_sequence_lengths() -> None:
     # A sweep without recurrent runs (or an older server's summary) shows no such section.
     del summary["sequence_lengths"]
     assert not any(line.startswith("critical sequence length") for line in render_sweep(status, summary).splitlines())
+
+
+def test_export_the_gradient_through_time(
+    base_url: str,
+    client: Client,
+    worker: None,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    run_id = client.run({**TINY, "arch": "rnn", "depth": 1, "width": 8, "steps": 2}, timeout=60)["id"]
+    rows = client.time(run_id)
+    assert {(r["layer"], r["step"]) for r in rows} == {(1, 0), (1, 1)} and len(rows) == 2 * 32
+    target = tmp_path / "time.csv"
+    code, out, err = run_cli(capsys, "export", run_id, "--time", "--url", base_url, "-o", str(target))
+    assert code == 0 and out == "" and f"wrote {len(rows)} records" in err
+    assert target.read_bytes() == client.time(run_id, fmt="csv").encode()
+    table = list(csv.DictReader(io.StringIO(target.read_text())))
+    assert [(int(r["t"]), float(r["grad_norm"])) for r in table] == [(r["t"], r["grad_norm"]) for r in rows]
+
+    code, out, _ = run_cli(capsys, "export", run_id, "--time", "--step", "1", "--format", "json", "--url", base_url)
+    assert code == 0 and json.loads(out) == [r for r in rows if r["step"] == 1]
+    # --step belongs to --time, --step-from/--step-to to the per-layer records; the server names a wrong layer.
+    code, _, err = run_cli(capsys, "export", run_id, "--time", "--step-from", "1", "--url", base_url)
+    assert code == 2 and "--time takes --step STEP" in err
+    code, _, err = run_cli(capsys, "export", run_id, "--step", "1", "--url", base_url)
+    assert code == 2 and "--step goes with --time" in err
+    code, _, err = run_cli(capsys, "export", run_id, "--time", "--layer", "0", "--url", base_url)
+    assert code == 2 and "422" in err and "layer" in err
