@@ -22,6 +22,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("recording", "bench.recording"),
     ("service", "bench.service"),
     ("theory", "bench.theory"),
+    ("transformer", "bench.transformer"),
     ("load", "bench.load"),
     ("memory", "bench.memory"),
     ("dispatch", "bench.dispatch"),
