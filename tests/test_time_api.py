@@ -15,6 +15,7 @@ import pytest
 
 from graddiag.models.spec import Spec
 from graddiag.service.api import reports as reports_api
+from graddiag.service.api import runs as runs_api
 from graddiag.service.api.schemas import TimeProfile
 from graddiag.service.client import AsyncClient, Client, GraddiagError
 from graddiag.service.engine.report import Report
@@ -191,6 +192,17 @@ async def test_bad_filters_are_422_naming_them(
     answer = await api.get(f"/v1/runs/{run_id}/time", params=params)
     problem = assert_problem(answer, 422, "validation_error")
     assert any(e["loc"] == ["query", where] and says in e["msg"] for e in problem["errors"]), problem
+
+
+async def test_an_answer_too_large_asks_for_a_layer(
+    api: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = _stored(settings, recurrent_report(LSTM, time_steps=4))  # 2 steps x 2 layers x 4 t = 16 rows
+    monkeypatch.setattr(runs_api, "MAX_TIME_ROWS", 10)
+    problem = assert_problem(await api.get(f"/v1/runs/{run_id}/time"), 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["query", "layer"]
+    assert problem["errors"][0]["msg"] == "16 time records match, over the 10 one answer holds: ask for one layer"
+    assert len((await api.get(f"/v1/runs/{run_id}/time", params={"layer": 3})).json()["rows"]) == 8
 
 
 async def test_unknown_run_is_404(api: httpx.AsyncClient) -> None:

@@ -31,7 +31,8 @@ from graddiag.service.store import runs as store
 MAX_REPORT_LAYERS: Final = 10_000
 MAX_REPORT_STEPS: Final = 100_000
 MAX_REPORT_RECORDS: Final = 1_000_000
-MAX_REPORT_TIME_RECORDS: Final = 1_000_000
+# As many as one GET /v1/runs/{id}/time answer holds (api/runs.py's MAX_TIME_ROWS): an upload is served whole.
+MAX_REPORT_TIME_RECORDS: Final = 500_000
 # Steps and time steps are stored as SQL integers (32 bits on PostgreSQL).
 MAX_REPORT_STEP: Final = 2**31 - 2
 MAX_REPORT_T: Final = 2**31 - 1

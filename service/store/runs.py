@@ -484,6 +484,23 @@ def time_steps(session: Session, run_id: str) -> list[int]:
     return list(session.scalars(query))
 
 
+def _time_conditions(run_id: str, layer: int | None, step: int | None) -> list[ColumnElement[bool]]:
+    columns = RunTimeRecord.__table__.c
+    conditions: list[ColumnElement[bool]] = [columns.run_id == run_id]
+    if layer is not None:
+        conditions.append(columns.layer == layer)
+    if step is not None:
+        conditions.append(columns.step == step)
+    return conditions
+
+
+def time_count(session: Session, run_id: str, *, layer: int | None = None, step: int | None = None) -> int:
+    """How many rows time_table would return (counted on the primary key's index); raises RunNotFound."""
+    get_run(session, run_id)
+    query = select(func.count()).select_from(RunTimeRecord).where(*_time_conditions(run_id, layer, step))
+    return session.scalar(query) or 0
+
+
 def time_table(
     session: Session, run_id: str, *, layer: int | None = None, step: int | None = None
 ) -> list[tuple[Any, ...]]:
@@ -491,12 +508,7 @@ def time_table(
     layer and/or one step. Plain tuples for the same reason as gradient_table. Raises RunNotFound."""
     get_run(session, run_id)
     columns = RunTimeRecord.__table__.c
-    conditions: list[ColumnElement[bool]] = [columns.run_id == run_id]
-    if layer is not None:
-        conditions.append(columns.layer == layer)
-    if step is not None:
-        conditions.append(columns.step == step)
-    query = select(*(columns[name] for name in TIME_FIELDS)).where(*conditions)
+    query = select(*(columns[name] for name in TIME_FIELDS)).where(*_time_conditions(run_id, layer, step))
     return [tuple(row) for row in session.execute(query.order_by(*(columns[name] for name in TIME_ORDER)))]
 
 
