@@ -49,7 +49,9 @@ def test_the_table_covers_every_kind_of_spec() -> None:
     specs = [case.spec() for case in CASES]
     assert len(CASES) >= 40
     assert {s.activation for s in specs} == set(Spec.model_fields["activation"].annotation.__args__)  # type: ignore[union-attr]
-    assert {s.init for s in specs} == set(Spec.model_fields["init"].annotation.__args__)  # type: ignore[union-attr]
+    # init='identity' names a recurrent matrix (rnn, gru, lstm): tests/test_verdict_time.py covers it.
+    inits = set(Spec.model_fields["init"].annotation.__args__) - {"identity"}  # type: ignore[union-attr]
+    assert {s.init for s in specs} == inits
     assert {s.norm for s in specs} == {"none", "batch", "layer"}
     assert {s.optimizer for s in specs} == {"sgd", "momentum", "adam", "adamw"}
     assert {s.arch for s in specs} == {"mlp", "cnn"}

@@ -35,6 +35,7 @@ from graddiag.service.engine.report import (
     Timing,
 )
 from graddiag.service.engine.theory import theory_for
+from graddiag.service.engine.theory_time import time_theory_for
 from graddiag.service.engine.time_recorder import TimeRecorder
 from graddiag.service.engine.verdict import decide, measure
 
@@ -392,6 +393,7 @@ def _finish(probe: _Probe, *, started: float, data_s: float, train_s: float) -> 
         step_metrics,
         nonfinite_step=probe.nonfinite_step,
         nonfinite_layer=probe.nonfinite_layer,
+        time_records=probe.time_records,
     )
     theory = theory_for(
         spec,
@@ -400,7 +402,20 @@ def _finish(probe: _Probe, *, started: float, data_s: float, train_s: float) -> 
         q_input=probe.input_second_moments,
         measured_decades_per_layer=evidence.act_decades_per_layer,
     )
-    verdict = decide(spec, evidence, theory, layers=probe.layers, records=probe.records)
+    # A recurrent net's prediction through time, from the same initial weights (None for other archs).
+    theory.time = time_theory_for(
+        spec,
+        probe.layers,
+        probe.init_weights,
+        probe.init_biases,
+        q_input=probe.input_second_moments,
+        length=SEQUENCE_LENGTH,
+        measured_decades_per_step=evidence.time_decades_per_step,
+        measured_cell_decades_per_step=evidence.cell_decades_per_step,
+    )
+    verdict = decide(
+        spec, evidence, theory, layers=probe.layers, records=probe.records, time_records=probe.time_records
+    )
 
     tail = [m for m in step_metrics[-10:] if m.loss is not None]
     train_loss = sum(m.loss for m in tail if m.loss is not None) / len(tail) if tail else None

@@ -30,6 +30,9 @@ FindingKind = Literal[
     "norm_layers",
     "penalty_dominates",
     "layer_norm_position",
+    "gradient_through_time",
+    "gate_saturation",
+    "recurrent_spectrum",
 ]
 Severity = Literal["info", "warning", "critical"]
 
@@ -108,6 +111,43 @@ class TimeRecord(_Row):
     )
 
 
+class RecurrentSpectrum(_Row):
+    """One gate block of a recurrent layer's W_hh at init (rnn: the whole matrix, gate "h")."""
+
+    layer: int = Field(description="LayerInfo index of the recurrent matrix.")
+    gate: str = Field(description="h (rnn); i, f, g, o (lstm); r, z, n (gru): PyTorch's gate order.")
+    spectral_radius: float = Field(description="ρ, the largest eigenvalue modulus.")
+    largest_singular_value: float
+
+
+class TimeTheory(_Row):
+    """Mean-field prediction of the gradient through time of a recurrent net's top layer at initialisation.
+
+    rnn: ‖∂L/∂h_t‖ from the q-map through time (`chi` = geometric mean of σ_hh²·E[φ′²](q_t)); lstm: the cell
+    path's ‖∂L/∂c_t‖ from the forget gates (`chi` = mean E[f²], `gate_mean` = E[f]); gru: the update-gate
+    path's ‖∂L/∂h_t‖ (E[z²], E[z]). Rates in decades per time step toward t = 0 (docs/verdict.md).
+    """
+
+    applicable: bool
+    reason: str
+    model: str | None = Field(None, description="rnn, lstm_cell or gru_update.")
+    layer: int | None = Field(None, description="LayerInfo index of the judged recurrent matrix (the top layer's).")
+    q_input: float | None = None
+    q_star: float | None = Field(None, description="rnn: the top layer's pre-activation variance at the last step.")
+    chi: float | None = Field(None, description="The per-step factor on the squared norm along the judged path.")
+    gate_mean: float | None = Field(None, description="Predicted mean of the gate that keeps the past (lstm f, gru z).")
+    predicted_decades_per_step: float | None = None
+    measured_decades_per_step: float | None = None
+    tolerance: float | None = Field(None, description="Agreement tolerance, decades per step.")
+    agrees: bool | None = None
+    spectral_radius: float | None = Field(None, description="rnn: ρ(W_hh) of the top layer.")
+    spectral_decades_per_step: float | None = Field(None, description="rnn: log10 ρ, the linearised rate.")
+    bound_decades_per_step: float | None = Field(
+        None, description="rnn: log10 of W_hh's largest singular value, an upper bound on the rate (|φ′| ≤ 1)."
+    )
+    spectra: list[RecurrentSpectrum] = Field(default_factory=list, description="Every layer's W_hh gate blocks.")
+
+
 class Theory(_Row):
     """Mean-field prediction of the back-propagated signal's profile at initialisation.
 
@@ -134,6 +174,7 @@ class Theory(_Row):
     measured_decades_per_layer: float | None = None
     tolerance: float | None = Field(None, description="Agreement tolerance, decades per layer.")
     agrees: bool | None = None
+    time: TimeTheory | None = Field(None, description="Recurrent nets: the prediction through time.")
 
 
 class Evidence(_Row):
@@ -186,6 +227,14 @@ class Evidence(_Row):
         description="transformer: the last block's ‖∂L/∂W‖ of mlp.fc2 at init over the geometric mean of every "
         "block's; above 1 the gradient is largest near the output (Xiong et al. 2020's post-LN).",
     )
+    # Recurrent nets: the gradient through time of the top recurrent layer (docs/verdict.md), per time step
+    # toward t = 0; a span is the fitted change across the sequence, slope × (steps − 1).
+    time_layer: int | None = Field(None, description="LayerInfo index of the recurrent matrix judged through time.")
+    time_decades_per_step: float | None = Field(None, description="‖∂L/∂h_t‖ at init, decades per step toward t = 0.")
+    time_span_decades: float | None = None
+    time_decades_per_step_trained: float | None = Field(None, description="The same at the last recorded step.")
+    time_span_decades_trained: float | None = None
+    cell_decades_per_step: float | None = Field(None, description="lstm: ‖∂L/∂c_t‖ at init, decades per step.")
 
 
 class Finding(_Row):

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from graddiag.models.init import kaiming_nonlinearity
 from graddiag.models.networks import make_activation
-from graddiag.models.spec import Spec
+from graddiag.models.spec import RECURRENT_ARCHS, Spec
 from graddiag.service.engine.report import Theory
 
 __all__ = [
@@ -474,6 +474,12 @@ def _not_applicable(spec: Spec, interior: int) -> str | None:
             "attention (a softmax over tokens) and its layer norms on a growing residual stream have no variance "
             "map here. The across-block profile is set beside Xiong et al. (2020) in the layer_norm_position "
             "finding instead."
+        )
+    if spec.arch in RECURRENT_ARCHS:
+        return (
+            "Across its stacked layers a recurrent net is not covered: each layer's input projection sees the layer "
+            "below at every time step, and the gradient at a layer sums the paths through the layers above and "
+            "through time, for which no depth map is derived here. Through time, see theory.time."
         )
     if interior < 2:
         return "The network has fewer than two interior layers, so there is no per-layer rate to predict."

@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from graddiag.models.spec import Spec
+from graddiag.models.shapes import SEQUENCE_FEATURES
+from graddiag.models.spec import RECURRENT_ARCHS, Spec
 from graddiag.service.engine.report import (
     Evidence,
     Finding,
@@ -32,9 +33,11 @@ from graddiag.service.engine.report import (
     LayerRecord,
     StepMetrics,
     Theory,
+    TimeRecord,
     Verdict,
 )
 from graddiag.service.engine.theory import kaiming_sigma_w2, remedy_span, span_noise_decades
+from graddiag.service.engine.theory_time import time_remedy_span
 
 
 class Setup(Protocol):
@@ -122,6 +125,12 @@ PENALTY_DOMINANCE = 1.0
 NEAR_OUTPUT_FACTOR = 2.0
 # Values that are exactly zero enter log10 at this floor.
 _LOG_FLOOR = 1e-30
+# Through time (recurrent nets, docs/verdict.md "Through time"): the same SPAN_DECADES rule on the top
+# recurrent layer's ‖∂L/∂h_t‖ across the sequence, without a finite-width allowance (none is derived for a
+# recurrent matrix that is the same at every step). A sigmoid gate counts as saturated where σ′ is under
+# 5 % of its maximum 1/4, i.e. outside [GATE_SATURATED_LOW, 1 − GATE_SATURATED_LOW]; the fractions use the
+# saturation finding's SATURATION_INFO and SATURATION_WARNING.
+GATE_SATURATED_LOW = (1 - math.sqrt(1 - 4 * 0.05 * 0.25)) / 2
 
 _SEVERITY: dict[Label, int] = {"healthy": 0, "vanishing": 1, "exploding": 2}
 
@@ -255,8 +264,10 @@ def measure(
     *,
     nonfinite_step: int | None = None,
     nonfinite_layer: int | None = None,
+    time_records: Sequence[TimeRecord] = (),
 ) -> Evidence:
-    """The numbers behind a verdict: profiles at initialisation (step 0) and over training."""
+    """The numbers behind a verdict: profiles at initialisation (step 0) and over training, and for a
+    recurrent net its top layer's gradient through time (`time_records`)."""
     profiles = _Profiles(layers, records)
     interior = profiles.interior
     grad_layers, act_layers = profiles.grad_layers, profiles.act_layers
@@ -271,6 +282,7 @@ def measure(
         grad_norm_total_max=_max_or_none([s.grad_norm_total_pre for s in steps]),
     )
     if not profiles.steps:
+        _measure_time(evidence, layers, time_records)
         return evidence
 
     first = profiles.steps[0]
@@ -327,7 +339,55 @@ def measure(
     evidence.penalty_grad_ratio_max = max(penalty_ratios) if penalty_ratios else None
     if profiles.blocks:
         evidence.near_output_ratio = _near_output(grad)
+    _measure_time(evidence, layers, time_records)
     return evidence
+
+
+class _Times:
+    """Time records indexed by step and layer, t in order; `top` is the judged (top) recurrent layer."""
+
+    def __init__(self, layers: Sequence[LayerInfo], records: Sequence[TimeRecord]) -> None:
+        recurrent = [layer.index for layer in layers if layer.kind == "recurrent"]
+        self.top = max(recurrent) if recurrent else None
+        self.by_step: dict[int, dict[int, list[TimeRecord]]] = {}
+        for record in sorted(records, key=lambda r: (r.step, r.layer, r.t)):
+            self.by_step.setdefault(record.step, {}).setdefault(record.layer, []).append(record)
+        self.steps = sorted(self.by_step)
+
+    def series(self, step: int, field: str, layer: int | None = None) -> list[float | None]:
+        """`field` over t at `step` for `layer` (the top layer by default)."""
+        which = self.top if layer is None else layer
+        rows = self.by_step.get(step, {}).get(which, []) if which is not None else []
+        return [getattr(r, field) for r in rows]
+
+
+def _measure_time(evidence: Evidence, layers: Sequence[LayerInfo], records: Sequence[TimeRecord]) -> None:
+    """The top recurrent layer's ‖∂L/∂h_t‖ (and the LSTM's ‖∂L/∂c_t‖) over t at step 0 and the last record.
+
+    The slope is fitted to log10 of the values in t order, in decades per step toward t = 0 (negative:
+    the gradient shrinks on its way back through time), like a depth profile toward the input; the span
+    is slope × (steps − 1), the fitted change from the last time step to the first.
+    """
+    times = _Times(layers, records)
+    if times.top is None or not times.steps:
+        return
+    evidence.time_layer = times.top
+    first, last = times.steps[0], times.steps[-1]
+    grad = times.series(first, "grad_norm")
+    evidence.time_decades_per_step = fit_slope(grad)
+    evidence.time_span_decades = _span(evidence.time_decades_per_step, len(grad))
+    evidence.cell_decades_per_step = fit_slope(times.series(first, "cell_grad_norm"))
+    if last != first:
+        trained = times.series(last, "grad_norm")
+        evidence.time_decades_per_step_trained = fit_slope(trained)
+        evidence.time_span_decades_trained = _span(evidence.time_decades_per_step_trained, len(trained))
+    # A vanilla tanh RNN's own units (no gates): its h_t saturation is the saturation finding's, as an
+    # MLP layer's activation would be.
+    if all(r.gate_mean is None for r in records) and evidence.saturation_frac_max is None:
+        saturation = [r.saturation_frac for r in records if r.saturation_frac is not None]
+        if saturation:
+            evidence.saturation_frac_mean = statistics.fmean(saturation)
+            evidence.saturation_frac_max = max(saturation)
 
 
 def _near_output(values: Sequence[float | None]) -> float | None:
@@ -352,11 +412,14 @@ class _Judge:
         theory: Theory | None,
         layers: Sequence[LayerInfo],
         records: Sequence[LayerRecord],
+        time_records: Sequence[TimeRecord] = (),
     ) -> None:
         self.spec = spec
         self.evidence = evidence
         self.theory = theory
         self.profiles = _Profiles(layers, records)
+        self.times = _Times(layers, time_records)
+        self.recurrent = spec.arch in RECURRENT_ARCHS
         self.findings: list[Finding] = []
         self.uses_adam = spec.optimizer in ("adam", "adamw")
         # A transformer's profiles run across its blocks (docs/verdict.md, "Transformers").
@@ -867,6 +930,197 @@ class _Judge:
             sorted({*self.profiles.grad_layers, *self.profiles.act_layers}),
         )
 
+    # --- through time (recurrent nets) ----------------------------------------------------------
+
+    def through_time(self, phase: str) -> Label:
+        """Label the top recurrent layer's ‖∂L/∂h_t‖ across the sequence by the SPAN_DECADES rule."""
+        e = self.evidence
+        at_init = phase == "At initialisation"
+        span = e.time_span_decades if at_init else e.time_span_decades_trained
+        slope = e.time_decades_per_step if at_init else e.time_decades_per_step_trained
+        if span is None or slope is None or abs(span) < SPAN_DECADES:
+            return "healthy"
+        kind: Label = "vanishing" if span < 0 else "exploding"
+        steps = round(span / slope) + 1 if slope else 0
+        message = (
+            f"{phase}, ‖∂L/∂h_t‖ of the top recurrent layer {'falls' if span < 0 else 'grows'} by {abs(span):.1f} "
+            f"decades across the {steps} time steps toward t = 0 ({slope:+.3f} per step; threshold "
+            f"{SPAN_DECADES:g} decades): the first row's gradient is {10 ** abs(span):.2g}× "
+            f"{'smaller' if span < 0 else 'larger'} than the last's."
+        )
+        numbers: dict[str, float | int | str | None] = {
+            "time_span_decades": span,
+            "time_decades_per_step": slope,
+            "threshold": SPAN_DECADES,
+            "layer": e.time_layer,
+        }
+        if at_init and e.cell_decades_per_step is not None:
+            numbers["cell_decades_per_step"] = e.cell_decades_per_step
+            message += f" The cell state's ‖∂L/∂c_t‖ changes by {e.cell_decades_per_step:+.3f} per step."
+        time = self.theory.time if self.theory is not None else None
+        if at_init and time is not None and time.applicable and time.predicted_decades_per_step is not None:
+            numbers["predicted_decades_per_step"] = time.predicted_decades_per_step
+        self.add(
+            "gradient_through_time",
+            "critical",
+            "init" if at_init else "training",
+            message,
+            numbers,
+            [e.time_layer] if e.time_layer is not None else [],
+            self._time_advice(kind),
+        )
+        return kind
+
+    def _time_advice(self, kind: Label) -> list[str]:
+        """Remedies whose predicted span across the sequence (theory_time.time_remedy_span) is within ±2."""
+        spec = self.spec
+        advice: list[str] = []
+        if kind == "exploding" and spec.clip_value is None:
+            advice.append(
+                "Clip the gradient norm (clip_value=1.0, clip_mode=norm): Pascanu et al. (2013)'s remedy for "
+                "gradients that explode through time."
+            )
+        if not isinstance(spec, Spec):
+            return advice
+        time = self.theory.time if self.theory is not None else None
+        q_input = time.q_input if time is not None and time.q_input else 1.0
+        steps = len(self.times.series(self.times.steps[0], "grad_norm")) if self.times.steps else 0
+        candidates: list[tuple[str, str]] = []
+        if spec.arch == "rnn":
+            if spec.init != "orthogonal" or spec.init_gain != 1.0 or spec.bias_init != "zeros":
+                candidates.append(
+                    (
+                        "rnn_orthogonal",
+                        "Use an orthogonal recurrent matrix, gain 1, zero biases (init=orthogonal, bias_init=zeros)",
+                    )
+                )
+            candidates += [
+                ("gru", "Use a GRU (arch=gru)"),
+                ("lstm_forget1", "Use an LSTM with forget bias 1 (arch=lstm, forget_bias=1; Jozefowicz et al. 2015)"),
+                ("lstm_chrono", "Use an LSTM with chrono init (arch=lstm, forget_bias=chrono; Tallec & Ollivier 2018)"),
+            ]
+        elif spec.arch == "gru":
+            candidates.append(
+                ("lstm_chrono", "Use an LSTM with chrono init (arch=lstm, forget_bias=chrono; Tallec & Ollivier 2018)")
+            )
+        elif spec.arch == "lstm":
+            if spec.forget_bias is None or (spec.forget_bias != "chrono" and spec.forget_bias < 1):
+                candidates.append(
+                    ("lstm_forget1", "Set the forget gate's bias to 1 (forget_bias=1; Jozefowicz et al. 2015)")
+                )
+            if spec.forget_bias != "chrono":
+                candidates.append(("lstm_chrono", "Use chrono init (forget_bias=chrono; Tallec & Ollivier 2018)"))
+        for remedy, text in candidates:
+            span = time_remedy_span(
+                spec.arch,
+                remedy,
+                width=spec.width,
+                depth=spec.depth,
+                input_features=SEQUENCE_FEATURES,
+                q_input=q_input,
+                length=steps,
+                activation=spec.activation,
+                seed=spec.seed,
+            )
+            if span is not None and abs(span) < SPAN_DECADES:
+                advice.append(f"{text}: predicted {span:+.2f} decades across the {steps} time steps.")
+        return advice
+
+    def gate_saturation(self) -> None:
+        """The gates' saturation (σ′ under 5 % of its maximum) and the mean of the gate that keeps the past."""
+        times = self.times
+        rows = [r for per_layer in times.by_step.values() for rs in per_layer.values() for r in rs]
+        gates = [r for r in rows if r.gate_mean is not None]
+        if not gates:
+            return
+        saturated = [r.saturation_frac for r in gates if r.saturation_frac is not None]
+        worst = max(saturated, default=0.0)
+        first, last = times.steps[0], times.steps[-1]
+        gate = "forget gate f" if self.spec.arch == "lstm" else "update gate z"
+
+        def mean(step: int) -> float | None:
+            values = [v for v in times.series(step, "gate_mean") if v is not None]
+            return statistics.fmean(values) if values else None
+
+        mean_init, mean_last = mean(first), mean(last)
+        outside = [
+            m for m in (mean_init, mean_last) if m is not None and not GATE_SATURATED_LOW <= m <= 1 - GATE_SATURATED_LOW
+        ]
+        if worst < SATURATION_INFO and not outside:
+            return
+        warning = worst >= SATURATION_WARNING or bool(outside)
+        message = (
+            f"Up to {worst:.0%} of a recurrent layer's sigmoid gates are saturated at a time step (σ′ below 5 % of "
+            f"its maximum, a gate outside [{GATE_SATURATED_LOW:.3f}, {1 - GATE_SATURATED_LOW:.3f}]); the top layer's "
+            f"mean {gate} is {_fmt(mean_init, '.3f')} at init and {_fmt(mean_last, '.3f')} at the last record."
+        )
+        if outside:
+            message += (
+                f" The mean {gate} itself is saturated: its weights get almost no gradient, and the path it gates is "
+                + ("held open." if outside[0] > 0.5 else "cut.")
+            )
+        self.add(
+            "gate_saturation",
+            "warning" if warning else "info",
+            None,
+            message,
+            {
+                "gate_saturation_frac_max": worst,
+                "gate_mean_init": mean_init,
+                "gate_mean_last": mean_last,
+                "saturated_below": GATE_SATURATED_LOW,
+            },
+            sorted({r.layer for r in gates if r.saturation_frac is not None and r.saturation_frac >= SATURATION_INFO}),
+            ["Shrink the initial weights (init_gain) so the gates' pre-activations stay within about ±4.4."]
+            if warning
+            else [],
+        )
+
+    def recurrent_spectrum(self) -> None:
+        """ρ(W_hh) and its largest singular value at init, and what they predict beside the measured rate."""
+        time = self.theory.time if self.theory is not None else None
+        if time is None or not time.spectra:
+            return
+        e = self.evidence
+        numbers: dict[str, float | int | str | None] = {}
+        for s in time.spectra:
+            numbers[f"rho_{s.layer}_{s.gate}"] = s.spectral_radius
+            numbers[f"smax_{s.layer}_{s.gate}"] = s.largest_singular_value
+        layers = sorted({s.layer for s in time.spectra})
+        measured = e.time_decades_per_step
+        steps = len(self.times.series(self.times.steps[0], "grad_norm")) if self.times.steps else 0
+        if self.spec.arch == "rnn" and time.spectral_radius is not None:
+            rho, bound = time.spectral_radius, time.bound_decades_per_step
+            rate = time.spectral_decades_per_step
+            numbers |= {"spectral_decades_per_step": rate, "bound_decades_per_step": bound, "measured": measured}
+            message = (
+                f"At init the top layer's W_hh has spectral radius ρ = {rho:.3g} (largest singular value "
+                f"{10 ** (bound or 0):.3g}): linearised at φ′ = 1 it predicts {_fmt(rate, '+.3f')} decades per step "
+                f"({'growth' if rho > 1 else 'decay'} toward t = 0; Pascanu et al. 2013)"
+            )
+            message += f"; measured {_fmt(measured, '+.3f')}." if measured is not None else "."
+            guaranteed = bound is not None and bound < 0 and bound * (steps - 1) <= -SPAN_DECADES
+            if bound is not None and bound < 0:
+                message += (
+                    f" Since |φ′| ≤ 1, the largest singular value bounds the rate: at most {bound:+.3f} per step, "
+                    f"{bound * max(steps - 1, 0):+.2f} decades across the {steps} steps"
+                    + (", so the gradient vanishes through time whatever the data." if guaranteed else ".")
+                )
+            self.add("recurrent_spectrum", "warning" if guaranteed else "info", "init", message, numbers, layers)
+            return
+        blocks = ", ".join(f"{s.gate} {s.spectral_radius:.3g}" for s in time.spectra if s.layer == time.layer)
+        self.add(
+            "recurrent_spectrum",
+            "info",
+            "init",
+            f"At init the top layer's recurrent blocks have spectral radii {blocks}. They feed sigmoid gates "
+            "(derivative at most 1/4) and the candidate, so they do not set the rate alone: the "
+            f"{'cell' if self.spec.arch == 'lstm' else 'state'} path is gated by the "
+            f"{'forget gate' if self.spec.arch == 'lstm' else 'update gate'} (theory.time).",
+            numbers,
+            layers,
+        )
+
     # --- advice that follows from the evidence -------------------------------------------------
 
     def _remedy(self, remedy: str) -> float | None:
@@ -896,6 +1150,11 @@ class _Judge:
             )
         if self.transformer:
             return self._transformer_profile_advice()
+        if self.recurrent:
+            return [
+                "Stack fewer recurrent layers (depth): graddiag derives no remedy's effect across stacked recurrent "
+                "layers, so probe again after the change."
+            ]
         if not isinstance(spec, Spec):
             return [*advice, UNPREDICTED_REMEDIES[kind]]
         candidates: list[tuple[str, str]] = []
@@ -1004,6 +1263,7 @@ def decide(
     *,
     layers: Sequence[LayerInfo] = (),
     records: Sequence[LayerRecord] = (),
+    time_records: Sequence[TimeRecord] = (),
 ) -> Verdict:
     """Label the evidence and list the findings.
 
@@ -1011,11 +1271,16 @@ def decide(
     and the label over training (exploding > vanishing > healthy). `layers` and `records` name the
     layers in per-layer findings; without them those findings are left out.
     """
-    judge = _Judge(spec, evidence, theory, layers, records)
+    judge = _Judge(spec, evidence, theory, layers, records, time_records)
     evidence.noise_decades = judge.noise()
     nonfinite = judge.nonfinite()
     at_init = judge.label_at_init()
     trained = judge.label_trained()
+    # A recurrent net's label answers the same question through time: each phase takes the more severe.
+    at_init = max((at_init, judge.through_time("At initialisation")), key=_SEVERITY.__getitem__)
+    if evidence.time_span_decades_trained is not None:
+        combined: Label = max((trained or "healthy", judge.through_time("During training")), key=_SEVERITY.__getitem__)
+        trained = combined
     label: Label = "exploding" if nonfinite else max((at_init, trained or "healthy"), key=_SEVERITY.__getitem__)
     judge.init_scale(label)
     judge.forward_signal()
@@ -1025,6 +1290,8 @@ def decide(
     judge.penalties()
     judge.structure()
     judge.layer_norm_position()
+    judge.gate_saturation()
+    judge.recurrent_spectrum()
 
     reasons = [f.message for f in judge.findings if f.severity == "critical" and f.kind in _LABEL_KINDS]
     if label == "healthy":
@@ -1034,8 +1301,16 @@ def decide(
             f"across {evidence.interior_layers} {judge.unit} (threshold ±"
             f"{SPAN_DECADES + (evidence.noise_decades or 0.0):.1f})."
         )
+    if label == "healthy" and evidence.time_span_decades is not None:
+        reasons.append(
+            f"Through time, the top recurrent layer's ‖∂L/∂h_t‖ changes by {evidence.time_span_decades:+.2f} decades "
+            f"across the sequence at init ({_fmt(evidence.time_decades_per_step, '+.3f')} per step; threshold "
+            f"±{SPAN_DECADES:g})."
+        )
     if theory is not None and theory.applicable:
         reasons.append(theory.reason)
+    if theory is not None and theory.time is not None:
+        reasons.append(theory.time.reason)
     advice: list[str] = []
     for finding in judge.findings:
         for item in finding.advice:
@@ -1055,4 +1330,4 @@ def decide(
 
 
 # The finding kinds that decide the label.
-_LABEL_KINDS = frozenset({"gradient_profile", "gradient_scale", "nonfinite"})
+_LABEL_KINDS = frozenset({"gradient_profile", "gradient_scale", "nonfinite", "gradient_through_time"})
