@@ -1,9 +1,9 @@
 """Memory benchmark: the estimate behind the memory cap against the measured peak of real runs.
 
 For each spec a fresh subprocess does what a worker does: fixes glibc's mmap threshold (the memory
-guard's `pin_malloc_mmap_threshold`), imports torch, trains two tiny warm-up probes (an MLP and a CNN,
-so torch's and numpy's first-use allocations are in the baseline, as in a worker after its first
-run), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``),
+guard's `pin_malloc_mmap_threshold`), imports torch, trains tiny warm-up probes (an MLP, a CNN, an
+LSTM and a transformer, so torch's and numpy's first-use allocations are in the baseline, as in a worker
+after its first runs), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``),
 runs ``run_probe(spec, eval_samples=2000)`` (the worker's default evaluation) and reads the peak
 (``VmHWM``). The peak growth over the RSS before the run is what the run cost; it is compared with
 ``estimate_run_memory_mb`` (models/memory.py), which the API compares with ``max_run_memory_mb``.
@@ -13,9 +13,11 @@ and the widest, Adam, and the two attacks of issue 12 at full size (the softsign
 put at 3,096 MiB, and batch 2 where only the evaluation is large). Every spec is measured, also those
 the default 4096 MiB cap refuses, so the table shows the estimate holds there too.
 
-    python -m bench.memory [--out-dir bench/results] [--only SUBSTRING]
+    python -m bench.memory [--out-dir bench/results] [--only SUBSTRING [--merge]]
 
-Writes bench/results/memory.json and memory.md. About 3 minutes on 2 cores (one run at a time).
+Writes bench/results/memory.json and memory.md (a run with --only writes nothing unless --merge puts its
+rows into the existing results, replacing those of the same spec). About 10 minutes on 2 cores for the
+MLP and CNN rows, as many again for the recurrent nets and transformers (one run at a time).
 """
 
 from __future__ import annotations
@@ -86,6 +88,42 @@ SPECS: list[dict[str, Any]] = [
     # issue 12's attacks at full size: softsign at batch 1024, and the evaluation at batch 2
     {"arch": "cnn", "depth": 1, "width": 256, "batch_size": 1024, "activation": "softsign"},
     {"arch": "cnn", "depth": 1, "width": 256, "batch_size": 2, "activation": "softsign"},
+    # recurrent nets (issue 14): each cell, tanh and relu, width 512-1024, depth 1-8, batch 2-1024; the
+    # time records of a run recorded every step
+    {"arch": "rnn", "depth": 2, "width": 1024, "batch_size": 1024, "activation": "tanh"},
+    {"arch": "rnn", "depth": 8, "width": 512, "batch_size": 512, "activation": "relu"},
+    {"arch": "gru", "depth": 2, "width": 512, "batch_size": 1024},
+    {"arch": "lstm", "depth": 1, "width": 1024, "batch_size": 512},
+    {"arch": "lstm", "depth": 4, "width": 512, "batch_size": 1024},
+    {"arch": "lstm", "depth": 8, "width": 512, "batch_size": 256, "optimizer": "adam"},
+    {"arch": "lstm", "depth": 2, "width": 1024, "batch_size": 2},
+    {"arch": "lstm", "depth": 8, "width": 32, "batch_size": 32, "steps": 500, "record_every": 1},
+    # transformers: pre and post norm, widths 64-512, heads 1-16, depth 1-24, mlp_ratio 1-8, both poolings
+    {"arch": "transformer", "depth": 12, "width": 128, "heads": 4, "batch_size": 512},
+    {"arch": "transformer", "depth": 12, "width": 128, "heads": 4, "batch_size": 512, "norm_position": "post"},
+    {
+        "arch": "transformer",
+        "depth": 24,
+        "width": 64,
+        "heads": 16,
+        "mlp_ratio": 8,
+        "pooling": "mean",
+        "activation": "relu",
+        "batch_size": 512,
+    },
+    {
+        "arch": "transformer",
+        "depth": 24,
+        "width": 64,
+        "heads": 2,
+        "mlp_ratio": 2,
+        "norm_position": "post",
+        "batch_size": 256,
+        "optimizer": "adam",
+    },
+    {"arch": "transformer", "depth": 2, "width": 512, "heads": 8, "batch_size": 128},
+    {"arch": "transformer", "depth": 1, "width": 512, "heads": 1, "mlp_ratio": 1, "batch_size": 512},
+    {"arch": "transformer", "depth": 1, "width": 64, "heads": 1, "mlp_ratio": 1, "pooling": "mean", "batch_size": 2},
 ]
 
 CHILD = """
@@ -109,7 +147,12 @@ if data is not None:
         part.images.sum(), part.labels.sum()
 # Warm-up through every code path (theory of an MLP and a CNN included): first-use allocations (lazy
 # imports, BLAS buffers) belong to the worker process, which pays them once, not to a run.
-for warm in ({"depth": 4, "width": 8}, {"arch": "cnn", "depth": 3, "width": 4}):
+for warm in (
+    {"depth": 4, "width": 8},
+    {"arch": "cnn", "depth": 3, "width": 4},
+    {"arch": "lstm", "depth": 2, "width": 4},
+    {"arch": "transformer", "depth": 2, "width": 4, "heads": 2},
+):
     run_probe(Spec(dataset="synthetic", steps=2, batch_size=4, **warm), eval_samples=10)
 before = resident_bytes()
 with open("/proc/self/clear_refs", "w") as f:
@@ -157,7 +200,7 @@ def _markdown(result: dict[str, Any]) -> str:
         "says dataset=cifar10 (CIFAR-10 loaded before the baseline, as a worker holds it across runs), "
         f"{STEPS} steps, eval_samples={EVAL_SAMPLES}, 1 torch thread, glibc mmap threshold fixed as the "
         "worker's memory guard fixes it. *peak growth*: VmHWM during `run_probe` minus the RSS before it, in "
-        f"a fresh process that imported torch and ran two tiny probes (that baseline: "
+        f"a fresh process that imported torch and ran tiny probes of each kind (that baseline: "
         f"{result['baseline_mib']['min']:.0f}–{result['baseline_mib']['max']:.0f} MiB; models/memory.py "
         f"reports {TORCH_BASELINE_MIB:.0f} MiB beside the estimate). *estimate*: `estimate_run_memory_mb`, "
         f"what the API compares with `max_run_memory_mb` (default {DEFAULT_CAP_MIB:.0f} MiB).",
@@ -180,11 +223,24 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merged(previous: list[dict[str, Any]], measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier rows with the newly measured ones in place of those of the same spec, in SPECS order."""
+    order = {label(fields): position for position, fields in enumerate(SPECS)}
+    by_label = {row["label"]: row for row in previous} | {row["label"]: row for row in measured}
+    return sorted(by_label.values(), key=lambda row: order.get(row["label"], len(order)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure every spec, print each row, write memory.json and memory.md; exit 1 if a ratio misses the target."""
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--only", default="", help="measure only the specs whose label contains this")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: put the measured rows into the existing memory.json (replacing rows of the same "
+        "spec) and rewrite memory.json and memory.md from all its rows",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -218,14 +274,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
     if not rows:
         parser.error(f"no spec matches --only {args.only!r}")
+    command = "python -m bench.memory" + (f" --only '{args.only}'" if args.only else "")
+    wall_s = round(time.perf_counter() - started, 1)
+    if args.only and args.merge:
+        previous = json.loads((args.out_dir / "memory.json").read_text())
+        rows = _merged(previous["rows"], rows)
+        skipped = sorted(set(previous["skipped"]) | set(skipped))
+        command = f"{previous['command']}; {command} --merge"
+        wall_s = round(previous["wall_s"] + wall_s, 1)
     ratios = [r["peak_over_estimate"] for r in rows]
     accepted = [r["peak_over_estimate"] for r in rows if r["accepted"]] or [float("nan")]
     baselines = [r["baseline_mib"] for r in rows]
     result = {
         "benchmark": "memory",
-        "command": "python -m bench.memory" + (f" --only '{args.only}'" if args.only else ""),
+        "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "wall_s": round(time.perf_counter() - started, 1),
+        "wall_s": wall_s,
         "eval_samples": EVAL_SAMPLES,
         "steps": STEPS,
         "target_ratio": TARGET_RATIO,
@@ -243,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"peak/estimate {result['ratio_min']:.2f}-{result['ratio_max']:.2f} over {len(rows)} specs "
         f"(accepted by the default cap: {result['accepted_ratio_min']:.2f}-{result['accepted_ratio_max']:.2f})"
     )
-    if not args.only:  # a partial run does not overwrite the figures
+    if not args.only or args.merge:  # a partial run alone does not overwrite the figures
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out_dir / "memory.md").write_text(_markdown(result))

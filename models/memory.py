@@ -3,22 +3,25 @@
 The API refuses a spec whose estimate is over `max_run_memory_mb`, and the worker's memory guard stops a
 run that grows far past its estimate, so the estimate must hold for every spec the caps accept. It is
 the peak growth of a process's resident memory while `run_probe` trains the spec and evaluates it, over
-a process that already imported torch and ran two tiny probes (torch's own libraries, thread pools,
+a process that already imported torch and ran tiny probes (torch's own libraries, thread pools,
 kernels and lazy imports are that baseline, `TORCH_BASELINE_MIB`, paid once per worker, not per run).
 It is built from what really stays alive (on the CPU; a CUDA run keeps its tensors in GPU memory):
 
 * parameters: the weights, their gradients, the optimizer's state, the probe's copy of the weight
   layers' initial weights, the recorder's snapshot of the weights (`recorder_buffer_bytes`);
 * the training step: the data batch, every tensor autograd saves for backward (per activation, per
-  norm, per residual sum and pool, `ACTIVATIONS` and the trace below, read from autograd), and the
-  gradients and temporaries backward holds at its worst layer; or, if larger, the temporaries of the
-  optimizer step, of the theory's float64 reads and of the input's second moment;
+  norm, per residual sum and pool, `ACTIVATIONS` and the trace below, read from autograd; per time
+  step of a recurrent layer, `CELLS`; a transformer's q, k, v, attention output and MLP activations:
+  the CPU's fused attention keeps no tokens x tokens matrix), and the gradients and temporaries
+  backward holds at its worst layer; or, if larger, the temporaries of the optimizer step, of the
+  theory's float64 reads and of the input's second moment;
 * the held-out evaluation after training: the held-out sample and a no-grad forward pass in batches of
   `EVAL_BATCH` (the probe's), each block's input held while its layers run;
-* the report's Python records (one per layer and recorded step) and a fixed allowance for the rest.
+* the report's Python records (one per layer and recorded step; a recurrent net's also one per layer,
+  time step and recorded step) and a fixed allowance for the rest.
 
 `python -m bench.memory` measures peak RSS against this estimate over a grid of specs (every activation,
-both archs and norms, residual, batch and width extremes, the real evaluation size) and
+every arch, both norms, residual, batch and width extremes, the real evaluation size) and
 bench/results/memory.md shows the ratios; tests/test_memory.py checks the per-activation table against
 autograd and the estimate against measured runs.
 """
@@ -31,22 +34,26 @@ from typing import Final
 from graddiag.models.shapes import (
     INPUT_FEATURES,
     NUM_CLASSES,
+    PATCHES,
+    SEQUENCE_LENGTH,
     cnn_stage_sizes,
+    gate_count,
     largest_layer_parameter_count,
     layer_count,
     parameter_count,
     stage_pixels,
+    transformer_tokens,
     weight_count,
     weight_layer_parameter_count,
 )
-from graddiag.models.spec import Activation, Spec
+from graddiag.models.spec import RECURRENT_ARCHS, Activation, Spec
 
 MIB: Final = 2**20
 FLOAT: Final = 4  # bytes of a float32
 INDEX: Final = 8  # bytes of an int64 (a max-pool's saved indices)
 # run_probe evaluates the held-out sample in batches of this many examples (engine/probe.py `_evaluate`).
 EVAL_BATCH: Final = 500
-# Resident memory of a process that imported torch and ran two tiny probes (measured by bench/memory.py on
+# Resident memory of a process that imported torch and ran tiny probes (measured by bench/memory.py on
 # the CUDA build of torch 2.x, x86_64; the CPU build is smaller). Reported beside the estimate, not in it:
 # it is paid once per worker process, not per run.
 TORCH_BASELINE_MIB: Final = 966.0
@@ -58,6 +65,8 @@ OVERHEAD_PER_LAYER_BYTES: Final = 64 * 1024
 # (pydantic objects with their floats; measured with tracemalloc in tests/test_memory.py).
 RECORD_BYTES: Final = 2048
 STEP_BYTES: Final = 1536
+# A recurrent net's report also keeps a TimeRecord per recurrent layer, time step and recorded step.
+TIME_RECORD_BYTES: Final = 1536
 # Activations whose saturation the recorder measures (engine/recorder.py SATURATING).
 RECORDER_SATURATING: Final = frozenset({"sigmoid", "tanh", "softsign"})
 # Extra tensors (of its input's size) a norm layer's backward allocates besides the two gradients.
@@ -111,6 +120,38 @@ ACTIVATIONS: Final[dict[Activation, ActivationMemory]] = {
 
 
 @dataclass(frozen=True)
+class CellMemory:
+    """What one time step of a recurrent layer (models/networks.py `Recurrent`) keeps for backward.
+
+    In tensors of the hidden state's size (batch x width), besides h_{t-1}, which W_hh's F.linear saves.
+    Read from autograd (tests/test_memory.py counts the saved storages of a built layer).
+    """
+
+    # New hidden-sized tensors the step saves besides h_t: lstm the sigmoid gates i, f, o, tanh(g) and
+    # tanh(c_t); gru the gates r, z, the candidate n and 1 - z.
+    saved: int
+    # rnn: h_t itself (tanh and relu save their result); lstm's and gru's h_t is saved by the next step.
+    saves_output: bool = False
+    # lstm: c_{t-1}, saved by f * c_{t-1} (c_0 is h_0's zeros, already saved).
+    saves_cell_state: bool = False
+    # gru: r * (W_hn h + b_hn) saves a view of the whole recurrent projection (3 x width).
+    saves_projection: bool = False
+    # Hidden-sized temporaries alive within a step besides the recurrent projection and h_t: the gate
+    # pre-activations, lstm's f * c and i * g and the previous step's gates its names still hold.
+    temporaries: int = 0
+    # On a recorded step, the time recorder's per-step statistics (engine/time_recorder.py): float64
+    # copies of h_t and of the kept gate, the saturation test over the concatenated sigmoid gates.
+    recorder_temporaries: int = 0
+
+
+CELLS: Final[dict[str, CellMemory]] = {
+    "rnn": CellMemory(saved=0, saves_output=True, temporaries=1, recorder_temporaries=4),
+    "gru": CellMemory(saved=4, saves_projection=True, temporaries=3, recorder_temporaries=9),
+    "lstm": CellMemory(saved=5, saves_cell_state=True, temporaries=11, recorder_temporaries=12),
+}
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """A run's estimated peak memory growth in MiB, with its parts (what an error message can name)."""
 
@@ -125,6 +166,18 @@ class MemoryEstimate:
         """Peak growth of the resident memory of a warm process running the spec: what the caps compare."""
         peak = max(self.training_mib, self.evaluation_mib)
         return self.parameters_mib + peak + self.report_mib + self.overhead_mib
+
+    @property
+    def largest_part(self) -> tuple[str, float]:
+        """The part that weighs most, named for a person (an error message), with its MiB."""
+        parts = {
+            "parameters and optimizer state": self.parameters_mib,
+            "training (activations kept for backward)": self.training_mib,
+            "evaluation": self.evaluation_mib,
+            "report records": self.report_mib,
+        }
+        name = max(parts, key=lambda part: parts[part])
+        return name, parts[name]
 
     @property
     def process_mib(self) -> float:
@@ -170,9 +223,15 @@ class _Trace:
         out = self.tensor(size)
         return self.op(x, out, size + (0 if first else self.sizes[x]), held)
 
-    def norm(self, x: int, held: tuple[int, ...]) -> int:
-        """Batch, layer or group norm: saves its input (and per-row statistics, negligible)."""
+    def norm(self, x: int, held: tuple[int, ...], stats: float = 0.0) -> int:
+        """Batch, layer or group norm: saves its input and `stats` bytes of per-row mean and 1/std.
+
+        An MLP's or CNN's statistics are two numbers per example (negligible); a transformer's layer
+        norm keeps two per token.
+        """
         self.save(x)
+        if stats:
+            self.save(self.tensor(stats))
         size = self.sizes[x]
         return self.op(x, self.tensor(size), (2 + NORM_BACKWARD_TEMPS) * size, held)
 
@@ -206,11 +265,67 @@ class _Trace:
         """Global average pool: saves nothing; backward expands the gradient back to its input's size."""
         return self.op(x, self.tensor(size), size + self.sizes[x], held)
 
+    def copy(self, x: int, size: float, held: tuple[int, ...] = ()) -> int:
+        """A new tensor made from `x` that saves nothing: a reshaped copy, a concatenation, a broadcast sum.
+
+        Backward hands on (slices of) the incoming gradient: the gradient of the output is its work.
+        """
+        return self.op(x, self.tensor(size), size, held)
+
+    def attention(self, q: int, k: int, v: int, logsumexp: float, held: tuple[int, ...]) -> int:
+        """Scaled dot-product attention on the CPU's fused (flash) path: saves q, k, v, its output and a
+        log-sum-exp per head and token, never the tokens x tokens matrix (tests/test_memory.py checks
+        which path runs); backward makes the gradients of q, k and v besides the incoming one."""
+        for tensor in (q, k, v):
+            self.save(tensor)
+        out = self.tensor(self.sizes[q])
+        self.save(out)
+        self.save(self.tensor(logsumexp))
+        return self.op(q, out, 4 * self.sizes[q], (*held, k, v))
+
+    def recurrent(self, x: int, cell_name: str, width: int, first: bool) -> int:
+        """One recurrent layer unrolled over the sequence: ``ih`` once, then W_hh and the cell per step.
+
+        The input projection P (sequence x gates x width) is alive through the loop and saved by nobody:
+        every step adds a slice of it. In backward each step's slice gradient is a zero-filled tensor of
+        P's size added into P's gradient, so two P-sized tensors and the gradient of the layer's output
+        sequence are alive at every step. Returns the stacked hidden states (sequence x width).
+        """
+        cell = CELLS[cell_name]
+        unit = width * FLOAT
+        gates = gate_count(cell_name) * unit
+        projected = self.weight(x, SEQUENCE_LENGTH * gates, (), first)
+        held = (x, projected)
+        h = c = self.tensor(unit)  # h_0 = c_0 = zeros
+        sequence = SEQUENCE_LENGTH * unit
+        backward = 2 * self.sizes[projected] + sequence + gates + unit
+        for _ in range(SEQUENCE_LENGTH):
+            recurrent = self.weight(h, gates, held)
+            if cell.saves_projection:
+                self.save(recurrent)
+            if cell.saves_cell_state:
+                self.save(c)
+                c = self.tensor(unit)
+            for _ in range(cell.saved):
+                self.save(self.tensor(unit))
+            h = self.tensor(unit)
+            if cell.saves_output:
+                self.save(h)
+            # The list of states grows to the whole sequence before it is stacked (saved in training).
+            temps = cell.temporaries * unit
+            self.op(recurrent, h, backward, held, temps + cell.recorder_temporaries * unit, temps + sequence)
+        # The last step's temporaries are still referenced when the states are stacked.
+        return self.op(h, self.tensor(sequence), sequence, held, 0.0, sequence + cell.temporaries * unit)
+
     def _saved_before(self, tensor: int, op: int) -> bool:
         first = self.first_saver[tensor]
         return first is not None and first < op
 
     # --- the peaks ----------------------------------------------------------------------------------
+
+    def saved(self) -> float:
+        """Bytes per example autograd keeps for backward once the forward pass is done."""
+        return sum(size for size, first in zip(self.sizes, self.first_saver, strict=True) if first is not None)
 
     def training_peak(self) -> float:
         """Bytes per example at the worst moment of forward and backward (saved tensors plus work)."""
@@ -252,6 +367,17 @@ def _trace(spec: Spec) -> _Trace:
         return trace.activation(h, act, recorder, (*held, x))
 
     image = trace.tensor(0.0)  # the data batch is counted once, as data
+    if spec.arch in RECURRENT_ARCHS:
+        # Rows copies the image into a sequence; the top layer's last state is a view of its sequence, so
+        # the output layer keeps the whole sequence saved.
+        x = trace.copy(image, INPUT_FEATURES * FLOAT)
+        for layer in range(spec.depth):
+            x = trace.recurrent(x, spec.arch, spec.width, first=layer == 0)
+        trace.weight(x, NUM_CLASSES * FLOAT, ())
+        return trace
+    if spec.arch == "transformer":
+        _transformer(trace, spec, act, recorder, image)
+        return trace
     if spec.arch == "mlp":
         unit = spec.width * FLOAT
         x = block(image, unit, (), first=True)
@@ -283,6 +409,50 @@ def _trace(spec: Spec) -> _Trace:
     x = trace.reduce(x, spec.width * FLOAT, ())
     trace.weight(x, NUM_CLASSES * FLOAT, ())
     return trace
+
+
+def _transformer(trace: _Trace, spec: Spec, act: ActivationMemory, recorder: float, image: int) -> None:
+    """The forward pass of a transformer (models/networks.py `Block`), one example at a time."""
+    tokens = transformer_tokens(spec)
+    unit = tokens * spec.width * FLOAT
+    stats = 2 * tokens * FLOAT  # a layer norm's mean and 1/std per token
+    logsumexp = spec.heads * tokens * FLOAT
+    patches = trace.copy(image, INPUT_FEATURES * FLOAT)
+    x = trace.weight(patches, PATCHES * spec.width * FLOAT, (), first=True)
+    if spec.pooling == "cls":
+        x = trace.copy(x, unit)  # the class token prepended
+    x = trace.copy(x, unit)  # plus the position table
+
+    # A sub-block's input stays referenced by its caller until the sub-block returns.
+    def attention(x: int, held: tuple[int, ...]) -> int:
+        inner = (*held, x)
+        q = trace.weight(x, unit, inner)
+        k = trace.weight(x, unit, (*inner, q))
+        v = trace.weight(x, unit, (*inner, q, k))
+        # The fused kernel's output is laid out token-major, so the heads merge back without a copy.
+        mixed = trace.attention(q, k, v, logsumexp, inner)
+        return trace.weight(mixed, unit, inner)
+
+    def mlp(x: int, held: tuple[int, ...]) -> int:
+        inner = (*held, x)
+        h = trace.weight(x, spec.mlp_ratio * unit, inner)
+        h = trace.activation(h, act, recorder, inner)
+        return trace.weight(h, unit, inner)
+
+    for _ in range(spec.depth):
+        block = (x,)  # the network's loop holds a block's input until the block returns
+        if spec.norm_position == "pre":
+            x = trace.add(x, attention(trace.norm(x, block, stats), block), block)
+            x = trace.add(x, mlp(trace.norm(x, (*block, x), stats), (*block, x)), block)
+        else:
+            x = trace.norm(trace.add(x, attention(x, block), block), block, stats)
+            x = trace.norm(trace.add(x, mlp(x, (*block, x)), block), block, stats)
+    if spec.norm_position == "pre":
+        x = trace.norm(x, (), stats)
+    if spec.pooling == "mean":
+        x = trace.reduce(x, spec.width * FLOAT, ())
+    # The class token is a view of the last tokens: the output layer keeps them all saved.
+    trace.weight(x, NUM_CLASSES * FLOAT, ())
 
 
 def recorder_activation_temporaries(activation: Activation) -> float:
@@ -325,7 +495,9 @@ def estimate_run_memory(spec: Spec, eval_samples: int) -> MemoryEstimate:
     eval_batch = min(EVAL_BATCH, eval_samples)
     evaluation = eval_samples * INPUT_FEATURES * FLOAT + eval_batch * trace.evaluation_peak()
     recorded_steps = -(-spec.steps // spec.record_every) + 1
-    report = recorded_steps * layer_count(spec) * RECORD_BYTES + spec.steps * STEP_BYTES
+    time_records = spec.depth * SEQUENCE_LENGTH if spec.arch in RECURRENT_ARCHS else 0
+    per_record = layer_count(spec) * RECORD_BYTES + time_records * TIME_RECORD_BYTES
+    report = recorded_steps * per_record + spec.steps * STEP_BYTES
     overhead = FIXED_OVERHEAD_MIB * MIB + layer_count(spec) * OVERHEAD_PER_LAYER_BYTES
     return MemoryEstimate(
         parameters_mib=parameters / MIB,
@@ -334,6 +506,30 @@ def estimate_run_memory(spec: Spec, eval_samples: int) -> MemoryEstimate:
         report_mib=report / MIB,
         overhead_mib=overhead / MIB,
     )
+
+
+def saved_bytes_per_example(spec: Spec) -> float:
+    """Bytes per example the model says autograd keeps for backward after `spec`'s forward pass.
+
+    Beside the peaks it is the one figure a test can compare exactly with autograd (the storages that
+    `saved_tensors_hooks` sees, parameters excluded).
+    """
+    return _trace(spec).saved()
+
+
+def sizing_fields(spec: Spec, estimate: MemoryEstimate) -> tuple[str, ...]:
+    """The spec fields to lower to shrink `estimate`: what its large parts grow with.
+
+    Activations, parameters and the evaluation grow with depth, width and batch_size (a transformer's
+    also with mlp_ratio); when the report's records are most of it (a recurrent net's time steps
+    recorded every step), steps and record_every.
+    """
+    fields: tuple[str, ...] = ("depth", "width", "batch_size")
+    if spec.arch == "transformer":
+        fields += ("mlp_ratio",)
+    if estimate.report_mib > estimate.run_mib / 2:
+        fields += ("steps", "record_every")
+    return fields
 
 
 def estimate_run_memory_mb(spec: Spec, eval_samples: int) -> float:

@@ -16,13 +16,15 @@ from graddiag.models.shapes import (
     IMAGE_SHAPE,
     NUM_CLASSES,
     cnn_stage_sizes,
+    largest_layer_parameter_count,
     layer_count,
+    layer_shapes,
     parameter_count,
     stage_pixels,
     weight_count,
     weight_layer_parameter_count,
 )
-from graddiag.models.spec import Norm, Spec
+from graddiag.models.spec import RECURRENT_ARCHS, Arch, Norm, Spec
 
 # Depths 1-7 cover one, two and three stages and every remainder of the split; 100 is the cap.
 GRID = [
@@ -31,17 +33,51 @@ GRID = [
         ("mlp", "cnn"), (1, 2, 3, 4, 5, 7, 100), (2, 5, 16), get_args(Norm), (False, True)
     )
 ]
+# Recurrent nets: the first layer reads 96 features, the others width; 1, 3 or 4 gate blocks.
+GRID += [
+    Spec(arch=arch, depth=depth, width=width)
+    for arch, depth, width in itertools.product(RECURRENT_ARCHS, (1, 2, 5), (2, 5, 16))
+]
+# Transformers: both norm positions (the final norm is pre-LN's), both poolings (the class token adds a
+# table and a row of the position table), heads and the MLP ratio.
+GRID += [
+    Spec(
+        arch="transformer",
+        depth=depth,
+        width=width,
+        heads=heads,
+        norm_position=position,
+        mlp_ratio=ratio,
+        pooling=pooling,
+    )
+    for depth, (width, heads), position, ratio, pooling in itertools.product(
+        (1, 3), ((2, 1), (6, 3), (16, 4)), ("pre", "post"), (1, 3, 8), ("cls", "mean")
+    )
+]
 
 
-@pytest.mark.parametrize("spec", GRID, ids=lambda s: f"{s.arch}-d{s.depth}-w{s.width}-{s.norm}-r{int(s.residual)}")
+def _id(spec: Spec) -> str:
+    if spec.arch == "transformer":
+        return f"vit-d{spec.depth}-w{spec.width}-h{spec.heads}-{spec.norm_position}-r{spec.mlp_ratio}-{spec.pooling}"
+    return f"{spec.arch}-d{spec.depth}-w{spec.width}-{spec.norm}-r{int(spec.residual)}"
+
+
+@pytest.mark.parametrize("spec", GRID, ids=_id)
 def test_counts_match_the_built_network_exactly(spec: Spec) -> None:
     network = build_network(spec)
     params = list(network.parameters())
     assert parameter_count(spec) == sum(p.numel() for p in params)
-    weight_layers = sum(layer.params for layer in network.layers if layer.kind != "norm")
-    assert weight_layer_parameter_count(spec) == weight_layers
+    weight_layers = [layer for layer in network.layers if layer.kind != "norm"]
+    assert weight_layer_parameter_count(spec) == sum(layer.params for layer in weight_layers)
+    assert largest_layer_parameter_count(spec) == max(layer.params for layer in weight_layers)
     assert weight_count(spec) == sum(layer.weight.numel() for layer in network.layers)
     assert layer_count(spec) == len(network.layers)
+    # Layer by layer, in forward order: kind, weight (or scale, or table) and bias sizes.
+    built = [
+        (layer.kind, layer.weight.numel(), layer.bias.numel() if layer.bias is not None else 0)
+        for layer in network.layers
+    ]
+    assert [(shape.kind, shape.weights, shape.biases) for shape in layer_shapes(spec)] == built
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 6, 7, 8, 31, 100])
@@ -68,9 +104,10 @@ def test_cnn_stage_split_is_the_one_the_network_has(depth: int, residual: bool) 
     assert [seen[i] for i in range(len(convs))] == expected
 
 
-def test_the_network_maps_the_image_shape_to_the_classes() -> None:
-    for arch in ("mlp", "cnn"):
-        assert build_network(Spec(arch=arch, depth=2, width=4))(torch.zeros(3, *IMAGE_SHAPE)).shape == (3, NUM_CLASSES)
+@pytest.mark.parametrize("arch", get_args(Arch))
+def test_the_network_maps_the_image_shape_to_the_classes(arch: Arch) -> None:
+    network = build_network(Spec(arch=arch, depth=2, width=4, heads=2 if arch == "transformer" else 4))
+    assert network(torch.zeros(3, *IMAGE_SHAPE)).shape == (3, NUM_CLASSES)
 
 
 def test_shapes_and_the_memory_model_import_without_torch() -> None:

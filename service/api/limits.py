@@ -6,26 +6,24 @@ parameter or the spec fields. The caps are settings, so an operator sets them pe
 
 from __future__ import annotations
 
-from typing import Final
-
 from fastapi.exceptions import RequestValidationError
 from pydantic import Field
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from graddiag.models.memory import estimate_run_memory_mb
+from graddiag.models.memory import estimate_run_memory, sizing_fields
 from graddiag.models.spec import Spec, SpecCaps
 from graddiag.service.api.errors import problem_response
 from graddiag.service.api.schemas import FieldError
 from graddiag.service.settings import Settings
 
-MEMORY_FIELDS: Final = ("depth", "width", "batch_size")
-
 
 class ServerCaps(SpecCaps):
-    """SpecCaps plus the memory cap: a spec estimated above it is refused naming depth, width and batch_size.
+    """SpecCaps plus the memory cap: a spec estimated above it is refused naming the fields that size it.
 
     The estimate (models/memory.py) includes the held-out evaluation, so it depends on `eval_samples`.
+    Every architecture is estimated (a transformer's attention and MLP activations, a recurrent net's
+    time steps); the message names the estimate, its largest part and the cap.
     """
 
     max_run_memory_mb: float = Field(gt=0)
@@ -34,13 +32,16 @@ class ServerCaps(SpecCaps):
     def violations(self, spec: Spec) -> list[tuple[str, str]]:
         """(field, message) for every cap `spec` exceeds."""
         found = super().violations(spec)
-        memory = estimate_run_memory_mb(spec, self.eval_samples)
-        if memory > self.max_run_memory_mb:
+        estimate = estimate_run_memory(spec, self.eval_samples)
+        if estimate.run_mib > self.max_run_memory_mb:
+            part, part_mib = estimate.largest_part
+            fields = sizing_fields(spec, estimate)
             message = (
-                f"the run would need about {memory:,.0f} MiB to train and evaluate, over this server's "
-                f"max_run_memory_mb={self.max_run_memory_mb:g}; lower depth, width or batch_size"
+                f"the run would need about {estimate.run_mib:,.0f} MiB to train and evaluate ({part}: "
+                f"{part_mib:,.0f} MiB), over this server's max_run_memory_mb={self.max_run_memory_mb:g}; "
+                f"lower {', '.join(fields[:-1])} or {fields[-1]}"
             )
-            found += [(field, message) for field in MEMORY_FIELDS]
+            found += [(field, message) for field in fields]
         return found
 
 
