@@ -14,6 +14,7 @@ import pytest
 
 from graddiag.models.spec import Spec
 from graddiag.service.client import Client
+from graddiag.service.engine.report import TimeTheory
 from graddiag.service.store.db import make_engine
 from tests.support.browser import Tab, browser, chart, client, same, server  # noqa: F401 - fixtures
 from tests.support.reports import plain_report, recurrent_report, store_report, transformer_report
@@ -23,23 +24,36 @@ pytestmark = pytest.mark.slow
 
 SMALL: dict[str, Any] = {"dataset": "synthetic", "width": 16, "steps": 5, "record_every": 2}
 # The tiny LSTM the service trains for real (a few seconds on one thread).
+# The stored LSTM's mean-field prediction through time (decades per step toward t = 0).
+PREDICTED = -0.05
 LSTM: dict[str, Any] = {"arch": "lstm", "dataset": "synthetic", "width": 16, "depth": 2, "steps": 3, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
 def stored(server: Server, client: Client) -> dict[str, Any]:  # noqa: F811 - the imported fixtures
-    """Succeeded runs holding known reports: an lstm and a relu rnn of depth 2, a post-LN transformer of depth
-    3 and an mlp, each as the API serves it, by arch."""
+    """Succeeded runs holding known reports: an lstm (with a mean-field prediction through time) and a relu rnn
+    of depth 2, a post-LN transformer of depth 3 and an mlp, each as the API serves it, by arch."""
     specs = {
         "lstm": Spec(**SMALL, arch="lstm", depth=2, forget_bias=1.0),
         "rnn": Spec(**SMALL, arch="rnn", depth=2, activation="relu"),
         "transformer": Spec(**SMALL, arch="transformer", depth=3, heads=2, norm_position="post"),
         "mlp": Spec(**SMALL, depth=3),
     }
+    lstm = recurrent_report(specs["lstm"])
+    top = max(layer.index for layer in lstm.layers if layer.kind == "recurrent")
+    time_theory = TimeTheory(
+        applicable=True,
+        reason="The cell path's forget gates.",
+        model="lstm_cell",
+        layer=top,
+        predicted_decades_per_step=PREDICTED,
+    )
+    theory = lstm.verdict.theory.model_copy(update={"time": time_theory})
+    lstm = lstm.model_copy(update={"verdict": lstm.verdict.model_copy(update={"theory": theory})})
     engine = make_engine(server.db_url)
     try:
         ids = {
-            "lstm": store_report(engine, recurrent_report(specs["lstm"])),
+            "lstm": store_report(engine, lstm),
             "rnn": store_report(engine, recurrent_report(specs["rnn"])),
             "transformer": store_report(engine, transformer_report(specs["transformer"])),
             "mlp": store_report(engine, plain_report(specs["mlp"])),
@@ -84,9 +98,17 @@ def test_recurrent_run_page_draws_the_gradient_through_time(tab: Tab, stored: di
         assert same(first["y"], through_time(report, steps[0], layer, "grad_norm"))
         assert same(last["y"], through_time(report, steps[-1], layer, "grad_norm"))
     assert page.evaluate("document.getElementById('chart-time').layout.yaxis.type") == "log"
-    # One chosen step: one line per layer; the LSTM's cell-state gradient instead of the hidden state's.
-    page.select_option("#time-step", str(steps[1]))
+    # The LSTM's cell-state gradient instead of the hidden state's, with the mean-field line of the cell path
+    # (the verdict's theory predicts ‖∂L/∂c_t‖, so it is drawn only beside that): through the top layer's value at
+    # the last t at initialisation, falling the predicted decades per step toward t = 0.
     page.select_option("#time-quantity", "cell_grad_norm")
+    page.wait_for_function(f"document.getElementById('chart-time').data.length === {2 * len(recurrent) + 1}")
+    theory = chart(page, "chart-time")[-1]
+    assert theory["name"] == "mean-field prediction (-0.05 decades/step)"
+    assert theory["y"][-1] == pytest.approx(through_time(report, steps[0], recurrent[-1], "cell_grad_norm")[-1])
+    assert math.log10(theory["y"][0] / theory["y"][-1]) / 31 == pytest.approx(PREDICTED)
+    # One chosen step after the first: one line per layer, no prediction (it is of the initialisation).
+    page.select_option("#time-step", str(steps[1]))
     page.wait_for_function("document.getElementById('chart-time').data.length === 2")
     traces = chart(page, "chart-time")
     for trace, layer in zip(traces, recurrent, strict=True):
@@ -210,4 +232,28 @@ def test_a_real_lstm_run_page_draws_its_time_profile(tab: Tab, client: Client) -
         assert same(traces[2 * k + 1]["y"], through_time(report, steps[-1], layer, "grad_norm"))
     page.locator("#through-time").scroll_into_view_if_needed()
     tab.screenshot("lstm-run")
+    assert not tab.errors
+
+
+def test_a_sweep_of_recurrent_nets_reads_through_time(tab: Tab, client: Client) -> None:  # noqa: F811
+    """A real sweep of rnn and lstm at depths 1 and 2: each matrix cell carries its run's slope through time and
+    critical sequence length, the page lists each architecture's shortest one and draws the slopes by depth."""
+    created = client.sweep({**LSTM, "arch": "rnn"}, {"arch": ["rnn", "lstm"], "depth": [1, 2]})
+    status = client.wait_sweep(created["id"], timeout=180, poll=0.2)
+    assert status["counts"]["succeeded"] == 4, status
+    summary = client.sweep_summary(created["id"])
+    page = tab.open(f"/sweeps/{created['id']}")
+    page.wait_for_selector("#matrix tbody tr")
+    for config in summary["configs"]:
+        cells = page.locator(f"#matrix tbody tr[data-config='arch={config['config']['arch']}'] td.cell")
+        slopes = [cells.nth(i).locator(".seq").get_attribute("data-slope") for i in range(cells.count())]
+        assert [float(v) for v in slopes] == config["time_decades_per_step"]
+    listed = {item.get_attribute("data-arch"): item.inner_text() for item in page.locator("#sequence-lengths li").all()}
+    assert sorted(listed) == ["lstm", "rnn"]
+    for item in summary["sequence_lengths"]:
+        assert (item["critical_sequence_length"] is None) == ("none" in listed[item["arch"]])
+    traces = {t["name"]: t for t in chart(page, "chart-time-slope")}
+    for config in summary["configs"]:
+        trace = traces[f"arch={config['config']['arch']}"]
+        assert trace["x"] == [1, 2] and trace["y"] == pytest.approx(config["time_decades_per_step"])
     assert not tab.errors

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from graddiag.service.client import Client
+from tests.support import REPO
 from tests.support.cifar import write_batches_py
 from tests.support.server import Server
 
@@ -35,7 +36,7 @@ FLAGS = [
 ]
 VIEWPORT = {"width": 1280, "height": 800}
 SCREENSHOTS = (
-    Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+    REPO / "docs" / "screenshots"
     if os.environ.get("GRADDIAG_SCREENSHOTS") == "1"
     else Path(tempfile.gettempdir()) / "graddiag-screenshots"
 )

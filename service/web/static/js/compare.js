@@ -81,16 +81,20 @@ function render(comparison) {
  * ‖∂L/∂h_t‖ against t at its first (solid) and last (dashed) recorded step, from GET /v1/runs/{id}/time. The
  * figure stays hidden unless at least one compared run is recurrent. */
 async function renderTime(runs) {
-  const recurrent = runs.map((run, i) => [run, i]).filter(([run]) => run.spec && RECURRENT.has(run.spec.arch));
+  // Each recurrent run with its top recurrent layer: only that layer's rows are read (a long run's whole table
+  // can be more than /time serves at once).
+  const recurrent = runs
+    .map((run, i) => [run, i, run.layers.filter((l) => l.kind === "recurrent").at(-1)])
+    .filter(([run, , top]) => run.spec && RECURRENT.has(run.spec.arch) && top);
   const figure = document.getElementById("figure-time");
   figure.hidden = !recurrent.length;
   if (!recurrent.length) return;
-  const profiles = await Promise.all(recurrent.map(([run]) => getJSON(`/v1/runs/${encodeURIComponent(run.run_id)}/time`)));
-  const drawn = recurrent.flatMap(([run, i], k) => {
-    const { layers, rows } = profiles[k];
-    if (!layers.length || !rows.length) return [];
-    const top = layers.at(-1);
-    const mine = rows.filter((r) => r.layer === top.index);
+  const profiles = await Promise.all(
+    recurrent.map(([run, , top]) => getJSON(`/v1/runs/${encodeURIComponent(run.run_id)}/time?${new URLSearchParams({ layer: top.index })}`)),
+  );
+  const drawn = recurrent.flatMap(([run, i, top], k) => {
+    const mine = profiles[k].rows;
+    if (!mine.length) return [];
     const steps = [...new Set(mine.map((r) => r.step))].sort((a, b) => a - b);
     return [...new Set([steps[0], steps.at(-1)])].map((step) => {
       const at = mine.filter((r) => r.step === step).sort((a, b) => a.t - b.t);
@@ -111,7 +115,7 @@ async function renderTime(runs) {
   }
   plot("chart-time", drawn, {
     title: { text: "Gradient through time, top recurrent layer" },
-    xaxis: { title: { text: "time step t (the loss reads the last)" } },
+    xaxis: { title: { text: "time step t" } },
     yaxis: logAxis("‖∂L/∂h_t‖", drawn.flatMap((t) => t.y)),
   });
 }

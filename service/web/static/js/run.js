@@ -557,8 +557,9 @@ function drawTime(report) {
     if (theory) profile.push(theory);
     plot("chart-time", profile, {
       title: { text: `${TIME_QUANTITY[field]} through time` },
-      xaxis: { title: { text: "time step t (the loss reads the last)" } },
+      xaxis: { title: { text: "time step t" } },
       yaxis: logAxis(TIME_QUANTITY[field], ys(profile)),
+      legend: { orientation: "h", y: -0.25 },
     });
     const layer = Number(timeLayer.value);
     plot(
@@ -577,7 +578,8 @@ function drawTime(report) {
       {
         title: { text: `log10 ${TIME_QUANTITY[field]}: t × step, ${label(layer)}` },
         xaxis: { title: { text: "time step t" } },
-        yaxis: { title: { text: "recorded step" } },
+        // One row per recorded step, however far apart the steps are.
+        yaxis: { title: { text: "recorded step" }, type: "category" },
       },
     );
     if (gated || saturating) drawGates(chosen, dash);

@@ -1,6 +1,6 @@
 // One sweep: the verdict matrix (configuration × depth), the first/last gradient ratio against depth and
 // each configuration's critical depth; kept current by the sweep's server-sent events.
-import { BASE, FINISHED, PALETTE, el, findingChips, getJSON, kindLabel, labelsEditor, placeholder, plot, runHref } from "./common.js";
+import { BASE, FINISHED, PALETTE, el, findingChips, fmt, getJSON, kindLabel, labelsEditor, placeholder, plot, runHref } from "./common.js";
 
 const main = document.getElementById("main");
 const sweepId = encodeURIComponent(main.dataset.sweepId);
@@ -11,6 +11,7 @@ const state = document.getElementById("sweep-state");
 const findingFilter = document.getElementById("finding-filter");
 const filterNote = document.getElementById("filter-note");
 const runsLink = document.getElementById("runs-link");
+const sequenceLengths = document.getElementById("sequence-lengths");
 findingFilter.value = new URLSearchParams(location.search).get("finding") || "";
 const labelsBox = document.getElementById("labels");
 labelsBox.replaceChildren(
@@ -43,6 +44,66 @@ function showCounts(status) {
     .join(" · ");
   state.textContent = status.done ? "done" : "running";
   state.className = `badge status-${status.done ? "succeeded" : "running"}`;
+}
+
+/** A recurrent run's gradient through time in its matrix cell: the critical sequence length (the number of time
+ * steps over which its fitted ‖∂L/∂h_t‖ changes by 2 decades), or "level" when the slope is too small to reach
+ * 2 decades within the summary's cap; nothing for other runs. */
+function sequenceNote(slope, length) {
+  if (slope === null || slope === undefined) return null;
+  const text = length === null || length === undefined ? "level through time" : `T₂ ${fmt(length)} steps`;
+  const title =
+    `Through time: ${fmt(slope)} decades per step toward t = 0` +
+    (length === null || length === undefined ? ", too level to change 2 decades within the summary's cap" : `; 2 decades over ${fmt(length)} time steps (the critical sequence length)`);
+  return el("span", { class: "seq", title, dataset: { slope: String(slope), length: length === null || length === undefined ? "" : String(length) } }, text);
+}
+
+/** Per recurrent architecture of the sweep, its shortest critical sequence length and where it is. */
+function renderSequenceLengths(summary) {
+  const lengths = summary.sequence_lengths || [];
+  sequenceLengths.hidden = !lengths.length;
+  sequenceLengths.replaceChildren(
+    el("h3", {}, "Shortest critical sequence length per architecture"),
+    el(
+      "ul",
+      {},
+      ...lengths.map((item) =>
+        el(
+          "li",
+          { dataset: { arch: item.arch } },
+          el("strong", {}, item.arch),
+          ": ",
+          item.critical_sequence_length === null
+            ? `none (${item.runs} succeeded run${item.runs === 1 ? "" : "s"}, every one level through time or none finished)`
+            : `${fmt(item.critical_sequence_length)} time steps at ${configLabel(item.grid)} (of ${item.runs} succeeded run${item.runs === 1 ? "" : "s"})`,
+        ),
+      ),
+    ),
+  );
+}
+
+/** Recurrent configurations' fitted slope through time at initialisation against depth (the sweep's second
+ * axis beside depth); the figure stays hidden for a sweep without recurrent runs. */
+function renderTimeSlope(summary) {
+  const traces = summary.configs
+    .map((config, i) => ({ config, i }))
+    .filter(({ config }) => (config.time_decades_per_step || []).some((v) => v !== null))
+    .map(({ config, i }) => ({
+      name: configLabel(config.config),
+      x: config.depths,
+      y: config.time_decades_per_step,
+      customdata: config.critical_sequence_length.map((v) => (v === null ? "—" : fmt(v))),
+      hovertemplate: `${configLabel(config.config)}<br>depth %{x}: %{y:+.3f} decades/step<br>critical sequence length %{customdata}<extra></extra>`,
+      mode: "lines+markers",
+      line: { color: PALETTE[i % PALETTE.length] },
+    }));
+  document.getElementById("figure-time-slope").hidden = !traces.length;
+  if (!traces.length) return;
+  plot("chart-time-slope", traces, {
+    title: { text: "Gradient through time at initialisation (recurrent runs)" },
+    xaxis: { title: { text: "depth (stacked recurrent layers)" }, tickvals: [...new Set(traces.flatMap((t) => t.x))] },
+    yaxis: { title: { text: "decades per time step toward t = 0" }, zeroline: true },
+  });
 }
 
 function renderMatrix(summary, runs, finding) {
@@ -84,6 +145,7 @@ function renderMatrix(summary, runs, finding) {
             dataset: { depth: String(depth), verdict: verdict || "", findings: findings.map((f) => f.kind).join(" ") },
           },
           content,
+          sequenceNote(config.time_decades_per_step?.[i], config.critical_sequence_length?.[i]),
           findings.length ? findingChips(findings) : null,
         );
       });
@@ -170,7 +232,7 @@ function renderSpan(summary) {
     ],
     {
       title: { text: "Gradient span across the interior at initialisation (what the verdict judges)" },
-      xaxis: { title: { text: "depth" } },
+      xaxis: { title: { text: "depth" }, tickvals: [...new Set(depths)] },
       yaxis: { title: { text: "fitted change, decades (input side)" }, zeroline: true },
     },
   );
@@ -188,6 +250,8 @@ async function refresh() {
   showCounts(status);
   renderMatrix(summary, status.runs, finding);
   renderSpan(summary);
+  renderSequenceLengths(summary);
+  renderTimeSlope(summary);
   filterNote.textContent = finding
     ? `${summary.configs.length} configuration${summary.configs.length === 1 ? "" : "s"} with a ${kindLabel(finding)} finding.`
     : "";
