@@ -6,9 +6,9 @@ import math
 import textwrap
 from typing import Final
 
-from graddiag.service.engine.report import Finding, LayerRecord, Report
+from graddiag.service.engine.report import Finding, LayerRecord, Report, TimeRecord, TimeTheory
 
-# The report fits a 120-column terminal: the layer table is 99 columns, prose wraps at this width.
+# The report fits a 120-column terminal: the layer table is 102 columns, prose wraps at this width.
 WIDTH: Final = 120
 _SEVERITY_ORDER: Final = {"critical": 0, "warning": 1, "info": 2}
 _PHASE: Final = {"init": "at init", "training": "during training"}
@@ -16,6 +16,8 @@ _PHASE: Final = {"init": "at init", "training": "during training"}
 ZERO_BIAS_MARK: Final = "†"
 # Marks a layer of a user's model that sits beside the main path (a branch such as ResNet's downsample).
 BRANCH_MARK: Final = "‡"
+# The gate whose mean the through-time table shows, by cell (an rnn has none).
+_KEEP_GATE: Final = {"lstm": "forget gate f_t", "gru": "update gate z_t"}
 
 
 def _fmt(value: float | None) -> str:
@@ -63,8 +65,129 @@ def render_findings(findings: list[Finding]) -> list[str]:
     return out
 
 
+def _sample_times(length: int) -> list[int]:
+    """The time steps the through-time table shows: the last, three quarters, half, a quarter, the first
+    (31, 24, 16, 8, 0 for the 32 rows of an image)."""
+    return list(dict.fromkeys([length - 1, *(length * k // 4 for k in (3, 2, 1)), 0]))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def render_time(report: Report) -> list[str]:
+    """A recurrent net's gradient through time: per recurrent layer, at the first and last recorded step,
+    ‖∂L/∂h_t‖ at five time steps, the gate mean and saturation averaged over t; then the fitted slope the
+    verdict judged. Empty for a network without time records."""
+    if not report.time_records:
+        return []
+    rows: dict[tuple[int, int], dict[int, TimeRecord]] = {}
+    for record in report.time_records:
+        rows.setdefault((record.layer, record.step), {})[record.t] = record
+    steps = sorted({step for _, step in rows})
+    shown = sorted({steps[0], steps[-1]})
+    times = _sample_times(max(record.t for record in report.time_records) + 1)
+    names = {layer.index: layer.name for layer in report.layers}
+    cell = report.spec.arch if report.spec is not None else None
+    out = [
+        "",
+        "through time: ‖∂L/∂h_t‖ per recurrent layer (t = 0 is the first row read, the classifier reads the last)",
+        f"{'#':>3} {'layer':<22} {'step':>5} "
+        + " ".join(f"{f't={t}':>9}" for t in times)
+        + f" {'gate mean':>10} {'saturated':>10}",
+    ]
+    for layer in sorted({layer for layer, _ in rows}):
+        for step in shown:
+            at = rows.get((layer, step), {})
+            head = f"{layer:>3} {names.get(layer, '?'):<22}" if step == shown[0] else " " * 26
+            norms = " ".join(f"{_fmt(at[t].grad_norm if t in at else None):>9}" for t in times)
+            gate_mean = _mean([record.gate_mean for record in at.values()])
+            saturated = _mean([record.saturation_frac for record in at.values()])
+            out.append(f"{head} {step:>5} {norms} {_fmt(gate_mean):>10} {_fmt(saturated):>10}")
+    gate = _KEEP_GATE.get(cell or "")
+    out += _wrap(
+        (f"gate mean: the {gate}, averaged over t" if gate else "gate mean: none (an rnn has no gates)")
+        + "; saturated: the fraction of units whose local derivative is under 5 % of its maximum (the gates; tanh's "
+        "h_t for an rnn), averaged over t",
+        "",
+    )
+    e = report.verdict.evidence
+    if e.time_decades_per_step is not None:
+        judged = names.get(e.time_layer, "?") if e.time_layer is not None else "the top layer"
+        out += _wrap(
+            f"fitted through time ({judged}): {_fmt(e.time_decades_per_step)} decades per step toward t = 0 at init, "
+            f"{_fmt(e.time_span_decades)} across the sequence; at the end {_fmt(e.time_decades_per_step_trained)} "
+            f"per step, {_fmt(e.time_span_decades_trained)} across",
+            "",
+        )
+    return out
+
+
+def _time_theory(theory: TimeTheory | None) -> list[str]:
+    """The prediction through time beside the measurement (recurrent nets only)."""
+    if theory is None:
+        return []
+    if not theory.applicable:
+        return _wrap(f"theory through time: {theory.reason}", "  ", "")
+    radius = f", ρ(W_hh) = {_fmt(theory.spectral_radius)}" if theory.spectral_radius is not None else ""
+    verdict = {True: "agrees within", False: "off by more than", None: None}[theory.agrees]
+    agrees = f" ({verdict} ±{_fmt(theory.tolerance)})" if verdict else ""
+    return _wrap(
+        f"theory through time ({theory.model}): predicted {_fmt(theory.predicted_decades_per_step)} decades/step, "
+        f"measured {_fmt(theory.measured_decades_per_step)}{agrees}{radius}",
+        "  ",
+        "",
+    )
+
+
+def render_blocks(report: Report) -> list[str]:
+    """A transformer's blocks in forward order: the attention output projection's and mlp.fc2's weight
+    gradients and ‖∂L/∂h‖ at the block's output, at init and at the end. Empty for other networks.
+
+    A block's output is its last layer in forward order (the network registers a block's layers in the
+    order they run): mlp.fc2 for pre-LN, whose output the residual sum passes on unchanged, norm2 for post-LN.
+    """
+    if report.spec is None or report.spec.arch != "transformer":
+        return []
+    blocks: dict[str, list[int]] = {}
+    for layer in report.layers:
+        prefix = layer.name.split(".", 1)[0]
+        if prefix.startswith("block"):
+            blocks.setdefault(prefix, []).append(layer.index)
+    names = {layer.index: layer.name for layer in report.layers}
+    by_step: dict[int, dict[int, LayerRecord]] = {}
+    for record in report.records:
+        by_step.setdefault(record.step, {})[record.layer] = record
+    first, last = by_step[min(by_step)], by_step[max(by_step)]
+
+    def grad(records: dict[int, LayerRecord], prefix: str, name: str) -> str:
+        index = next((i for i in blocks[prefix] if names[i] == f"{prefix}.{name}"), None)
+        record = records.get(index) if index is not None else None
+        return _fmt(record.grad_norm if record else None)
+
+    def signal(records: dict[int, LayerRecord], prefix: str) -> str:
+        record = records.get(blocks[prefix][-1])
+        return _fmt(record.act_grad_norm if record else None)
+
+    out = [
+        "",
+        f"blocks ({report.spec.norm_position}-LN): ‖∂L/∂W‖ of attn.out and mlp.fc2, ‖∂L/∂h‖ at the block output",
+        f"{'block':<10} {'attn@init':>10} {'fc2@init':>10} {'∂h@init':>10} {'attn@end':>10} {'fc2@end':>10} "
+        f"{'∂h@end':>10}",
+    ]
+    for prefix in blocks:
+        out.append(
+            f"{prefix:<10} {grad(first, prefix, 'attn.out'):>10} {grad(first, prefix, 'mlp.fc2'):>10} "
+            f"{signal(first, prefix):>10} {grad(last, prefix, 'attn.out'):>10} {grad(last, prefix, 'mlp.fc2'):>10} "
+            f"{signal(last, prefix):>10}"
+        )
+    return out
+
+
 def render_report(report: Report) -> str:
-    """The human-readable report: per-layer table at init and at the end, verdict, findings, theory, advice."""
+    """The human-readable report: per-layer table at init and at the end (a recurrent net's gradient through
+    time, a transformer's blocks), verdict, findings, theory, advice."""
     by_step: dict[int, dict[int, LayerRecord]] = {}
     for record in report.records:
         by_step.setdefault(record.step, {})[record.layer] = record
@@ -80,7 +203,7 @@ def render_report(report: Report) -> str:
             "",
         )
     out += [
-        f"{'#':>3} {'layer':<22} {'kind':<6} {'grad@init':>10} {'grad@end':>10} {'act∂@init':>10} "
+        f"{'#':>3} {'layer':<22} {'kind':<9} {'grad@init':>10} {'grad@end':>10} {'act∂@init':>10} "
         f"{'rel@init':>10} {'update':>10} {'rms@init':>10}"
     ]
     for layer in report.layers:
@@ -88,7 +211,7 @@ def render_report(report: Report) -> str:
         name = f"{layer.name}{ZERO_BIAS_MARK}" if layer.structural_zero_bias else layer.name
         name += BRANCH_MARK if layer.index in branches else ""
         out.append(
-            f"{layer.index:>3} {name:<22} {layer.kind:<6} "
+            f"{layer.index:>3} {name:<22} {layer.kind:<9} "
             f"{_fmt(a.grad_norm if a else None):>10} {_fmt(b.grad_norm if b else None):>10} "
             f"{_fmt(a.act_grad_norm if a else None):>10} {_fmt(a.rel_grad if a else None):>10} "
             f"{_fmt(b.update_ratio if b else None):>10} {_fmt(a.act_norm if a else None):>10}"
@@ -100,6 +223,7 @@ def render_report(report: Report) -> str:
         )
     if branches:
         out.append(f"{BRANCH_MARK} beside the main path (a branch): recorded, not part of the depth profile")
+    out += render_time(report) + render_blocks(report)
     verdict = report.verdict
     out += [
         "",
@@ -116,6 +240,7 @@ def render_report(report: Report) -> str:
         )
     else:
         out += _wrap(f"theory: {verdict.theory.reason}", "  ", "")
+    out += _time_theory(verdict.theory.time)
     if verdict.advice:
         out.append("advice:")
         out += _bullets(verdict.advice)

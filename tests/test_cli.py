@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from graddiag.models.spec import Spec
+from graddiag.service.engine.report import LayerInfo, Report, TimeRecord, TimeTheory
 from graddiag.service.render import WIDTH, render_report
 from tests.support.reports import finding, plain_report, with_findings
 
@@ -131,3 +132,168 @@ def test_missing_cifar10_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "GRADDIAG_DATA_DIR" in result.stderr and str(tmp_path / "nowhere") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _recurrent_report(arch: str) -> Report:
+    """plain_report's steps and verdict for a 2-layer recurrent spec, with its layer names and time records:
+    ‖∂L/∂h_t‖ = 10^((t − 31)/10 + layer)·(1 + step) (the top layer is index 3), gate mean 0.5 + t/100 and
+    saturation t/1000 where the cell has gates, and the verdict's fitted slope in the evidence."""
+    spec = Spec(arch=arch, dataset="synthetic", depth=2, width=8, steps=3, record_every=1)  # type: ignore[arg-type]
+    base = plain_report(spec)
+    names = [(f"{arch}1.ih", "linear"), (f"{arch}1.hh", "recurrent"), (f"{arch}2.ih", "linear")]
+    names += [(f"{arch}2.hh", "recurrent"), ("output.linear", "linear")]
+    layers = [LayerInfo(index=i, name=name, kind=kind, params=10) for i, (name, kind) in enumerate(names)]  # type: ignore[arg-type]
+    records = [r.model_copy(update={"layer": layer.index}) for r in base.records if r.layer == 0 for layer in layers]
+    gated = arch != "rnn"
+    times = [
+        TimeRecord(
+            step=step,
+            layer=layer,
+            t=t,
+            grad_norm=10 ** ((t - 31) / 10 + layer) * (1 + step),
+            gate_mean=0.5 + t / 100 if gated else None,
+            saturation_frac=t / 1000,
+        )
+        for step in range(3)
+        for layer in (1, 3)
+        for t in range(32)
+    ]
+    evidence = base.verdict.evidence.model_copy(
+        update={
+            "time_layer": 3,
+            "time_decades_per_step": -0.1,
+            "time_span_decades": -3.1,
+            "time_decades_per_step_trained": -0.05,
+            "time_span_decades_trained": -1.55,
+        }
+    )
+    theory = TimeTheory(
+        applicable=True,
+        reason="",
+        model=arch,
+        predicted_decades_per_step=-0.3,
+        measured_decades_per_step=-0.1,
+        tolerance=0.05,
+        agrees=False,
+        spectral_radius=0.68,
+    )
+    verdict = base.verdict.model_copy(
+        update={"evidence": evidence, "theory": base.verdict.theory.model_copy(update={"time": theory})}
+    )
+    return base.model_copy(update={"layers": layers, "records": records, "time_records": times, "verdict": verdict})
+
+
+def test_report_text_shows_the_gradient_through_time() -> None:
+    lines = render_report(_recurrent_report("lstm")).splitlines()
+    assert max(len(line) for line in lines) <= WIDTH
+    at = lines.index(
+        "through time: ‖∂L/∂h_t‖ per recurrent layer (t = 0 is the first row read, the classifier reads the last)"
+    )
+    assert lines[at + 1].split() == [
+        "#",
+        "layer",
+        "step",
+        "t=31",
+        "t=24",
+        "t=16",
+        "t=8",
+        "t=0",
+        "gate",
+        "mean",
+        "saturated",
+    ]
+    # Per recurrent layer, the first and the last recorded step; the gate columns averaged over t = 0..31.
+    rows = [line.split() for line in lines[at + 2 : at + 6]]
+    assert rows == [
+        ["1", "lstm1.hh", "0", "10", "2", "0.316", "0.0501", "0.00794", "0.655", "0.0155"],
+        ["2", "30", "5.99", "0.949", "0.15", "0.0238", "0.655", "0.0155"],
+        ["3", "lstm2.hh", "0", "1e+03", "200", "31.6", "5.01", "0.794", "0.655", "0.0155"],
+        ["2", "3e+03", "599", "94.9", "15", "2.38", "0.655", "0.0155"],
+    ]
+    assert lines[at + 6].startswith("gate mean: the forget gate f_t, averaged over t;")
+    fitted = next(line for line in lines if line.startswith("fitted through time"))
+    assert fitted == (
+        "fitted through time (lstm2.hh): -0.1 decades per step toward t = 0 at init, -3.1 across the sequence; at the "
+        "end -0.05"
+    )
+    theory = "predicted -0.3 decades/step, measured -0.1 (off by more than ±0.05), ρ(W_hh) = 0.68"
+    assert f"theory through time (lstm): {theory}" in lines
+    # The main table's kind column holds the recurrent matrices' kind whole.
+    assert lines[2].split()[1:3] == ["lstm1.hh", "recurrent"]
+    # A GRU's gate is its update gate; an rnn has none (its column stays empty) but its tanh saturates.
+    assert any(
+        line.startswith("gate mean: the update gate z_t")
+        for line in render_report(_recurrent_report("gru")).splitlines()
+    )
+    rnn = render_report(_recurrent_report("rnn")).splitlines()
+    assert next(line for line in rnn if "rnn1.hh" in line and "—" in line).split()[-2:] == ["—", "0.0155"]
+    assert any(line.startswith("gate mean: none (an rnn has no gates);") for line in rnn)
+    # Networks without a time axis have no such section.
+    assert "through time" not in render_report(plain_report(Spec(dataset="synthetic", depth=3, steps=2)))
+
+
+def test_report_text_shows_a_transformers_blocks() -> None:
+    spec = Spec(
+        arch="transformer",
+        dataset="synthetic",
+        depth=2,
+        width=8,
+        heads=2,
+        steps=3,
+        record_every=1,
+        norm_position="post",
+    )
+    base = plain_report(spec)
+    # The post-LN order of a block's layers: attention first, each norm after its residual sum.
+    block = ["attn.q", "attn.k", "attn.v", "attn.out", "norm1", "mlp.fc1", "mlp.fc2", "norm2"]
+    names = [
+        "embed.linear",
+        "embed.pos",
+        "embed.cls",
+        *(f"block{i}.{n}" for i in (1, 2) for n in block),
+        "output.linear",
+    ]
+    layers = [
+        LayerInfo(
+            index=i,
+            name=name,
+            kind="attention" if ".attn." in name else "norm" if "norm" in name else "linear",
+            params=10,
+        )  # type: ignore[arg-type]
+        for i, name in enumerate(names)
+    ]
+    records = [
+        r.model_copy(
+            update={"layer": layer.index, "grad_norm": layer.index * (1 + r.step), "act_grad_norm": layer.index / 100}
+        )
+        for r in base.records
+        if r.layer == 0
+        for layer in layers
+    ]
+    lines = render_report(base.model_copy(update={"layers": layers, "records": records})).splitlines()
+    assert max(len(line) for line in lines) <= WIDTH
+    at = lines.index("blocks (post-LN): ‖∂L/∂W‖ of attn.out and mlp.fc2, ‖∂L/∂h‖ at the block output")
+    assert lines[at + 1].split() == ["block", "attn@init", "fc2@init", "∂h@init", "attn@end", "fc2@end", "∂h@end"]
+    # block1: attn.out is layer 6, fc2 layer 9, the output (post-LN: norm2) layer 10; the end is step 2 (3×).
+    assert lines[at + 2].split() == ["block1", "6", "9", "0.1", "18", "27", "0.1"]
+    assert lines[at + 3].split() == ["block2", "14", "17", "0.18", "42", "51", "0.18"]
+    assert lines[at + 4] == ""
+
+
+def test_probe_an_lstm_and_a_transformer_from_flags() -> None:
+    tiny = ["--dataset", "synthetic", "--width", "8", "--steps", "2", "--batch-size", "4", "--record-every", "1"]
+    lstm = graddiag("probe", *tiny, "--arch", "lstm", "--depth", "1", "--forget-bias", "chrono", "--json")
+    assert lstm.returncode == 0, lstm.stderr
+    report = json.loads(lstm.stdout)
+    assert (report["spec"]["forget_bias"], report["spec"]["activation"]) == ("chrono", "tanh")
+    assert [layer["name"] for layer in report["layers"]] == ["lstm1.ih", "lstm1.hh", "output.linear"]
+    # Every time step of the recurrent layer at both recorded steps.
+    assert sorted((r["step"], r["t"]) for r in report["time_records"]) == [(s, t) for s in (0, 1) for t in range(32)]
+
+    flags = ["--arch", "transformer", "--depth", "2", "--heads", "4", "--norm-position", "post", "--mlp-ratio", "2"]
+    vit = graddiag("probe", *tiny, *flags, "--pooling", "mean")
+    assert vit.returncode == 0, vit.stderr
+    lines = vit.stdout.splitlines()
+    at = lines.index("blocks (post-LN): ‖∂L/∂W‖ of attn.out and mlp.fc2, ‖∂L/∂h‖ at the block output")
+    assert [line.split()[0] for line in lines[at + 2 : at + 4]] == ["block1", "block2"]
+    assert "embed.cls" not in vit.stdout and "block2.norm2" in vit.stdout  # mean pooling: no class token
