@@ -889,7 +889,8 @@ class _Judge:
                 " Xiong et al. (2020) derive that pre-LN's gradients at init stay level across blocks, the last "
                 "block's shrinking as 1/√L with depth (a depth sweep shows that; one run cannot)."
             )
-        block_max = _max_or_none(self._block_update_ratios())
+        ratios = self._block_update_ratios()
+        block_max = _max_or_none(ratios)
         if block_max is not None:
             message += (
                 f" What decides whether warm-up matters is the step: at lr {self.spec.lr:g} the blocks' largest "
@@ -916,6 +917,7 @@ class _Judge:
             "near_output_ratio": e.near_output_ratio,
             "act_near_output_ratio": act_near,
             "update_ratio_init_block_max": block_max,
+            "update_ratio_init_largest_block": None if block_max is None else ratios.index(block_max) + 1,
         }
         for block, h in zip(blocks, act, strict=True):
             numbers[f"{block.name}.attn"] = combined(block.attention)
