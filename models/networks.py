@@ -292,13 +292,17 @@ class StateHook(Protocol):
 
 
 class Recurrent(nn.Module):
-    """One recurrent layer unrolled over time: (B, T, in) → (B, T, hidden), the hidden states h_1 … h_T.
+    """One recurrent layer: (B, T, in) → (B, T, hidden), the hidden states h_1 … h_T, with h_0 = c_0 = 0.
 
-    The cell equations are PyTorch's (nn.RNN, nn.GRU, nn.LSTM; gates stacked in the order i, f, g, o for
-    lstm and r, z, n for gru), with h_0 = c_0 = 0. ``ih`` applies W_ih x + b_ih to the whole sequence in
-    one call; ``hh`` (W_hh, b_hh) is applied with F.linear at each step, so forward hooks on it never
-    fire: a step's states reach a registered :class:`StateHook` instead. Parameters are drawn as
-    PyTorch draws a recurrent layer's, U(−1/√hidden, 1/√hidden) for every weight and bias.
+    Two paths compute the same function. While a :class:`StateHook` or a forward hook on ``ih`` is
+    registered (a recorded step), the layer is unrolled in Python with PyTorch's cell equations (nn.RNN,
+    nn.GRU, nn.LSTM; gates stacked in the order i, f, g, o for lstm and r, z, n for gru): ``ih`` applies
+    W_ih x + b_ih to the whole sequence in one call, ``hh`` (W_hh, b_hh) is applied with F.linear at each
+    step (forward hooks on it never fire), and every step's states reach the state hooks, so gradient hooks
+    can read the total ∂L/∂h_t. Otherwise ``fused``, PyTorch's own layer holding the very same parameters,
+    runs it in one kernel: a step that records nothing costs what PyTorch's RNN costs. The two agree to
+    float32 rounding (tests/test_sequence_models.py). Parameters are drawn as PyTorch draws a recurrent
+    layer's, U(−1/√hidden, 1/√hidden) for every weight and bias.
     """
 
     def __init__(self, cell: str, in_features: int, hidden: int, activation: str) -> None:
@@ -310,10 +314,15 @@ class Recurrent(nn.Module):
         self.activation = activation
         self.ih = nn.Linear(in_features, gate_count(cell) * hidden)
         self.hh = RecurrentLinear(hidden, gate_count(cell) * hidden)
-        bound = hidden**-0.5
-        with torch.no_grad():
-            for parameter in (self.ih.weight, self.ih.bias, self.hh.weight, self.hh.bias):
-                parameter.uniform_(-bound, bound)
+        fused: nn.RNNBase
+        if cell == "rnn":
+            fused = nn.RNN(in_features, hidden, nonlinearity=activation, batch_first=True)
+        else:
+            fused = (nn.GRU if cell == "gru" else nn.LSTM)(in_features, hidden, batch_first=True)
+        # PyTorch's constructor drew U(±1/√hidden) for its parameters: the two linear layers adopt them.
+        self.ih.weight, self.ih.bias = fused.weight_ih_l0, fused.bias_ih_l0
+        self.hh.weight, self.hh.bias = fused.weight_hh_l0, fused.bias_hh_l0
+        self.fused = fused
         self._state_hooks: OrderedDict[int, StateHook] = OrderedDict()
 
     def register_state_hook(self, hook: StateHook) -> RemovableHandle:
@@ -323,6 +332,8 @@ class Recurrent(nn.Module):
         return handle
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self._state_hooks and not self.ih._forward_hooks:
+            return self.fused(x)[0]
         projected = self.ih(x)
         h = x.new_zeros(x.shape[0], self.hidden)
         c = h if self.cell == "lstm" else None

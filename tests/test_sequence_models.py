@@ -50,7 +50,8 @@ def torch_recurrent(spec: Spec, network: Network) -> nn.Module:
 
 
 @pytest.mark.parametrize(("arch", "activation"), [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")])
-def test_recurrent_network_equals_pytorchs_fused_layers(arch: str, activation: str) -> None:
+def test_unrolled_network_equals_pytorchs_stacked_layers(arch: str, activation: str) -> None:
+    """The unrolled path (a state hook is registered, as on a recorded step) computes PyTorch's RNN."""
     spec = recurrent_spec(arch, activation=activation, depth=3)
     network = build_network(spec)
     x = images()
@@ -58,7 +59,44 @@ def test_recurrent_network_equals_pytorchs_fused_layers(arch: str, activation: s
     sequence, _ = torch_recurrent(spec, network)(rows)
     head = network.get_submodule("output.linear")
     expected = head(sequence[:, -1])
-    torch.testing.assert_close(network(x), expected, rtol=1e-5, atol=1e-6)
+    seen: list[int] = []
+    handles = [cell.register_state_hook(lambda t, *_: seen.append(t)) for cell in cells(network)]
+    unrolled = network(x)
+    for handle in handles:
+        handle.remove()
+    assert seen == list(range(SEQUENCE_LENGTH)) * spec.depth
+    torch.testing.assert_close(unrolled, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["rnn", "gru", "lstm"])
+def test_fused_and_unrolled_paths_give_the_same_loss_and_gradients(arch: str) -> None:
+    network = build_network(recurrent_spec(arch, width=32))
+    x, y = images(), torch.arange(BATCH)
+
+    def loss_and_grads() -> tuple[Tensor, list[Tensor]]:
+        network.zero_grad()
+        loss = F.cross_entropy(network(x), y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in network.parameters() if p.grad is not None]
+
+    fused_loss, fused_grads = loss_and_grads()
+    handles = [cell.register_state_hook(lambda *_: None) for cell in cells(network)]
+    unrolled_loss, unrolled_grads = loss_and_grads()
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(unrolled_loss, fused_loss)
+    assert len(fused_grads) == len(unrolled_grads) == len(list(network.parameters()))
+    for fused, unrolled in zip(fused_grads, unrolled_grads, strict=True):
+        torch.testing.assert_close(unrolled, fused, rtol=1e-4, atol=1e-7)
+
+
+def test_the_fused_layer_holds_the_recorded_layers_parameters() -> None:
+    network = build_network(recurrent_spec("lstm"))
+    for cell in cells(network):
+        assert cell.fused.weight_ih_l0 is cell.ih.weight and cell.fused.weight_hh_l0 is cell.hh.weight
+        assert cell.fused.bias_ih_l0 is cell.ih.bias and cell.fused.bias_hh_l0 is cell.hh.bias
+    # Shared parameters count once: the optimizer and the recorder see the same set.
+    assert len(list(network.parameters())) == 2 * 2 * 2 + 2
 
 
 def test_rows_are_the_image_rows_pixel_by_pixel() -> None:
