@@ -32,11 +32,13 @@ LSTM: dict[str, Any] = {"arch": "lstm", "dataset": "synthetic", "width": 16, "de
 @pytest.fixture(scope="module")
 def stored(server: Server, client: Client) -> dict[str, Any]:  # noqa: F811 - the imported fixtures
     """Succeeded runs holding known reports: an lstm (with a mean-field prediction through time) and a relu rnn
-    of depth 2, a post-LN transformer of depth 3 and an mlp, each as the API serves it, by arch."""
+    of depth 2, a post-LN transformer of depth 3, a pre-LN one of depth 2 and an mlp, each as the API serves it,
+    by arch (the pre-LN transformer as "pre-ln")."""
     specs = {
         "lstm": Spec(**SMALL, arch="lstm", depth=2, forget_bias=1.0),
         "rnn": Spec(**SMALL, arch="rnn", depth=2, activation="relu"),
         "transformer": Spec(**SMALL, arch="transformer", depth=3, heads=2, norm_position="post"),
+        "pre-ln": Spec(**SMALL, arch="transformer", depth=2, heads=2, pooling="mean"),
         "mlp": Spec(**SMALL, depth=3),
     }
     lstm = recurrent_report(specs["lstm"])
@@ -56,6 +58,7 @@ def stored(server: Server, client: Client) -> dict[str, Any]:  # noqa: F811 - th
             "lstm": store_report(engine, lstm),
             "rnn": store_report(engine, recurrent_report(specs["rnn"])),
             "transformer": store_report(engine, transformer_report(specs["transformer"])),
+            "pre-ln": store_report(engine, transformer_report(specs["pre-ln"])),
             "mlp": store_report(engine, plain_report(specs["mlp"])),
         }
     finally:
@@ -183,9 +186,11 @@ def test_runs_table_filters_by_arch(tab: Tab, stored: dict[str, Any]) -> None:
     assert cell("lstm", "col-arch") == "lstm" and "forget bias 1" in cell("lstm", "col-setup")
     assert cell("transformer", "col-setup") == "default · 2 heads · post-LN · cls pooling"
     assert cell("mlp", "col-arch") == "mlp"
+    assert cell("pre-ln", "col-setup") == "default · 2 heads · pre-LN · mean pooling"
     page.select_option("select[name=arch]", "transformer")
-    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 1")
-    assert page.locator("#runs tbody tr").get_attribute("data-id") == stored["transformer"]["id"]
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 2")
+    shown = sorted(row.get_attribute("data-id") for row in page.locator("#runs tbody tr").all())
+    assert shown == sorted([stored["transformer"]["id"], stored["pre-ln"]["id"]])
     assert "arch=transformer" in page.url
     page.click("button[type=reset]")
     page.wait_for_function("document.querySelectorAll('#runs tbody tr').length >= 4")
@@ -256,4 +261,33 @@ def test_a_sweep_of_recurrent_nets_reads_through_time(tab: Tab, client: Client) 
     for config in summary["configs"]:
         trace = traces[f"arch={config['config']['arch']}"]
         assert trace["x"] == [1, 2] and trace["y"] == pytest.approx(config["time_decades_per_step"])
+    assert not tab.errors
+
+
+def test_compare_shows_pre_and_post_ln_transformers_per_block(tab: Tab, stored: dict[str, Any]) -> None:
+    post, pre = stored["transformer"], stored["pre-ln"]
+    page = tab.open(f"/compare?run_id={post['id']}&run_id={pre['id']}")
+    page.wait_for_selector("#compared tbody tr")
+    assert page.is_visible("#figure-blocks") and not page.is_visible("#figure-time")
+
+    def per_block(run: dict[str, Any], part: str, field: str, step: int) -> list[float | None]:
+        names = {layer["name"]: layer["index"] for layer in run["report"]["layers"]}
+        value = {r["layer"]: r[field] for r in run["report"]["records"] if r["step"] == step}
+        blocks = run["spec"]["depth"]
+        return [value[names[f"block{i}.{part}"]] for i in range(1, blocks + 1)]
+
+    weights, outputs = chart(page, "chart-blocks"), chart(page, "chart-block-out")
+    assert len(weights) == len(outputs) == 4  # init and end of each run
+    # Post-LN blocks end at norm2, pre-LN blocks at mlp.fc2.
+    for k, (run, output) in enumerate(((post, "norm2"), (pre, "mlp.fc2"))):
+        last = max(r["step"] for r in run["report"]["records"])
+        assert weights[2 * k]["x"] == list(range(1, run["spec"]["depth"] + 1))
+        assert same(weights[2 * k]["y"], per_block(run, "mlp.fc2", "grad_norm", 0))
+        assert same(weights[2 * k + 1]["y"], per_block(run, "mlp.fc2", "grad_norm", last))
+        assert same(outputs[2 * k]["y"], per_block(run, output, "act_grad_norm", 0))
+    # Aligned at the output: each run's last block is 0.
+    page.select_option("#align", "output")
+    page.wait_for_function("location.search.includes('align=output')")
+    page.wait_for_selector("#compared tbody tr")
+    assert [t["x"][-1] for t in chart(page, "chart-blocks")] == [0, 0, 0, 0]
     assert not tab.errors

@@ -213,6 +213,25 @@ export function layerGroup(name) {
   return match ? match[1] : null;
 }
 
+/** A transformer's blocks in forward order (layers named block{i}.…, as graddiag's networks name them): each
+ * block's number and its layers by their name within the block ("attn.out", "mlp.fc2", "norm2", …). */
+export function transformerBlocks(layers) {
+  const blocks = new Map();
+  for (const layer of layers) {
+    const match = /^block(\d+)\.(.+)$/.exec(layer.name);
+    if (!match) continue;
+    const number = Number(match[1]);
+    if (!blocks.has(number)) blocks.set(number, new Map());
+    blocks.get(number).set(match[2], layer);
+  }
+  return [...blocks.entries()].sort((a, b) => a[0] - b[0]).map(([number, parts]) => ({ number, parts }));
+}
+
+/** The layer (within a block) whose ∂L/∂h is the block's output, the residual stream leaving it: with pre-LN the
+ * MLP's second layer (its output is added to the stream), with post-LN the second norm (it comes after the
+ * addition). The verdict's across-block profile reads the same layers. */
+export const blockOutput = (spec) => (spec.norm_position === "post" ? "norm2" : "mlp.fc2");
+
 /** Positive values only: a log axis cannot show zero or missing values (plotly leaves a gap for null). */
 export const positive = (v) => (v !== null && v !== undefined && v > 0 ? v : null);
 

@@ -1,5 +1,5 @@
 // Two or more runs' per-layer profiles overlaid, from GET /v1/compare.
-import { BASE, PALETTE, RECURRENT, archLabel, el, fmt, getJSON, logAxis, placeholder, plot, positive, runHref, runLabel, shortId, showError, verdictBadge } from "./common.js";
+import { BASE, PALETTE, RECURRENT, archLabel, blockOutput, el, fmt, getJSON, logAxis, placeholder, plot, positive, runHref, runLabel, shortId, showError, transformerBlocks, verdictBadge } from "./common.js";
 
 const main = document.getElementById("main");
 const ids = main.dataset.runIds ? main.dataset.runIds.split(",") : [];
@@ -75,6 +75,39 @@ function render(comparison) {
   plot("chart-act", act, { title: { text: "Activation gradient at initialisation" }, xaxis: axis, yaxis: logAxis("‖∂L/∂h‖", ys(act)) });
   const rel = traces(runs, "rel_grad", ["init"]);
   plot("chart-rel", rel, { title: { text: "Relative gradient at initialisation" }, xaxis: axis, yaxis: logAxis("‖∂L/∂W‖ / ‖W‖", ys(rel)) });
+}
+
+/** The transformer runs' across-block profiles side by side (pre-LN beside post-LN): each block's mlp.fc2 ‖∂L/∂W‖
+ * and the ‖∂L/∂h‖ at its output, at initialisation (solid) and at the last recorded step (dashed), x by block as
+ * the alignment says. The figures stay hidden unless at least one compared run is a transformer. */
+function renderBlocks(runs) {
+  const transformers = runs
+    .map((run, i) => [run, i, transformerBlocks(run.layers)])
+    .filter(([run, , blocks]) => run.spec?.arch === "transformer" && blocks.length);
+  for (const id of ["figure-blocks", "figure-block-out"]) document.getElementById(id).hidden = !transformers.length;
+  if (!transformers.length) return;
+  /** Each run's line through the layer partOf(spec) of every block, at init and at the end. */
+  const lines = (partOf, field) =>
+    transformers.flatMap(([run, i, blocks]) =>
+      ["init", "last"].map((moment) => {
+        const picked = blocks.map((b) => b.parts.get(partOf(run.spec)));
+        return {
+          name: `${runShortLabel(run)} ${run.spec.norm_position}-LN ${moment === "init" ? "init" : "end"}`,
+          legendgroup: run.run_id,
+          x: blocks.map((b) => (fromOutput() ? b.number - blocks.length : b.number)),
+          y: picked.map((l) => positive(l?.[moment]?.[field])),
+          text: picked.map((l) => l?.name ?? "—"),
+          hovertemplate: "%{text}: %{y:.3g}<extra></extra>",
+          mode: "lines+markers",
+          line: { color: PALETTE[i % PALETTE.length], dash: moment === "init" ? "solid" : "dash" },
+        };
+      }),
+    );
+  const axis = { title: { text: fromOutput() ? "block, counted from the output (0 = last block)" : "block (input → output)" }, dtick: 1 };
+  const weights = lines(() => "mlp.fc2", "grad_norm");
+  plot("chart-blocks", weights, { title: { text: "MLP weight gradient per block" }, xaxis: axis, yaxis: logAxis("‖∂L/∂W‖ of mlp.fc2", weights.flatMap((t) => t.y)) });
+  const out = lines(blockOutput, "act_grad_norm");
+  plot("chart-block-out", out, { title: { text: "Gradient at each block's output" }, xaxis: axis, yaxis: logAxis("‖∂L/∂h‖ at the block output", out.flatMap((t) => t.y)) });
 }
 
 /** The recurrent runs' gradient through time side by side: each run's top layer (where the loss enters),
@@ -195,6 +228,7 @@ if (!ids.length) {
   try {
     const comparison = await getJSON(`/v1/compare?${new URLSearchParams(ids.map((id) => ["run_id", id]))}`);
     render(comparison);
+    renderBlocks(comparison.runs);
     // The profiles through time come from each recurrent run: a failure there leaves the drawn charts alone.
     renderTime(comparison.runs).catch((error) => {
       console.warn(error);

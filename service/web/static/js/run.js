@@ -3,6 +3,7 @@ import {
   BASE,
   COLORS,
   FINISHED,
+  blockOutput,
   bySeverity,
   el,
   fmt,
@@ -17,6 +18,7 @@ import {
   positive,
   recordsAt,
   severityBadge,
+  transformerBlocks,
 } from "./common.js";
 
 const main = document.getElementById("main");
@@ -430,8 +432,7 @@ function drawCharts(report) {
  * last recorded step, block 1 nearest the input. Nothing for other nets. */
 function drawBlocks(report) {
   const section = document.getElementById("blocks");
-  const blocks = layerGroups(report.layers).filter((g) => g.name.startsWith("block"));
-  const byName = new Map(report.layers.map((l) => [l.name, l]));
+  const blocks = transformerBlocks(report.layers);
   section.hidden = !blocks.length || !report.records.length;
   if (section.hidden) return;
   const recorded = [...new Set(report.records.map((r) => r.step))].sort((a, b) => a - b);
@@ -440,12 +441,12 @@ function drawBlocks(report) {
     [first, `init (step ${first})`, "solid"],
     [last, `end (step ${last})`, "dash"],
   ];
-  const x = blocks.map((_, i) => i + 1);
-  /** One line per moment through the layer `suffix` of every block (null where a block lacks it). */
-  const lines = (suffix, field, label, color) =>
+  const x = blocks.map((b) => b.number);
+  /** One line per moment through the layer `part` of every block (null where a block lacks it). */
+  const lines = (part, field, label, color) =>
     moments.map(([step, when, dash]) => {
       const at = recordsAt(report.records, step);
-      const picked = blocks.map((g) => byName.get(`${g.name}.${suffix}`));
+      const picked = blocks.map((b) => b.parts.get(part));
       return {
         name: `${label} ${when}`,
         x,
@@ -463,14 +464,12 @@ function drawBlocks(report) {
     xaxis: blockAxis,
     yaxis: logAxis("‖∂L/∂W‖", ys(weights)),
   });
-  // The block's output is the residual stream after its MLP: with pre-LN that is the MLP's own output added to
-  // the stream (mlp.fc2's ∂L/∂h), with post-LN the second norm's output (norm2 comes after the addition).
   const spec = report.spec;
   if (!spec || spec.arch !== "transformer") {
     placeholder("chart-block-out", "Where a block's output is depends on the norm placement, which only graddiag's own transformers state.");
     return;
   }
-  const outputLayer = spec.norm_position === "post" ? "norm2" : "mlp.fc2";
+  const outputLayer = blockOutput(spec);
   const out = lines(outputLayer, "act_grad_norm", "‖∂L/∂h‖", "#009e73");
   plot("chart-block-out", out, {
     title: { text: `Gradient at each block's output (${spec.norm_position}-LN)` },
