@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Arch = Literal["mlp", "cnn", "rnn", "gru", "lstm", "transformer"]
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "softsign", "identity"]
@@ -53,6 +54,8 @@ MAX_CNN_WIDTH = 256
 MAX_TRANSFORMER_WIDTH = 512
 MAX_HEADS = 64
 MAX_MLP_RATIO = 8
+# A forget bias beyond this magnitude only saturates the gate further (sigmoid(10) = 1 - 4.5e-5).
+MAX_FORGET_BIAS = 10.0
 MAX_STEPS = 5000
 MAX_BATCH_SIZE = 1024
 
@@ -117,9 +120,9 @@ class Spec(BaseModel):
     )
     forget_bias: float | Literal["chrono"] | None = Field(
         None,
-        description="lstm only: the forget gate's bias; null keeps PyTorch's (mean 0), a number sets it (1: "
-        "Jozefowicz et al. 2015), 'chrono' draws log U(1, 31) with the input gate's bias its negative (Tallec "
-        "& Ollivier 2018).",
+        description="lstm only: the forget gate's bias; null keeps PyTorch's (mean 0), a number in [-10, 10] sets "
+        "it (1: Jozefowicz et al. 2015), 'chrono' draws log U(1, 31) with the input gate's bias its negative "
+        "(Tallec & Ollivier 2018).",
     )
     heads: int = Field(4, ge=1, le=MAX_HEADS, description="transformer only: attention heads, 1-64, dividing width.")
     norm_position: NormPosition = Field(
@@ -133,6 +136,16 @@ class Spec(BaseModel):
     )
     device: Device = Field("auto", description="auto picks CUDA when present, else the CPU.")
     tensorboard: bool = Field(False, description="Write TensorBoard event files for this run.")
+
+    @field_validator("forget_bias")
+    @classmethod
+    def _bounded_forget_bias(cls, value: float | str | None) -> float | str | None:
+        # The union's float member takes nan, inf and any magnitude; a number must be finite and bounded.
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_FORGET_BIAS):
+            raise ValueError(
+                f"forget_bias must be a finite number in [-{MAX_FORGET_BIAS:g}, {MAX_FORGET_BIAS:g}], 'chrono' or null"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod

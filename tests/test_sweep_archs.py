@@ -3,6 +3,7 @@ mixed values (a number, "chrono", null) deduplicated as specs, and refused combi
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -119,4 +120,22 @@ async def test_refused_combinations_name_the_point_and_field(
     for error, (index, _, text) in zip(problem["errors"], errors, strict=True):
         assert error["msg"].startswith(f"grid point {index} (") and text in error["msg"]
         assert "Value error" not in error["msg"]
+    assert (await api.get("/v1/runs")).json()["total"] == 0
+
+
+async def test_forget_bias_must_be_finite_and_bounded(api: httpx.AsyncClient) -> None:
+    # JSON's NaN and Infinity (Python's json reads them) and magnitudes past 10 would otherwise queue runs.
+    def post(path: str, body: dict[str, Any]) -> Any:
+        return api.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+    grid = {"forget_bias": ["chrono", float("nan"), float("inf"), 10.5, -10]}
+    problem = assert_problem(
+        await post("/v1/sweeps", {"base": {**TINY, "arch": "lstm"}, "grid": grid}), 422, "sweep_invalid"
+    )
+    assert [error["loc"] for error in problem["errors"]] == [["grid", i, "forget_bias"] for i in (1, 2, 3)]
+    assert "forget_bias must be a finite number in [-10, 10], 'chrono' or null" in problem["errors"][0]["msg"]
+    problem = assert_problem(
+        await post("/v1/runs", {**TINY, "arch": "lstm", "forget_bias": float("nan")}), 422, "validation_error"
+    )
+    assert problem["errors"][0]["loc"] == ["body", "forget_bias"]
     assert (await api.get("/v1/runs")).json()["total"] == 0
