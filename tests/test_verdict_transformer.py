@@ -235,6 +235,8 @@ def test_the_profile_is_one_value_per_block_in_forward_order() -> None:
     assert verdict.evidence.near_output_ratio == pytest.approx(10**0.25)
     assert verdict.label == "healthy"
     assert "across 6 blocks" in verdict.reasons[0]
+    (norms,) = [f for f in verdict.findings if f.kind == "norm_layers"]
+    assert "6 blocks' norm2 layers" in norms.message and "per block" in norms.message
     assert not any(f.kind == "step_size" for f in verdict.findings)
 
 

@@ -786,8 +786,13 @@ class _Judge:
                 "norm_layers",
                 "warning" if steep else "info",
                 "init",
-                f"The {len(norms)} normalisation layers' gain gradients change by {e.norm_span_decades:+.2f} decades "
-                f"toward the input ({e.norm_decades_per_layer or 0:+.3f} per layer)"
+                (
+                    f"The gain gradients of the {len(norms)} blocks' norm2 layers"
+                    if self.transformer
+                    else f"The {len(norms)} normalisation layers' gain gradients"
+                )
+                + f" change by {e.norm_span_decades:+.2f} decades toward the input "
+                f"({e.norm_decades_per_layer or 0:+.3f} per {self.per})"
                 + (": they follow the exploding back-propagated signal." if steep and e.norm_span_decades > 0 else ".")
                 + ("" if steep else " Within the thresholds."),
                 {"norm_span_decades": e.norm_span_decades, "norm_decades_per_layer": e.norm_decades_per_layer},
