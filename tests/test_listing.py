@@ -125,3 +125,24 @@ async def test_bad_filters_are_422s_that_say_why(
     body = assert_problem(await api.get("/v1/runs", params={"filter": expression}), 422, "validation_error")
     assert says in body["detail"], body["detail"]
     assert body["errors"][0]["loc"] == ["query", "filter"]
+
+
+async def test_recurrent_and_transformer_fields_filter(api: httpx.AsyncClient, settings: Settings) -> None:
+    lstm = {"arch": "lstm", "depth": 2, "width": 16, "dataset": "synthetic"}
+    specs = {
+        "chrono": {**lstm, "forget_bias": "chrono"},
+        "one": {**lstm, "forget_bias": 1.0},
+        "vit": {"arch": "transformer", "depth": 2, "width": 16, "heads": 2, "norm_position": "post"},
+    }
+    ids = {name: (await api.post("/v1/runs", json=spec)).json()["id"] for name, spec in specs.items()}
+    assert await _ids(api, forget_bias="chrono") == [ids["chrono"]]
+    assert await _ids(api, forget_bias=1) == [ids["one"]]
+    assert await _ids(api, heads=2, norm_position="post") == [ids["vit"]]
+    assert sorted(await _ids(api, arch="lstm")) == sorted([ids["chrono"], ids["one"]])
+    assert await _ids(api, filter="forget_bias >= 0.5") == [ids["one"]]  # 'chrono' is no number
+    assert await _ids(api, filter="forget_bias = 'chrono'") == [ids["chrono"]]
+    assert (await _ids(api, sort="-forget_bias"))[0] == ids["one"]
+    body = assert_problem(await api.get("/v1/runs", params={"forget_bias": "big"}), 422, "validation_error")
+    assert {tuple(e["loc"][:2]) for e in body["errors"]} == {("query", "forget_bias")}
+    body = assert_problem(await api.get("/v1/runs", params={"filter": "forget_bias = 'big'"}), 422, "validation_error")
+    assert "forget_bias is a number or one of 'chrono'" in body["detail"]
