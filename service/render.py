@@ -17,7 +17,12 @@ ZERO_BIAS_MARK: Final = "†"
 # Marks a layer of a user's model that sits beside the main path (a branch such as ResNet's downsample).
 BRANCH_MARK: Final = "‡"
 # The gate whose mean the through-time table shows, by cell (an rnn has none).
-_KEEP_GATE: Final = {"lstm": "forget gate f_t", "gru": "update gate z_t"}
+_KEEP_GATE: Final = {
+    "lstm": "the forget gate f_t",
+    "gru": "the update gate z_t",
+    "rnn": None,
+    None: "the gate that keeps the past (LSTM forget gate, GRU update gate)",  # a model graddiag did not build
+}
 
 
 def _fmt(value: float | None) -> str:
@@ -105,9 +110,9 @@ def render_time(report: Report) -> list[str]:
             gate_mean = _mean([record.gate_mean for record in at.values()])
             saturated = _mean([record.saturation_frac for record in at.values()])
             out.append(f"{head} {step:>5} {norms} {_fmt(gate_mean):>10} {_fmt(saturated):>10}")
-    gate = _KEEP_GATE.get(cell or "")
+    gate = _KEEP_GATE.get(cell, _KEEP_GATE[None])
     out += _wrap(
-        (f"gate mean: the {gate}, averaged over t" if gate else "gate mean: none (an rnn has no gates)")
+        (f"gate mean: {gate}, averaged over t" if gate else "gate mean: none (an rnn has no gates)")
         + "; saturated: the fraction of units whose local derivative is under 5 % of its maximum (the gates; tanh's "
         "h_t for an rnn), averaged over t",
         "",

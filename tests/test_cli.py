@@ -12,7 +12,7 @@ import pytest
 from graddiag.models.spec import Spec
 from graddiag.service.engine.report import LayerInfo, Report, TimeRecord, TimeTheory
 from graddiag.service.render import WIDTH, render_report
-from tests.support.reports import finding, plain_report, with_findings
+from tests.support.reports import external_report, finding, plain_report, with_findings
 
 TINY = ["--dataset", "synthetic", "--depth", "3", "--width", "8", "--steps", "3", "--batch-size", "8"]
 
@@ -228,6 +228,12 @@ def test_report_text_shows_the_gradient_through_time() -> None:
     rnn = render_report(_recurrent_report("rnn")).splitlines()
     assert next(line for line in rnn if "rnn1.hh" in line and "—" in line).split()[-2:] == ["—", "0.0155"]
     assert any(line.startswith("gate mean: none (an rnn has no gates);") for line in rnn)
+    # A model graddiag did not build (an uploaded report) names the gate by what it does.
+    external = _recurrent_report("lstm").model_copy(update={"spec": None, "model": external_report().model})
+    assert any(
+        line.startswith("gate mean: the gate that keeps the past (LSTM forget gate, GRU update gate)")
+        for line in render_report(external).splitlines()
+    )
     # Networks without a time axis have no such section.
     assert "through time" not in render_report(plain_report(Spec(dataset="synthetic", depth=3, steps=2)))
 
