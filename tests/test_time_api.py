@@ -355,3 +355,18 @@ async def test_an_lstm_run_through_the_worker_serves_its_time_records(settings: 
     assert all(r["grad_norm"] > 0 and r["cell_grad_norm"] > 0 for r in served["rows"])
     assert len(table) == len(served["rows"]) and {row["layer_name"] for row in table} == {"lstm1.hh", "lstm2.hh"}
     assert [float(row["grad_norm"]) for row in table] == [r["grad_norm"] for r in served["rows"]]
+
+
+async def test_a_transformer_run_through_the_worker_has_no_time_records(settings: Settings, worker: None) -> None:
+    spec = {"arch": "transformer", "depth": 2, "width": 16, "heads": 2, "steps": 2, "dataset": "synthetic"}
+    async with serve_app(settings) as api:
+        run = (await api.post("/v1/runs", params={"wait": 120}, json={**spec, "batch_size": 8})).json()
+        assert run["status"] == "succeeded", run
+        served = (await api.get(f"/v1/runs/{run['id']}/time")).json()
+        table = list(csv.DictReader(io.StringIO((await api.get(f"/v1/runs/{run['id']}/gradients?format=csv")).text)))
+        layers = (await api.get(f"/v1/runs/{run['id']}/layers")).json()
+    assert served == {"run_id": run["id"], "layers": [], "rows": []}
+    report = Report.model_validate(run["report"])
+    assert report.time_records == [] and {"attention", "embedding", "norm"} <= {layer.kind for layer in report.layers}
+    assert layers == run["report"]["layers"]
+    assert len(table) == len(report.records) and "block1.attn.q" in {row["layer_name"] for row in table}
