@@ -26,7 +26,7 @@ SMALL: dict[str, Any] = {"dataset": "synthetic", "width": 16, "steps": 5, "recor
 # The tiny LSTM the service trains for real (a few seconds on one thread).
 # The stored LSTM's mean-field prediction through time (decades per step toward t = 0).
 PREDICTED = -0.05
-LSTM: dict[str, Any] = {"arch": "lstm", "dataset": "synthetic", "width": 16, "depth": 2, "steps": 3, "batch_size": 16}
+LSTM: dict[str, Any] = {"arch": "lstm", "dataset": "synthetic", "width": 16, "depth": 2, "steps": 3, "batch_size": 8}
 
 
 @pytest.fixture(scope="module")
@@ -218,11 +218,22 @@ def test_compare_shows_two_recurrent_runs_through_time(tab: Tab, stored: dict[st
     assert not tab.errors
 
 
-def test_a_real_lstm_run_page_draws_its_time_profile(tab: Tab, client: Client) -> None:  # noqa: F811
+@pytest.fixture(scope="module")
+def real_sweep(client: Client) -> dict[str, Any]:  # noqa: F811 - the imported fixture
+    """A real sweep of rnn and lstm at depths 1 and 2 (each the tiny LSTM spec but for arch and depth), finished:
+    its id, its summary and the lstm run of depth 2 in full."""
+    created = client.sweep({**LSTM, "arch": "rnn"}, {"arch": ["rnn", "lstm"], "depth": [1, 2]})
+    status = client.wait_sweep(created["id"], timeout=180, poll=0.2)
+    assert status["counts"]["succeeded"] == 4, status
+    (lstm,) = [r["run_id"] for r in status["runs"] if r["grid"] == {"arch": "lstm", "depth": 2}]
+    return {"id": created["id"], "summary": client.sweep_summary(created["id"]), "lstm": client.get(lstm)}
+
+
+def test_a_real_lstm_run_page_draws_its_time_profile(tab: Tab, real_sweep: dict[str, Any]) -> None:
     """A tiny LSTM trained by the service's worker: its page draws one line through time per recurrent layer
     at its first and its last recorded step, with the values the API serves."""
-    run = client.get(client.run(LSTM, timeout=120)["id"])
-    assert run["status"] == "succeeded", run["error"]
+    run = real_sweep["lstm"]
+    assert {key: run["spec"][key] for key in LSTM} == LSTM
     report = run["report"]
     layers = [layer["index"] for layer in report["layers"] if layer["kind"] == "recurrent"]
     steps = sorted({r["step"] for r in report["time_records"]})
@@ -240,14 +251,11 @@ def test_a_real_lstm_run_page_draws_its_time_profile(tab: Tab, client: Client) -
     assert not tab.errors
 
 
-def test_a_sweep_of_recurrent_nets_reads_through_time(tab: Tab, client: Client) -> None:  # noqa: F811
-    """A real sweep of rnn and lstm at depths 1 and 2: each matrix cell carries its run's slope through time and
-    critical sequence length, the page lists each architecture's shortest one and draws the slopes by depth."""
-    created = client.sweep({**LSTM, "arch": "rnn"}, {"arch": ["rnn", "lstm"], "depth": [1, 2]})
-    status = client.wait_sweep(created["id"], timeout=180, poll=0.2)
-    assert status["counts"]["succeeded"] == 4, status
-    summary = client.sweep_summary(created["id"])
-    page = tab.open(f"/sweeps/{created['id']}")
+def test_a_sweep_of_recurrent_nets_reads_through_time(tab: Tab, real_sweep: dict[str, Any]) -> None:
+    """The real sweep's page: each matrix cell carries its run's slope through time and critical sequence length,
+    the page lists each architecture's shortest one and draws the slopes by depth."""
+    summary = real_sweep["summary"]
+    page = tab.open(f"/sweeps/{real_sweep['id']}")
     page.wait_for_selector("#matrix tbody tr")
     for config in summary["configs"]:
         cells = page.locator(f"#matrix tbody tr[data-config='arch={config['config']['arch']}'] td.cell")
