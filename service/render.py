@@ -6,7 +6,14 @@ import math
 import textwrap
 from typing import Final
 
-from graddiag.service.engine.report import Finding, LayerRecord, Report, TimeRecord, TimeTheory
+from graddiag.service.engine.report import (
+    Finding,
+    LayerRecord,
+    Report,
+    TimeRecord,
+    TimeTheory,
+    transformer_blocks,
+)
 
 # The report fits a 120-column terminal: the layer table is 102 columns, prose wraps at this width.
 WIDTH: Final = 120
@@ -148,32 +155,20 @@ def _time_theory(theory: TimeTheory | None) -> list[str]:
 
 def render_blocks(report: Report) -> list[str]:
     """A transformer's blocks in forward order: the attention output projection's and mlp.fc2's weight
-    gradients and ‖∂L/∂h‖ at the block's output, at init and at the end. Empty for other networks.
-
-    A block's output is its last layer in forward order (the network registers a block's layers in the
-    order they run): mlp.fc2 for pre-LN, whose output the residual sum passes on unchanged, norm2 for post-LN.
-    """
-    if report.spec is None or report.spec.arch != "transformer":
+    gradients and ‖∂L/∂h‖ at the block's output (mlp.fc2's for pre-LN, norm2's for post-LN), at init and at
+    the end. Empty for other networks."""
+    blocks = transformer_blocks(report.layers)
+    if report.spec is None or not blocks:
         return []
-    blocks: dict[str, list[int]] = {}
-    for layer in report.layers:
-        prefix = layer.name.split(".", 1)[0]
-        if prefix.startswith("block"):
-            blocks.setdefault(prefix, []).append(layer.index)
-    names = {layer.index: layer.name for layer in report.layers}
+    index = {layer.name: layer.index for layer in report.layers}
     by_step: dict[int, dict[int, LayerRecord]] = {}
     for record in report.records:
         by_step.setdefault(record.step, {})[record.layer] = record
     first, last = by_step[min(by_step)], by_step[max(by_step)]
 
-    def grad(records: dict[int, LayerRecord], prefix: str, name: str) -> str:
-        index = next((i for i in blocks[prefix] if names[i] == f"{prefix}.{name}"), None)
-        record = records.get(index) if index is not None else None
-        return _fmt(record.grad_norm if record else None)
-
-    def signal(records: dict[int, LayerRecord], prefix: str) -> str:
-        record = records.get(blocks[prefix][-1])
-        return _fmt(record.act_grad_norm if record else None)
+    def cell(records: dict[int, LayerRecord], layer: int | None, field: str) -> str:
+        record = records.get(layer) if layer is not None else None
+        return f"{_fmt(getattr(record, field) if record else None):>10}"
 
     out = [
         "",
@@ -181,12 +176,18 @@ def render_blocks(report: Report) -> list[str]:
         f"{'block':<10} {'attn@init':>10} {'fc2@init':>10} {'∂h@init':>10} {'attn@end':>10} {'fc2@end':>10} "
         f"{'∂h@end':>10}",
     ]
-    for prefix in blocks:
-        out.append(
-            f"{prefix:<10} {grad(first, prefix, 'attn.out'):>10} {grad(first, prefix, 'mlp.fc2'):>10} "
-            f"{signal(first, prefix):>10} {grad(last, prefix, 'attn.out'):>10} {grad(last, prefix, 'mlp.fc2'):>10} "
-            f"{signal(last, prefix):>10}"
-        )
+    for block in blocks:
+        attention_out = index.get(f"{block.name}.attn.out")
+        cells = [
+            cell(records, layer, field)
+            for records in (first, last)
+            for layer, field in (
+                (attention_out, "grad_norm"),
+                (block.fc2, "grad_norm"),
+                (block.output, "act_grad_norm"),
+            )
+        ]
+        out.append(f"{block.name:<10} {' '.join(cells)}")
     return out
 
 

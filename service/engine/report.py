@@ -7,6 +7,8 @@ still valid JSON.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -402,3 +404,44 @@ class Report(_Row):
         if (self.spec is None) == (self.model is None):
             raise ValueError("a report has either a spec (a probe) or a model description (diagnose/watch), not both")
         return self
+
+
+@dataclass(frozen=True)
+class TransformerBlock:
+    """One transformer block's layers (LayerInfo indices), found by structure in the layer list."""
+
+    name: str
+    output: int
+    fc2: int
+    attention: tuple[int, ...]
+    mlp: tuple[int, ...]
+    norm: int | None
+
+    @property
+    def weights(self) -> tuple[int, ...]:
+        """The block's weight layers: attention projections, then the MLP's."""
+        return self.attention + self.mlp
+
+
+def transformer_blocks(layers: Sequence[LayerInfo]) -> list[TransformerBlock]:
+    """The blocks of graddiag's transformer in forward order; empty for every other network (the verdict's
+    across-block profile and the text report's block table read them).
+
+    A block is a top-level module of the network that holds attention layers (kind "attention", which
+    only graddiag's transformer has: a user's nn.MultiheadAttention is discovered as linear layers).
+    `models.networks.Block` registers its children in the order they run, so its last layer in forward
+    order produces the block's output: mlp.fc2 for pre-LN (x + fc2(·): the sum passes ∂L/∂h unchanged to
+    fc2's output) and norm2 for post-LN. `fc2` is its last linear layer, `norm` its last norm layer.
+    """
+    groups: dict[str, list[LayerInfo]] = {}
+    for layer in layers:
+        groups.setdefault(layer.name.split(".", 1)[0], []).append(layer)
+    blocks = []
+    for name, members in groups.items():
+        attention = tuple(m.index for m in members if m.kind == "attention")
+        mlp = tuple(m.index for m in members if m.kind == "linear")
+        if not attention or not mlp:
+            continue
+        norms = [m.index for m in members if m.kind == "norm"]
+        blocks.append(TransformerBlock(name, members[-1].index, mlp[-1], attention, mlp, norms[-1] if norms else None))
+    return blocks

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from graddiag.models.shapes import SEQUENCE_FEATURES
@@ -35,6 +34,7 @@ from graddiag.service.engine.report import (
     Theory,
     TimeRecord,
     Verdict,
+    transformer_blocks,
 )
 from graddiag.service.engine.theory import kaiming_sigma_w2, remedy_span, span_noise_decades
 from graddiag.service.engine.theory_time import time_remedy_span
@@ -179,45 +179,6 @@ def _grad_rms(record: LayerRecord, layer: LayerInfo) -> float | None:
     return None if record.grad_norm is None else record.grad_norm / math.sqrt(max(layer.params, 1))
 
 
-@dataclass(frozen=True)
-class _Block:
-    """One transformer block's layers (LayerInfo indices), found by structure in the layer list."""
-
-    name: str
-    output: int
-    fc2: int
-    attention: tuple[int, ...]
-    mlp: tuple[int, ...]
-    norm: int | None
-
-    @property
-    def weights(self) -> tuple[int, ...]:
-        return self.attention + self.mlp
-
-
-def _transformer_blocks(layers: Sequence[LayerInfo]) -> list[_Block]:
-    """The blocks of graddiag's transformer in forward order; empty for every other network.
-
-    A block is a top-level module of the network that holds attention layers (kind "attention", which
-    only graddiag's transformer has: a user's nn.MultiheadAttention is discovered as linear layers).
-    `models.networks.Block` registers its children in the order they run, so its last layer in forward
-    order produces the block's output: mlp.fc2 for pre-LN (x + fc2(·): the sum passes ∂L/∂h unchanged to
-    fc2's output) and norm2 for post-LN. `fc2` is its last linear layer, `norm` its last norm layer.
-    """
-    groups: dict[str, list[LayerInfo]] = {}
-    for layer in layers:
-        groups.setdefault(layer.name.split(".", 1)[0], []).append(layer)
-    blocks = []
-    for name, members in groups.items():
-        attention = tuple(m.index for m in members if m.kind == "attention")
-        mlp = tuple(m.index for m in members if m.kind == "linear")
-        if not attention or not mlp:
-            continue
-        norms = [m.index for m in members if m.kind == "norm"]
-        blocks.append(_Block(name, members[-1].index, mlp[-1], attention, mlp, norms[-1] if norms else None))
-    return blocks
-
-
 class _Profiles:
     """The records indexed by step and layer, with the interior weight layers picked out.
 
@@ -228,7 +189,7 @@ class _Profiles:
 
     def __init__(self, layers: Sequence[LayerInfo], records: Sequence[LayerRecord]) -> None:
         self.layers = {layer.index: layer for layer in layers}
-        self.blocks = _transformer_blocks(layers)
+        self.blocks = transformer_blocks(layers)
         if self.blocks:
             # The embeddings (position table, class token) start at N(0, 0.02²): their relative update is
             # large by construction and they sit beside the blocks, not in them.
