@@ -59,7 +59,8 @@ async def test_wait_returns_the_verdict_and_report(api: httpx.AsyncClient, worke
     assert run["status"] == "succeeded" and run["attempt"] == 1 and run["error"] is None
     assert run["started_at"] <= run["finished_at"]
     report = run["report"]
-    assert set(report) == {"spec", "layers", "steps", "records", "verdict", "eval", "timing"}
+    assert set(report) == {"spec", "layers", "steps", "records", "time_records", "verdict", "eval", "timing"}
+    assert report["time_records"] == []  # an mlp has no gradient through time
     parsed = Report.model_validate(report)
     assert parsed.spec == Spec.model_validate(TINY)
     assert run["verdict"] == parsed.verdict.label
