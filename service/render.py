@@ -136,6 +136,10 @@ def render_time(report: Report) -> list[str]:
     return out
 
 
+# Which norm the prediction through time is about: the LSTM's is its cell path's.
+_TIME_THEORY_NORM: Final = {"lstm_cell": "‖∂L/∂c_t‖"}
+
+
 def _time_theory(theory: TimeTheory | None) -> list[str]:
     """The prediction through time beside the measurement (recurrent nets only)."""
     if theory is None:
@@ -145,9 +149,10 @@ def _time_theory(theory: TimeTheory | None) -> list[str]:
     radius = f", ρ(W_hh) = {_fmt(theory.spectral_radius)}" if theory.spectral_radius is not None else ""
     verdict = {True: "agrees within", False: "off by more than", None: None}[theory.agrees]
     agrees = f" ({verdict} ±{_fmt(theory.tolerance)})" if verdict else ""
+    norm = _TIME_THEORY_NORM.get(theory.model or "", "‖∂L/∂h_t‖")
     return _wrap(
-        f"theory through time ({theory.model}): predicted {_fmt(theory.predicted_decades_per_step)} decades/step, "
-        f"measured {_fmt(theory.measured_decades_per_step)}{agrees}{radius}",
+        f"theory through time ({theory.model}, {norm}): predicted {_fmt(theory.predicted_decades_per_step)} "
+        f"decades/step, measured {_fmt(theory.measured_decades_per_step)}{agrees}{radius}",
         "  ",
         "",
     )

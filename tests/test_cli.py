@@ -170,12 +170,12 @@ def _recurrent_report(arch: str) -> Report:
     theory = TimeTheory(
         applicable=True,
         reason="",
-        model=arch,
+        model={"rnn": "rnn", "lstm": "lstm_cell", "gru": "gru_update"}[arch],
         predicted_decades_per_step=-0.3,
         measured_decades_per_step=-0.1,
         tolerance=0.05,
         agrees=False,
-        spectral_radius=0.68,
+        spectral_radius=0.68 if arch == "rnn" else None,  # the rnn's own W_hh sets its rate
     )
     verdict = base.verdict.model_copy(
         update={"evidence": evidence, "theory": base.verdict.theory.model_copy(update={"time": theory})}
@@ -216,8 +216,9 @@ def test_report_text_shows_the_gradient_through_time() -> None:
         "fitted through time (lstm2.hh): -0.1 decades per step toward t = 0 at init, -3.1 across the sequence; at the "
         "end -0.05"
     )
-    theory = "predicted -0.3 decades/step, measured -0.1 (off by more than ±0.05), ρ(W_hh) = 0.68"
-    assert f"theory through time (lstm): {theory}" in lines
+    # The LSTM's prediction is about its cell path.
+    theory = "predicted -0.3 decades/step, measured -0.1 (off by more than ±0.05)"
+    assert f"theory through time (lstm_cell, ‖∂L/∂c_t‖): {theory}" in lines
     # The main table's kind column holds the recurrent matrices' kind whole.
     assert lines[2].split()[1:3] == ["lstm1.hh", "recurrent"]
     # A GRU's gate is its update gate; an rnn has none (its column stays empty) but its tanh saturates.
@@ -226,6 +227,8 @@ def test_report_text_shows_the_gradient_through_time() -> None:
         for line in render_report(_recurrent_report("gru")).splitlines()
     )
     rnn = render_report(_recurrent_report("rnn")).splitlines()
+    theory = "predicted -0.3 decades/step, measured -0.1 (off by more than ±0.05), ρ(W_hh) = 0.68"  # wrapped once
+    assert f"theory through time (rnn, ‖∂L/∂h_t‖): {theory}" in "\n".join(rnn).replace("\n  ", " ")
     assert next(line for line in rnn if "rnn1.hh" in line and "—" in line).split()[-2:] == ["—", "0.0155"]
     assert any(line.startswith("gate mean: none (an rnn has no gates);") for line in rnn)
     # A model graddiag did not build (an uploaded report) names the gate by what it does.
