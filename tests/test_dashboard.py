@@ -114,9 +114,16 @@ async def test_pages_name_what_their_scripts_read(api: httpx.AsyncClient) -> Non
     sweep = (await api.post("/v1/sweeps", json=SWEEP)).json()["id"]
     run_page = (await api.get(f"/runs/{run_id}")).text
     assert f'data-run-id="{run_id}"' in run_page and 'id="status"' in run_page and ">queued<" in run_page
-    assert f'data-sweep-id="{sweep}"' in (await api.get(f"/sweeps/{sweep}")).text
+    sweep_page = (await api.get(f"/sweeps/{sweep}")).text
+    assert f'data-sweep-id="{sweep}"' in sweep_page
+    # Places for recurrent sweeps' sequence lengths and slopes through time, hidden until a summary has them.
+    assert '<div id="sequence-lengths" class="sequence-lengths" hidden>' in sweep_page
+    assert '<figure id="figure-time-slope" class="wide" hidden>' in sweep_page
     compare = (await api.get("/compare", params=[("run_id", run_id), ("run_id", run_id)])).text
     assert f'data-run-ids="{run_id},{run_id}"' in compare
+    # ... and for recurrent runs' profiles through time and transformers' per-block profiles.
+    for figure in ("figure-time", "figure-blocks", "figure-block-out"):
+        assert f'<figure id="{figure}"' in compare
     runs_page = (await api.get("/")).text
     # The filters offer exactly the values the API accepts, and the sortable headers are buttons.
     for value in ("sigmoid", "relu", "kaiming_normal", "batch", "vanishing", "running"):
