@@ -426,3 +426,24 @@ def test_export_the_gradient_through_time(
     assert code == 2 and "--step goes with --time" in err
     code, _, err = run_cli(capsys, "export", run_id, "--time", "--layer", "0", "--url", base_url)
     assert code == 2 and "422" in err and "layer" in err
+
+
+def test_sweep_over_recurrent_cells_prints_their_critical_sequence_lengths(
+    base_url: str, client: Client, worker: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sets = [f"--set={f}={v}" for f, v in {**TINY, "depth": 1, "width": 8, "steps": 2}.items()]
+    code, out, err = run_cli(capsys, "sweep", "--url", base_url, *sets, "--grid", "arch=rnn,lstm", "--wait", *FAST)
+    assert code == 0, err
+    (sweep_id,) = re.findall(r"sweep ([0-9a-f]{32}): 2 runs \(2 succeeded\)", out)
+    summary = client.sweep_summary(sweep_id)
+    # Through the worker's verdict and the store: each run's fitted slope and 2 / |slope| from it.
+    for config in summary["configs"]:
+        (slope,) = config["time_decades_per_step"]
+        (length,) = config["critical_sequence_length"]
+        assert slope is not None and length == pytest.approx(2 / abs(slope))
+    lengths = {item["arch"]: item["critical_sequence_length"] for item in summary["sequence_lengths"]}
+    assert set(lengths) == {"rnn", "lstm"}
+    shortest = out.splitlines()[-1]
+    assert shortest == "shortest per arch: " + "; ".join(
+        f"{arch} {lengths[arch]:.0f} (arch={arch})" for arch in ("rnn", "lstm")
+    )
