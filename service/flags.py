@@ -121,12 +121,17 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ski
 
 
 def given_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
-    """The fields of `model` given on the command line; 'none' or 'null' mean an explicit None."""
-    values = {name: getattr(args, name, None) for name in model.model_fields}
+    """The fields of `model` given on the command line; 'none' or 'null' mean an explicit None for a field
+    that takes None (clip_value, forget_bias), and stay words for the others (`--norm none` is norm 'none')."""
+    given = {name: getattr(args, name, None) for name in model.model_fields}
     return {
-        k: (None if isinstance(v, str) and v.lower() in ("none", "null") else v)
-        for k, v in values.items()
-        if v is not None
+        name: None
+        if isinstance(value, str)
+        and value.lower() in ("none", "null")
+        and type(None) in _members(model.model_fields[name].annotation)
+        else value
+        for name, value in given.items()
+        if value is not None
     }
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from graddiag.models.spec import Spec
+from graddiag.service.cli import build_parser
 from graddiag.service.engine.report import LayerInfo, Report, TimeRecord, TimeTheory
+from graddiag.service.flags import given_values, load_spec
 from graddiag.service.render import WIDTH, render_report
 from tests.support.reports import external_report, finding, plain_report, with_findings
 
@@ -306,3 +308,12 @@ def test_probe_an_lstm_and_a_transformer_from_flags() -> None:
     at = lines.index("blocks (post-LN): ‖∂L/∂W‖ of attn.out and mlp.fc2, ‖∂L/∂h‖ at the block output")
     assert [line.split()[0] for line in lines[at + 2 : at + 4]] == ["block1", "block2"]
     assert "embed.cls" not in vit.stdout and "block2.norm2" in vit.stdout  # mean pooling: no class token
+
+
+def test_none_is_null_only_where_a_field_takes_null() -> None:
+    argv = ["probe", "--arch", "lstm", "--norm", "none", "--clip-value", "none", "--forget-bias", "null"]
+    spec = load_spec(None, given_values(build_parser().parse_args(argv), Spec))
+    # norm's 'none' is one of its values; clip_value and forget_bias take null.
+    assert (spec.norm, spec.clip_value, spec.forget_bias) == ("none", None, None)
+    argv = ["probe", "--arch", "lstm", "--forget-bias", "chrono"]
+    assert load_spec(None, given_values(build_parser().parse_args(argv), Spec)).forget_bias == "chrono"
