@@ -208,12 +208,17 @@ def external_report(depth: int = 4, steps: int = 6, record_every: int = 2) -> Re
 def transformer_report(spec: Spec, label: Label = "healthy") -> Report:
     """plain_report's steps and verdict for a transformer spec, with the network's layer names and kinds in
     forward order (the patch embedding, the position table and, with cls pooling, the class token; per block
-    norm1, attn.q/k/v/out, norm2, mlp.fc1, mlp.fc2; the final norm with pre-LN; the output layer) and records
+    norm1, attn.q/k/v/out, norm2, mlp.fc1, mlp.fc2 with pre-LN, attn.q/k/v/out, norm1, mlp.fc1, mlp.fc2, norm2
+    with post-LN, as models/networks.py registers them; the final norm with pre-LN; the output layer) and records
     with known values at every recorded step: layer i has ‖∂L/∂W‖ = 0.01·(i + 1)·(1 + step) and
     ‖∂L/∂h‖ = 0.1·(i + 1)·(1 + step)."""
     base = plain_report(spec, label)
     attention: list[tuple[str, LayerKind]] = [(f"attn.{part}", "attention") for part in ("q", "k", "v", "out")]
-    block = [("norm1", "norm"), *attention, ("norm2", "norm"), ("mlp.fc1", "linear"), ("mlp.fc2", "linear")]
+    mlp: list[tuple[str, LayerKind]] = [("mlp.fc1", "linear"), ("mlp.fc2", "linear")]
+    if spec.norm_position == "pre":
+        block = [("norm1", "norm"), *attention, ("norm2", "norm"), *mlp]
+    else:
+        block = [*attention, ("norm1", "norm"), *mlp, ("norm2", "norm")]
     named: list[tuple[str, LayerKind]] = [("embed.linear", "linear"), ("embed.pos", "embedding")]
     named += [("embed.cls", "embedding")] if spec.pooling == "cls" else []
     named += [(f"block{i}.{name}", kind) for i in range(1, spec.depth + 1) for name, kind in block]

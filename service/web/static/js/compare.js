@@ -1,5 +1,5 @@
 // Two or more runs' per-layer profiles overlaid, from GET /v1/compare.
-import { BASE, PALETTE, RECURRENT, archLabel, blockOutput, el, fmt, getJSON, logAxis, placeholder, plot, positive, runHref, runLabel, shortId, showError, transformerBlocks, verdictBadge } from "./common.js";
+import { BASE, PALETTE, RECURRENT, archLabel, el, fmt, getJSON, logAxis, placeholder, plot, positive, runHref, runLabel, shortId, showError, transformerBlocks, verdictBadge } from "./common.js";
 
 const main = document.getElementById("main");
 const ids = main.dataset.runIds ? main.dataset.runIds.split(",") : [];
@@ -86,17 +86,17 @@ function renderBlocks(runs) {
     .filter(([run, , blocks]) => run.spec?.arch === "transformer" && blocks.length);
   for (const id of ["figure-blocks", "figure-block-out"]) document.getElementById(id).hidden = !transformers.length;
   if (!transformers.length) return;
-  /** Each run's line through the layer partOf(spec) of every block, at init and at the end. */
-  const lines = (partOf, field) =>
+  /** Each run's line through the layer `role` ("fc2", "output") of every block, at init and at the end. */
+  const lines = (role, field) =>
     transformers.flatMap(([run, i, blocks]) =>
       ["init", "last"].map((moment) => {
-        const picked = blocks.map((b) => b.parts.get(partOf(run.spec)));
+        const picked = blocks.map((b) => b[role]);
         return {
           name: `${runShortLabel(run)} ${run.spec.norm_position}-LN ${moment === "init" ? "init" : "end"}`,
           legendgroup: run.run_id,
-          x: blocks.map((b) => (fromOutput() ? b.number - blocks.length : b.number)),
-          y: picked.map((l) => positive(l?.[moment]?.[field])),
-          text: picked.map((l) => l?.name ?? "—"),
+          x: blocks.map((_, k) => (fromOutput() ? k + 1 - blocks.length : k + 1)),
+          y: picked.map((l) => positive(l[moment]?.[field])),
+          text: picked.map((l) => l.name),
           hovertemplate: "%{text}: %{y:.3g}<extra></extra>",
           mode: "lines+markers",
           line: { color: PALETTE[i % PALETTE.length], dash: moment === "init" ? "solid" : "dash" },
@@ -104,9 +104,9 @@ function renderBlocks(runs) {
       }),
     );
   const axis = { title: { text: fromOutput() ? "block, counted from the output (0 = last block)" : "block (input → output)" }, dtick: 1 };
-  const weights = lines(() => "mlp.fc2", "grad_norm");
+  const weights = lines("fc2", "grad_norm");
   plot("chart-blocks", weights, { title: { text: "MLP weight gradient per block" }, xaxis: axis, yaxis: logAxis("‖∂L/∂W‖ of mlp.fc2", weights.flatMap((t) => t.y)) });
-  const out = lines(blockOutput, "act_grad_norm");
+  const out = lines("output", "act_grad_norm");
   plot("chart-block-out", out, { title: { text: "Gradient at each block's output" }, xaxis: axis, yaxis: logAxis("‖∂L/∂h‖ at the block output", out.flatMap((t) => t.y)) });
 }
 

@@ -3,7 +3,6 @@ import {
   BASE,
   COLORS,
   FINISHED,
-  blockOutput,
   bySeverity,
   el,
   fmt,
@@ -427,7 +426,7 @@ function drawCharts(report) {
   );
 }
 
-/** A transformer's blocks (layers named block{i}.…): per block, the weight gradient of the attention output
+/** A transformer's blocks (common.js's transformerBlocks): per block, the weight gradient of the attention output
  * projection and of the MLP's second layer, and the gradient at the block's output, at initialisation and at the
  * last recorded step, block 1 nearest the input. Nothing for other nets. */
 function drawBlocks(report) {
@@ -441,44 +440,41 @@ function drawBlocks(report) {
     [first, `init (step ${first})`, "solid"],
     [last, `end (step ${last})`, "dash"],
   ];
-  const x = blocks.map((b) => b.number);
-  /** One line per moment through the layer `part` of every block (null where a block lacks it). */
-  const lines = (part, field, label, color) =>
+  const x = blocks.map((_, i) => i + 1);
+  /** One line per moment through the layer `role` ("attnOut", "fc2", "output") of every block. */
+  const lines = (role, field, label, color) =>
     moments.map(([step, when, dash]) => {
       const at = recordsAt(report.records, step);
-      const picked = blocks.map((b) => b.parts.get(part));
       return {
         name: `${label} ${when}`,
         x,
-        y: picked.map((l) => (l ? positive(at.get(l.index)?.[field]) : null)),
-        text: picked.map((l) => l?.name ?? "—"),
+        y: blocks.map((b) => positive(at.get(b[role].index)?.[field])),
+        text: blocks.map((b) => b[role].name),
         hovertemplate: "block %{x}: %{text}<br>%{y:.3g}<extra></extra>",
         mode: "lines+markers",
         line: { color, dash },
       };
     });
   const blockAxis = { title: { text: "block (input → output)" }, dtick: 1 };
-  const weights = [...lines("attn.out", "grad_norm", "attn.out", "#0072b2"), ...lines("mlp.fc2", "grad_norm", "mlp.fc2", "#d55e00")];
+  const weights = [...lines("attnOut", "grad_norm", "attn.out", "#0072b2"), ...lines("fc2", "grad_norm", "mlp.fc2", "#d55e00")];
   plot("chart-blocks", weights, {
     title: { text: "Weight gradient per block" },
     xaxis: blockAxis,
     yaxis: logAxis("‖∂L/∂W‖", ys(weights)),
   });
-  const spec = report.spec;
-  if (!spec || spec.arch !== "transformer") {
-    placeholder("chart-block-out", "Where a block's output is depends on the norm placement, which only graddiag's own transformers state.");
-    return;
-  }
-  const outputLayer = blockOutput(spec);
-  const out = lines(outputLayer, "act_grad_norm", "‖∂L/∂h‖", "#009e73");
+  const out = lines("output", "act_grad_norm", "‖∂L/∂h‖", "#009e73");
+  const position = report.spec?.norm_position ? ` (${report.spec.norm_position}-LN)` : "";
   plot("chart-block-out", out, {
-    title: { text: `Gradient at each block's output (${spec.norm_position}-LN)` },
+    title: { text: `Gradient at each block's output${position}` },
     xaxis: blockAxis,
     yaxis: logAxis("‖∂L/∂h‖ at the block output", ys(out)),
   });
+  // Which layer that is: the block's last in forward order (mlp.fc2 with pre-LN, norm2 with post-LN).
+  const outputLayer = blocks[0].output.name.slice(blocks[0].name.length + 1);
+  const stack = report.spec?.norm_position ? ` in this ${report.spec.norm_position}-LN stack` : "";
   document.getElementById("caption-block-out").textContent =
-    `‖∂L/∂h‖ at each block's output (the residual stream leaving the block: the ∂L/∂h of block{i}.${outputLayer} ` +
-    `in this ${spec.norm_position}-LN stack), at initialisation (solid) and at the last recorded step (dashed).`;
+    `‖∂L/∂h‖ at each block's output (the residual stream leaving the block: the ∂L/∂h of its last layer, ` +
+    `${outputLayer}${stack}), at initialisation (solid) and at the last recorded step (dashed).`;
 }
 
 /** The mean-field prediction through time (verdict.theory.time) as a line over t: through the judged layer's
