@@ -16,7 +16,7 @@ from typing import Any, get_args
 import httpx
 import pytest
 
-from graddiag.models.spec import Arch, Spec
+from graddiag.models.spec import RECURRENT_ARCHS, Arch, Spec
 from graddiag.service.api import create_app, events
 from graddiag.service.api.dashboard import PLOTLY_JS
 from graddiag.service.engine.probe import run_probe
@@ -114,6 +114,8 @@ async def test_pages_name_what_their_scripts_read(api: httpx.AsyncClient) -> Non
     sweep = (await api.post("/v1/sweeps", json=SWEEP)).json()["id"]
     run_page = (await api.get(f"/runs/{run_id}")).text
     assert f'data-run-id="{run_id}"' in run_page and 'id="status"' in run_page and ">queued<" in run_page
+    # The scripts learn which archs are recurrent from the page (models.spec's list, not one of their own).
+    assert f'data-recurrent-archs="{" ".join(RECURRENT_ARCHS)}"' in run_page
     sweep_page = (await api.get(f"/sweeps/{sweep}")).text
     assert f'data-sweep-id="{sweep}"' in sweep_page
     # Places for recurrent sweeps' sequence lengths and slopes through time, hidden until a summary has them.

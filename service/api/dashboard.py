@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from graddiag.models.spec import Activation, Arch, Init, Norm, NormPosition
+from graddiag.models.spec import RECURRENT_ARCHS, Activation, Arch, Init, Norm, NormPosition
 from graddiag.service.api.data import cifar10_check, local_workers
 from graddiag.service.api.deps import SessionDep, SettingsDep
 from graddiag.service.engine.report import FindingKind, Label
@@ -57,9 +57,9 @@ def static_files() -> StaticFiles:
 def _page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     # root_path: the prefix a reverse proxy mounts the service under; the scripts prefix API calls with it.
     base = request.scope.get("root_path", "").rstrip("/")
-    return templates.TemplateResponse(
-        request, template, {"base": base, "plotly_version": _PLOTLY.version, **context}, status_code=status_code
-    )
+    # The recurrent archs as models.spec defines them, for the scripts (common.js's RECURRENT).
+    shared = {"base": base, "plotly_version": _PLOTLY.version, "recurrent_archs": " ".join(RECURRENT_ARCHS)}
+    return templates.TemplateResponse(request, template, {**shared, **context}, status_code=status_code)
 
 
 def _not_found(request: Request, what: str) -> HTMLResponse:

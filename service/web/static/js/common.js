@@ -97,8 +97,9 @@ export function fmt(value) {
 
 export const shortId = (id) => id.slice(0, 8);
 
-/** The recurrent architectures (their width is the hidden size; their reports hold the gradient through time). */
-export const RECURRENT = new Set(["rnn", "gru", "lstm"]);
+/** The recurrent architectures (their width is the hidden size; their reports hold the gradient through time), as
+ * models/spec.py's RECURRENT_ARCHS names them (the page carries them). */
+export const RECURRENT = new Set((main.dataset.recurrentArchs || "").split(" ").filter(Boolean));
 
 /** What a spec's architecture adds to its label and the runs table's setup cell: an LSTM's forget-gate bias,
  * a transformer's heads, norm position (pre-/post-LN) and pooling. Empty for mlp and cnn, whose norm and
