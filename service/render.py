@@ -6,6 +6,7 @@ import math
 import textwrap
 from typing import Final
 
+from graddiag.service.engine.profile import fit_slope
 from graddiag.service.engine.report import (
     Finding,
     LayerRecord,
@@ -90,8 +91,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 def render_time(report: Report) -> list[str]:
     """A recurrent net's gradient through time: per recurrent layer, at the first and last recorded step,
-    ‖∂L/∂h_t‖ at five time steps, the gate mean and saturation averaged over t; then the fitted slope the
-    verdict judged. Empty for a network without time records."""
+    ‖∂L/∂h_t‖ at five time steps, its fitted slope over every t, the gate mean and saturation averaged over t;
+    then the slope and span the verdict judged. Empty for a network without time records."""
     if not report.time_records:
         return []
     rows: dict[tuple[int, int], dict[int, TimeRecord]] = {}
@@ -107,19 +108,22 @@ def render_time(report: Report) -> list[str]:
         "through time: ‖∂L/∂h_t‖ per recurrent layer (t = 0 is the first row read, the classifier reads the last)",
         f"{'#':>3} {'layer':<22} {'step':>5} "
         + " ".join(f"{f't={t}':>9}" for t in times)
-        + f" {'gate mean':>10} {'saturated':>10}",
+        + f" {'dec/step':>9} {'gate mean':>10} {'saturated':>10}",
     ]
     for layer in sorted({layer for layer, _ in rows}):
         for step in shown:
             at = rows.get((layer, step), {})
             head = f"{layer:>3} {names.get(layer, '?'):<22}" if step == shown[0] else " " * 26
             norms = " ".join(f"{_fmt(at[t].grad_norm if t in at else None):>9}" for t in times)
+            slope = fit_slope([at[t].grad_norm if t in at else None for t in range(max(at, default=-1) + 1)])
             gate_mean = _mean([record.gate_mean for record in at.values()])
             saturated = _mean([record.saturation_frac for record in at.values()])
-            out.append(f"{head} {step:>5} {norms} {_fmt(gate_mean):>10} {_fmt(saturated):>10}")
+            out.append(f"{head} {step:>5} {norms} {_fmt(slope):>9} {_fmt(gate_mean):>10} {_fmt(saturated):>10}")
     gate = _KEEP_GATE.get(cell, _KEEP_GATE[None])
     out += _wrap(
-        (f"gate mean: {gate}, averaged over t" if gate else "gate mean: none (an rnn has no gates)")
+        "dec/step: the least-squares slope of log10 ‖∂L/∂h_t‖ over every t, in decades per step toward t = 0 "
+        "(negative: the gradient shrinks into the past); "
+        + (f"gate mean: {gate}, averaged over t" if gate else "gate mean: none (an rnn has no gates)")
         + "; saturated: the fraction of units whose local derivative is under 5 % of its maximum (the gates; tanh's "
         "h_t for an rnn), averaged over t",
         "",

@@ -191,28 +191,19 @@ def test_report_text_shows_the_gradient_through_time() -> None:
     at = lines.index(
         "through time: ‖∂L/∂h_t‖ per recurrent layer (t = 0 is the first row read, the classifier reads the last)"
     )
-    assert lines[at + 1].split() == [
-        "#",
-        "layer",
-        "step",
-        "t=31",
-        "t=24",
-        "t=16",
-        "t=8",
-        "t=0",
-        "gate",
-        "mean",
-        "saturated",
-    ]
-    # Per recurrent layer, the first and the last recorded step; the gate columns averaged over t = 0..31.
+    header = ["#", "layer", "step", "t=31", "t=24", "t=16", "t=8", "t=0", "dec/step", "gate", "mean", "saturated"]
+    assert lines[at + 1].split() == header
+    # Per recurrent layer, the first and the last recorded step: the norm falls 0.1 decades per step toward
+    # t = 0 in every row; the gate columns are averaged over t = 0..31.
     rows = [line.split() for line in lines[at + 2 : at + 6]]
     assert rows == [
-        ["1", "lstm1.hh", "0", "10", "2", "0.316", "0.0501", "0.00794", "0.655", "0.0155"],
-        ["2", "30", "5.99", "0.949", "0.15", "0.0238", "0.655", "0.0155"],
-        ["3", "lstm2.hh", "0", "1e+03", "200", "31.6", "5.01", "0.794", "0.655", "0.0155"],
-        ["2", "3e+03", "599", "94.9", "15", "2.38", "0.655", "0.0155"],
+        ["1", "lstm1.hh", "0", "10", "2", "0.316", "0.0501", "0.00794", "-0.1", "0.655", "0.0155"],
+        ["2", "30", "5.99", "0.949", "0.15", "0.0238", "-0.1", "0.655", "0.0155"],
+        ["3", "lstm2.hh", "0", "1e+03", "200", "31.6", "5.01", "0.794", "-0.1", "0.655", "0.0155"],
+        ["2", "3e+03", "599", "94.9", "15", "2.38", "-0.1", "0.655", "0.0155"],
     ]
-    assert lines[at + 6].startswith("gate mean: the forget gate f_t, averaged over t;")
+    assert lines[at + 6].startswith("dec/step: the least-squares slope of log10 ‖∂L/∂h_t‖ over every t")
+    assert "gate mean: the forget gate f_t, averaged over t;" in " ".join(lines[at + 6 : at + 9])
     fitted = next(line for line in lines if line.startswith("fitted through time"))
     assert fitted == (
         "fitted through time (lstm2.hh): -0.1 decades per step toward t = 0 at init, -3.1 across the sequence; at the "
@@ -223,22 +214,20 @@ def test_report_text_shows_the_gradient_through_time() -> None:
     assert f"theory through time (lstm_cell, ‖∂L/∂c_t‖): {theory}" in lines
     # The main table's kind column holds the recurrent matrices' kind whole.
     assert lines[2].split()[1:3] == ["lstm1.hh", "recurrent"]
+
     # A GRU's gate is its update gate; an rnn has none (its column stays empty) but its tanh saturates.
-    assert any(
-        line.startswith("gate mean: the update gate z_t")
-        for line in render_report(_recurrent_report("gru")).splitlines()
-    )
+    def prose(report: Report) -> str:  # the text with wrapped lines joined
+        return " ".join(line.strip() for line in render_report(report).splitlines())
+
+    assert "; gate mean: the update gate z_t, averaged over t;" in prose(_recurrent_report("gru"))
     rnn = render_report(_recurrent_report("rnn")).splitlines()
     theory = "predicted -0.3 decades/step, measured -0.1 (off by more than ±0.05), ρ(W_hh) = 0.68"  # wrapped once
-    assert f"theory through time (rnn, ‖∂L/∂h_t‖): {theory}" in "\n".join(rnn).replace("\n  ", " ")
+    assert f"theory through time (rnn, ‖∂L/∂h_t‖): {theory}" in prose(_recurrent_report("rnn"))
     assert next(line for line in rnn if "rnn1.hh" in line and "—" in line).split()[-2:] == ["—", "0.0155"]
-    assert any(line.startswith("gate mean: none (an rnn has no gates);") for line in rnn)
+    assert "; gate mean: none (an rnn has no gates);" in prose(_recurrent_report("rnn"))
     # A model graddiag did not build (an uploaded report) names the gate by what it does.
     external = _recurrent_report("lstm").model_copy(update={"spec": None, "model": external_report().model})
-    assert any(
-        line.startswith("gate mean: the gate that keeps the past (LSTM forget gate, GRU update gate)")
-        for line in render_report(external).splitlines()
-    )
+    assert "; gate mean: the gate that keeps the past (LSTM forget gate, GRU update gate), averaged" in prose(external)
     # Networks without a time axis have no such section.
     assert "through time" not in render_report(plain_report(Spec(dataset="synthetic", depth=3, steps=2)))
 

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from graddiag.models.shapes import SEQUENCE_FEATURES
 from graddiag.models.spec import RECURRENT_ARCHS, Spec
+from graddiag.service.engine.profile import LOG_FLOOR, SPAN_DECADES, fit_slope
 from graddiag.service.engine.report import (
     Evidence,
     Finding,
@@ -82,9 +83,6 @@ UNPREDICTED_REMEDIES: dict[str, str] = {
     "remedy's effect only for its own MLPs and CNNs, so diagnose the model again after the change.",
 }
 
-# The product's definition: a profile vanishes (explodes) when the first interior layer's value is at
-# least 100× smaller (larger) than the last's, however gentle the per-layer rate.
-SPAN_DECADES = 2.0
 # A fit needs at least this many interior layers: with two, a "trend" is the ratio of two noisy norms.
 MIN_INTERIOR_LAYERS = 3
 # The span must also exceed this many standard deviations of the chance change of a finite-width
@@ -123,8 +121,6 @@ PENALTY_DOMINANCE = 1.0
 # least this many times the blocks' geometric mean: a global lr that suits the last block then costs
 # the typical block over a factor 2 of its step, more than one notch of the usual lr grid (1, 2-3, 5).
 NEAR_OUTPUT_FACTOR = 2.0
-# Values that are exactly zero enter log10 at this floor.
-_LOG_FLOOR = 1e-30
 # Through time (recurrent nets, docs/verdict.md "Through time"): the same SPAN_DECADES rule on the top
 # recurrent layer's ‖∂L/∂h_t‖ across the sequence, without a finite-width allowance (none is derived for a
 # recurrent matrix that is the same at every step). A sigmoid gate counts as saturated where σ′ is under
@@ -133,18 +129,6 @@ _LOG_FLOOR = 1e-30
 GATE_SATURATED_LOW = (1 - math.sqrt(1 - 4 * 0.05 * 0.25)) / 2
 
 _SEVERITY: dict[Label, int] = {"healthy": 0, "vanishing": 1, "exploding": 2}
-
-
-def fit_slope(values: Sequence[float | None]) -> float | None:
-    """Least-squares slope of log10(values) in decades per layer toward the input (index 0)."""
-    points = [(i, math.log10(max(v, _LOG_FLOOR))) for i, v in enumerate(values) if v is not None]
-    if len(points) < 2:
-        return None
-    mean_x = sum(x for x, _ in points) / len(points)
-    mean_y = sum(y for _, y in points) / len(points)
-    sxx = sum((x - mean_x) ** 2 for x, _ in points)
-    sxy = sum((x - mean_x) * (y - mean_y) for x, y in points)
-    return -sxy / sxx
 
 
 def _span(slope: float | None, interior: int) -> float | None:
@@ -171,7 +155,7 @@ def _log_median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     if not present:
         return None
-    return 10 ** statistics.median(math.log10(max(v, _LOG_FLOOR)) for v in present)
+    return 10 ** statistics.median(math.log10(max(v, LOG_FLOOR)) for v in present)
 
 
 def _grad_rms(record: LayerRecord, layer: LayerInfo) -> float | None:

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from graddiag.models.spec import RECURRENT_ARCHS, Spec, SpecCaps, combination_field
+from graddiag.service.engine.profile import SPAN_DECADES
 from graddiag.service.engine.report import FindingKind, Label, Severity
 from graddiag.service.store.query import has_tag, name_contains
 from graddiag.service.store.runs import build_run
@@ -25,7 +26,6 @@ _MAX_ERRORS = 20
 # 1 MB message (let alone one per grid point).
 _MAX_QUOTED_CHARS = 40
 
-_SPAN_DECADES = 2.0  # the verdict's span threshold before the finite-width allowance (engine.verdict)
 # Critical sequence lengths beyond this many time steps are reported as null: a slope under 0.002 decades per
 # step changes the gradient by under 0.06 decades across the 32 steps measured, which no fit tells from level.
 MAX_SEQUENCE_LENGTH = 1000
@@ -359,9 +359,9 @@ def _time_slope(run: Run) -> float | None:
 def critical_sequence_length(slope: float | None) -> float | None:
     """2 / |slope|: how many time steps the fitted through-time profile needs to change by 2 decades (the
     verdict's line); None without a slope or beyond MAX_SEQUENCE_LENGTH steps."""
-    if slope is None or abs(slope) * MAX_SEQUENCE_LENGTH <= _SPAN_DECADES:
+    if slope is None or abs(slope) * MAX_SEQUENCE_LENGTH <= SPAN_DECADES:
         return None
-    return _SPAN_DECADES / abs(slope)
+    return SPAN_DECADES / abs(slope)
 
 
 def _sequence_lengths(runs: list[Run]) -> list[ArchSequenceLength]:
@@ -395,7 +395,7 @@ def _profile_span(run: Run) -> tuple[float | None, Literal["grad_norm", "act_gra
         if isinstance(value := evidence.get(key), int | float) and math.isfinite(value)
     ]
     noise = evidence.get("noise_decades")
-    threshold = _SPAN_DECADES + (noise if isinstance(noise, int | float) else 0.0) if evidence else None
+    threshold = SPAN_DECADES + (noise if isinstance(noise, int | float) else 0.0) if evidence else None
     if not spans:
         return None, None, threshold
     span, statistic = max(spans, key=lambda pair: abs(pair[0]))
