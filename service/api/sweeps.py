@@ -1,4 +1,5 @@
-"""`/v1/sweeps`: one run per grid point, their progress, and the verdict along depth."""
+"""`/v1/sweeps`: one run per grid point, their progress, and the verdict along depth (and, for recurrent
+nets, through time)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def get_sweep(sweep_id: SweepIdDep, session: SessionDep, finding: FindingFilter 
 @router.get("/{sweep_id}/summary", response_model=SweepSummary, summary="Verdict along depth")
 def get_sweep_summary(sweep_id: SweepIdDep, session: SessionDep, finding: FindingFilter = None) -> SweepSummary:
     """For each combination of the non-depth axes: the verdict and findings at every depth, the critical
-    depth and where each finding first appears (`finding`: only the combinations that have one of that kind)."""
+    depth and where each finding first appears (`finding`: only the combinations that have one of that kind);
+    for recurrent runs the decades per time step and the critical sequence length 2 / |slope| at every depth,
+    and per recurrent arch the shortest."""
     return store.sweep_summary(session, sweep_id, finding)
 
 
