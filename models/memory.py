@@ -77,6 +77,15 @@ THEORY_LAYER_COPIES: Final = 4
 # At step 0 the probe measures the input's second moment for the theory in float64 (engine/probe.py
 # `_train_step`): a float64 copy of the batch and its square, four float32 batches at once.
 INPUT_MOMENT_BATCHES: Final = 4
+# Tensors smaller than this come from the C heap, larger ones are mapped and unmapped on their own: the
+# worker pins glibc's mmap threshold here (service/worker/memory_guard.py MMAP_THRESHOLD_BYTES; a test
+# checks the two agree).
+MMAP_THRESHOLD_BYTES: Final = 256 * 1024
+# Freed heap memory stays resident and fragments from step to step: a training step's small saved tensors
+# (a recurrent net's per-step states at small batch x width) are kept about once more beyond the step's
+# own peak, through the evaluation too (lstm 2x128, batch 256: 95, 120 and 127 MiB resident after 1, 2
+# and 4 steps against 56 MiB of small saved tensors).
+HEAP_RETAINED: Final = 1.0
 # Optimizers whose update the recorder reads from the optimizer instead of a snapshot of the weights
 # (engine/probe.py `_recorded_step`).
 UPDATE_READ_FROM_OPTIMIZER: Final = frozenset({"sgd", "momentum"})
@@ -144,6 +153,14 @@ class CellMemory:
     recorder_temporaries: int = 0
 
 
+# On a step that records nothing an LSTM layer runs PyTorch's fused kernel (oneDNN on the CPU), which
+# saves its own workspace: it allocates about 16 floats per hidden unit and time step, forward touches
+# about 6 of them (the rest is never resident) and backward about 10 more while it runs. Measured on
+# LSTMs of hidden 64-1024 (bench/memory.py rows with a middle step that records nothing). rnn and gru run
+# PyTorch's native kernels, which keep less than their unrolled cells (measured: 0.86 and 0.77).
+FUSED_LSTM_WORKSPACE: Final = 6
+FUSED_LSTM_BACKWARD: Final = 10
+
 CELLS: Final[dict[str, CellMemory]] = {
     "rnn": CellMemory(saved=0, saves_output=True, temporaries=1, recorder_temporaries=4),
     "gru": CellMemory(saved=4, saves_projection=True, temporaries=3, recorder_temporaries=9),
@@ -160,12 +177,14 @@ class MemoryEstimate:
     evaluation_mib: float
     report_mib: float
     overhead_mib: float
+    # Freed small tensors the C heap keeps resident (`HEAP_RETAINED`), beside training and evaluation.
+    heap_mib: float = 0.0
 
     @property
     def run_mib(self) -> float:
         """Peak growth of the resident memory of a warm process running the spec: what the caps compare."""
         peak = max(self.training_mib, self.evaluation_mib)
-        return self.parameters_mib + peak + self.report_mib + self.overhead_mib
+        return self.parameters_mib + peak + self.heap_mib + self.report_mib + self.overhead_mib
 
     @property
     def largest_part(self) -> tuple[str, float]:
@@ -174,6 +193,7 @@ class MemoryEstimate:
             "parameters and optimizer state": self.parameters_mib,
             "training (activations kept for backward)": self.training_mib,
             "evaluation": self.evaluation_mib,
+            "freed small tensors the heap keeps": self.heap_mib,
             "report records": self.report_mib,
         }
         name = max(parts, key=lambda part: parts[part])
@@ -283,6 +303,23 @@ class _Trace:
         self.save(self.tensor(logsumexp))
         return self.op(q, out, 4 * self.sizes[q], (*held, k, v))
 
+    def fused_lstm(self, x: int, width: int, first: bool) -> int:
+        """One LSTM layer in PyTorch's fused kernel (`FUSED_LSTM_WORKSPACE`): saves its time-major input
+        (a copy of the data's rows for the first layer, the layer below's output otherwise), its
+        workspace, its output sequence and last states; backward works through the workspace and makes
+        the gradients of its output and input sequences. Returns the output sequence."""
+        unit = width * FLOAT
+        sequence = SEQUENCE_LENGTH * unit
+        if first:
+            x = self.copy(x, self.sizes[x])
+        self.save(x)
+        self.save(self.tensor(SEQUENCE_LENGTH * FUSED_LSTM_WORKSPACE * unit))
+        self.save(self.tensor(2 * unit))
+        out = self.tensor(sequence)
+        self.save(out)
+        backward = SEQUENCE_LENGTH * FUSED_LSTM_BACKWARD * unit + sequence + (0 if first else self.sizes[x])
+        return self.op(x, out, backward, (x,))
+
     def recurrent(self, x: int, cell_name: str, width: int, first: bool) -> int:
         """One recurrent layer unrolled over the sequence: ``ih`` once, then W_hh and the cell per step.
 
@@ -323,9 +360,16 @@ class _Trace:
 
     # --- the peaks ----------------------------------------------------------------------------------
 
-    def saved(self) -> float:
-        """Bytes per example autograd keeps for backward once the forward pass is done."""
-        return sum(size for size, first in zip(self.sizes, self.first_saver, strict=True) if first is not None)
+    def saved(self, below: float = float("inf"), batch: int = 1) -> float:
+        """Bytes per example autograd keeps for backward once the forward pass is done.
+
+        Only tensors whose `batch` examples take fewer than `below` bytes count, when `below` is given.
+        """
+        return sum(
+            size
+            for size, first in zip(self.sizes, self.first_saver, strict=True)
+            if first is not None and size * batch < below
+        )
 
     def training_peak(self) -> float:
         """Bytes per example at the worst moment of forward and backward (saved tensors plus work)."""
@@ -353,8 +397,31 @@ class _Trace:
         )
 
 
+def _fused_lstm_trace(spec: Spec) -> _Trace:
+    """The forward pass of an LSTM on a step that records nothing (`_Trace.fused_lstm`)."""
+    trace = _Trace()
+    x = trace.copy(trace.tensor(0.0), INPUT_FEATURES * FLOAT)
+    for layer in range(spec.depth):
+        x = trace.fused_lstm(x, spec.width, first=layer == 0)
+    trace.weight(x, NUM_CLASSES * FLOAT, ())
+    return trace
+
+
+def _training_peak(spec: Spec, trace: _Trace) -> float:
+    """Bytes per example at the worst moment of a training step: a recorded step's (`trace`) or, for an
+    LSTM, a step that records nothing and runs the fused kernel, if larger."""
+    peak = trace.training_peak()
+    if spec.arch == "lstm":
+        peak = max(peak, _fused_lstm_trace(spec).training_peak())
+    return peak
+
+
 def _trace(spec: Spec) -> _Trace:
-    """The forward pass of `spec`'s network (models/networks.py), one example at a time."""
+    """The forward pass of `spec`'s network (models/networks.py), one example at a time.
+
+    A recurrent net's layers are traced unrolled, as on a recorded step (`_training_peak` adds the LSTM's
+    fused kernel); the no-grad evaluation runs the fused kernels, which keep less than the unrolled pass.
+    """
     act = ACTIVATIONS[spec.activation]
     recorder = recorder_activation_temporaries(spec.activation)
     trace = _Trace()
@@ -486,7 +553,7 @@ def estimate_run_memory(spec: Spec, eval_samples: int) -> MemoryEstimate:
     batch = spec.batch_size * INPUT_FEATURES * FLOAT
     # The gradient a layer's backward adds into an existing .grad is computed into a temporary first.
     largest_layer = FLOAT * largest_layer_parameter_count(spec)
-    step = spec.batch_size * trace.training_peak() + largest_layer
+    step = spec.batch_size * _training_peak(spec, trace) + largest_layer
     # After backward: Adam's step, a weight decay the optimizer adds to the gradient, and the probe's L1
     # (sign of the weights) and penalty norms allocate parameter-sized temporaries.
     temps = OPTIMIZER_STEP_TEMPS[spec.optimizer] + (spec.weight_decay > 0 or spec.l1 > 0)
@@ -494,6 +561,7 @@ def estimate_run_memory(spec: Spec, eval_samples: int) -> MemoryEstimate:
     training = batch + max(step, FLOAT * params * temps, theory, INPUT_MOMENT_BATCHES * batch)
     eval_batch = min(EVAL_BATCH, eval_samples)
     evaluation = eval_samples * INPUT_FEATURES * FLOAT + eval_batch * trace.evaluation_peak()
+    heap = HEAP_RETAINED * spec.batch_size * trace.saved(MMAP_THRESHOLD_BYTES, spec.batch_size)
     recorded_steps = -(-spec.steps // spec.record_every) + 1
     time_records = spec.depth * SEQUENCE_LENGTH if spec.arch in RECURRENT_ARCHS else 0
     per_record = layer_count(spec) * RECORD_BYTES + time_records * TIME_RECORD_BYTES
@@ -505,6 +573,7 @@ def estimate_run_memory(spec: Spec, eval_samples: int) -> MemoryEstimate:
         evaluation_mib=evaluation / MIB,
         report_mib=report / MIB,
         overhead_mib=overhead / MIB,
+        heap_mib=heap / MIB,
     )
 
 

@@ -25,6 +25,9 @@ from bench.memory import measure
 from graddiag.models.memory import (
     ACTIVATIONS,
     EVAL_BATCH,
+    FUSED_LSTM_BACKWARD,
+    FUSED_LSTM_WORKSPACE,
+    MMAP_THRESHOLD_BYTES,
     RECORD_BYTES,
     RECORDER_SATURATING,
     STEP_BYTES,
@@ -34,10 +37,11 @@ from graddiag.models.memory import (
     saved_bytes_per_example,
 )
 from graddiag.models.networks import build_network, make_activation
-from graddiag.models.shapes import IMAGE_SHAPE, transformer_tokens
+from graddiag.models.shapes import IMAGE_SHAPE, SEQUENCE_LENGTH, transformer_tokens
 from graddiag.models.spec import Activation, Spec
 from graddiag.service.engine.recorder import SATURATING
 from graddiag.service.engine.report import LayerRecord, StepMetrics, TimeRecord
+from graddiag.service.worker import memory_guard
 from tests.support.api import TINY, assert_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +130,16 @@ def test_the_recorder_measures_saturation_of_the_activations_the_model_counts() 
     assert frozenset(SATURATING) == RECORDER_SATURATING
 
 
+def test_small_tensors_are_those_the_worker_leaves_to_the_heap() -> None:
+    assert MMAP_THRESHOLD_BYTES == memory_guard.MMAP_THRESHOLD_BYTES
+    # An LSTM's per-step states at batch 256 x width 128 (128 KiB each) stay on the heap; at width 512
+    # they are mapped, and freed memory goes back to the system.
+    small = estimate_run_memory(Spec(arch="lstm", depth=2, width=128, batch_size=256), 2000)
+    large = estimate_run_memory(Spec(arch="lstm", depth=2, width=512, batch_size=256), 2000)
+    assert small.heap_mib > 0.4 * small.training_mib
+    assert large.heap_mib == 0
+
+
 @pytest.mark.parametrize(
     ("model", "allowed"), [(LayerRecord, RECORD_BYTES), (StepMetrics, STEP_BYTES), (TimeRecord, TIME_RECORD_BYTES)]
 )
@@ -147,8 +161,13 @@ def test_report_records_take_at_most_what_the_model_allows(model: Any, allowed: 
 
 
 def _autograd_saved_bytes(spec: Spec, batch: int = 3) -> float:
-    """Bytes per example of the storages autograd saves in the forward pass of `spec`'s network."""
+    """Bytes per example of the storages autograd saves in the forward pass of `spec`'s network.
+
+    Recurrent layers run unrolled, as on a recorded step (a state hook is registered).
+    """
     network = build_network(spec)
+    for _, layer in network.recurrent:
+        layer.register_state_hook(lambda *_: None)
     parameters = {p.untyped_storage().data_ptr() for p in network.parameters()}
     storages: dict[int, int] = {}
 
@@ -198,6 +217,27 @@ def test_sequence_models_save_exactly_what_the_model_counts(spec: Spec) -> None:
     # recurrent projection, r, z, n and 1 - z; per block: the norms' inputs and statistics, q, k, v, the
     # attention output and log-sum-exp, the MLP's activations; Rows'/Patches' copy of the image.
     assert saved_bytes_per_example(spec) == _autograd_saved_bytes(spec)
+
+
+def test_the_fused_lstm_workspace_is_within_what_the_model_touches() -> None:
+    # A step that records nothing runs PyTorch's LSTM kernel, which saves one byte workspace; the model
+    # counts FUSED_LSTM_WORKSPACE floats per hidden unit and step resident after forward and
+    # FUSED_LSTM_BACKWARD more while backward runs: together at least what the kernel allocates.
+    spec = Spec(arch="lstm", depth=1, width=256)
+    network = build_network(spec)
+    workspaces: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dtype == torch.uint8:
+            workspaces.append(tensor.untyped_storage().nbytes())
+        return tensor
+
+    batch = 8
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        network(torch.randn(batch, *IMAGE_SHAPE))
+    assert len(workspaces) == 1
+    per_unit_and_step = workspaces[0] / (batch * SEQUENCE_LENGTH * spec.width * 4)
+    assert FUSED_LSTM_WORKSPACE < per_unit_and_step <= FUSED_LSTM_WORKSPACE + FUSED_LSTM_BACKWARD
 
 
 def test_attention_on_the_cpu_keeps_no_tokens_by_tokens_matrix() -> None:
@@ -266,6 +306,8 @@ MEASURED: list[dict[str, Any]] = [
     # issue 14's architectures: the time steps' saved states and the two P-sized gradients of the
     # input projection; a transformer's blocks; the evaluation of a recurrent net at batch 2
     {"arch": "lstm", "depth": 2, "width": 128, "batch_size": 256},
+    # the middle step records nothing: PyTorch's fused LSTM and its workspace
+    {"arch": "lstm", "depth": 2, "width": 256, "batch_size": 256, "steps": 3},
     {"arch": "gru", "depth": 1, "width": 256, "batch_size": 2},
     {"arch": "transformer", "depth": 3, "width": 64, "heads": 4, "batch_size": 256, "norm_position": "post"},
 ]
@@ -273,7 +315,7 @@ MEASURED: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("fields", MEASURED, ids=lambda f: "-".join(str(v) for v in f.values()))
 def test_measured_runs_peak_within_the_estimate(fields: dict[str, Any]) -> None:
-    spec = Spec(dataset="synthetic", steps=2, **fields)
+    spec = Spec(**{"dataset": "synthetic", "steps": 2, **fields})
     estimate = estimate_run_memory_mb(spec, 2000)
     growth = measure(spec, eval_samples=2000, timeout=120)["growth_mib"]
     assert MIN_RATIO * estimate <= growth <= MAX_RATIO * estimate, (growth, estimate)
