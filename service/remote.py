@@ -286,8 +286,8 @@ def _sequence_lines(summary: Json) -> list[str]:
     if not per_arch:
         return []
     lines = [
-        "critical sequence length: the time steps over which the fitted gradient through time changes by 2 "
-        f"decades at init ({NO_CELL} = level, or not measured yet)"
+        "critical sequence length: time steps for the gradient through time to change 2 decades at init "
+        f"({NO_CELL} = level or not yet)"
     ]
     for config in summary["configs"]:
         lengths = config.get("critical_sequence_length") or []
