@@ -135,6 +135,7 @@ def _set_up(spec: Spec, data: tuple[ImageSet, ImageSet] | None, eval_samples: in
     model.train()
     weight_layers = [layer for layer in model.layers if layer.kind != "norm"]
     recorder = Recorder(model.layers, spec.activation)
+    recorder.pack_gradients()  # the loop below keeps its gradients (zero_grad(set_to_none=False))
     # The recorder's parameters must be every parameter of the model, so its norms give the total.
     if len(recorder.params) != len(list(model.parameters())):
         raise RuntimeError("network has parameters outside its recorded layers")
@@ -402,20 +403,23 @@ def _finish(probe: _Probe, *, started: float, data_s: float, train_s: float) -> 
         q_input=probe.input_second_moments,
         measured_decades_per_layer=evidence.act_decades_per_layer,
     )
-    # A recurrent net's prediction through time, from the same initial weights (None for other archs).
-    theory.time = time_theory_for(
-        spec,
-        probe.layers,
-        probe.init_weights,
-        probe.init_biases,
-        q_input=probe.input_second_moments,
-        length=SEQUENCE_LENGTH,
-        measured_decades_per_step=evidence.time_decades_per_step,
-        measured_cell_decades_per_step=evidence.cell_decades_per_step,
-    )
-    verdict = decide(
-        spec, evidence, theory, layers=probe.layers, records=probe.records, time_records=probe.time_records
-    )
+    # A recurrent net's prediction through time, from the same initial weights (None for other archs). Its
+    # eigenvalues and small matrix products run on one thread, as the recorder's statistics do (on 2 busy
+    # cores two threads made a 256×256 eigvals ten times slower), and so do the remedies decide predicts.
+    with _one_thread():
+        theory.time = time_theory_for(
+            spec,
+            probe.layers,
+            probe.init_weights,
+            probe.init_biases,
+            q_input=probe.input_second_moments,
+            length=SEQUENCE_LENGTH,
+            measured_decades_per_step=evidence.time_decades_per_step,
+            measured_cell_decades_per_step=evidence.cell_decades_per_step,
+        )
+        verdict = decide(
+            spec, evidence, theory, layers=probe.layers, records=probe.records, time_records=probe.time_records
+        )
 
     tail = [m for m in step_metrics[-10:] if m.loss is not None]
     train_loss = sum(m.loss for m in tail if m.loss is not None) / len(tail) if tail else None
