@@ -11,7 +11,7 @@ import json
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
@@ -43,9 +43,7 @@ def _mixed(annotation: Any) -> str | None:
     None for other types."""
     members = _members(annotation)
     named = [value for member in members if get_origin(member) is Literal for value in get_args(member)]
-    # A bounded number is Annotated[float, …]: its first argument is the type.
-    numbers = [get_args(member)[0] if get_origin(member) is Annotated else member for member in members]
-    if not named or not any(number in (int, float) for number in numbers):
+    if not named or not any(member in (int, float) for member in members):
         return None
     words = ["a number", *map(str, named), *(["none"] if type(None) in members else [])]
     return ", ".join(words[:-1]) + " or " + words[-1]
