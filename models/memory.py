@@ -40,6 +40,7 @@ from graddiag.models.shapes import (
     gate_count,
     largest_layer_parameter_count,
     layer_count,
+    layer_shapes,
     parameter_count,
     stage_pixels,
     transformer_tokens,
@@ -154,12 +155,15 @@ class CellMemory:
 
 
 # On a step that records nothing an LSTM layer runs PyTorch's fused kernel (oneDNN on the CPU), which
-# saves its own workspace: it allocates about 16 floats per hidden unit and time step, forward touches
-# about 6 of them (the rest is never resident) and backward about 10 more while it runs. Measured on
-# LSTMs of hidden 64-1024 (bench/memory.py rows with a middle step that records nothing). rnn and gru run
-# PyTorch's native kernels, which keep less than their unrolled cells (measured: 0.86 and 0.77).
+# saves its own workspace: it allocates 15.4-16 floats per hidden unit, example and time step (hidden
+# 96-1024); forward leaves about 4 of them resident (6 here), backward the rest while it runs. The kernel
+# also holds copies of the layer's weights in its own layout and their gradients, per call: about 3 times
+# the layer's parameters (4 here). Fitted to peak RSS of LSTMs of hidden 256-1024 at batch 64 and 256
+# (within 0.85-0.93 of this model). rnn and gru run PyTorch's native kernels, which keep less than their
+# unrolled cells (measured: 0.94 and 0.79 of the unrolled step's peak at hidden 1024 and 512).
 FUSED_LSTM_WORKSPACE: Final = 6
 FUSED_LSTM_BACKWARD: Final = 10
+FUSED_LSTM_WEIGHT_COPIES: Final = 4
 
 CELLS: Final[dict[str, CellMemory]] = {
     "rnn": CellMemory(saved=0, saves_output=True, temporaries=1, recorder_temporaries=4),
@@ -407,19 +411,23 @@ def _fused_lstm_trace(spec: Spec) -> _Trace:
     return trace
 
 
-def _training_peak(spec: Spec, trace: _Trace) -> float:
-    """Bytes per example at the worst moment of a training step: a recorded step's (`trace`) or, for an
-    LSTM, a step that records nothing and runs the fused kernel, if larger."""
-    peak = trace.training_peak()
+def _training_step_bytes(spec: Spec, trace: _Trace) -> float:
+    """Bytes of the worst moment of a training step: a recorded step's (`trace`) or, for an LSTM, a step
+    that records nothing and runs the fused kernel with its weight copies, if larger."""
+    peak = spec.batch_size * trace.training_peak()
     if spec.arch == "lstm":
-        peak = max(peak, _fused_lstm_trace(spec).training_peak())
+        shapes = layer_shapes(spec)
+        # A fused layer's parameters: its input projection and recurrent matrix (the output layer is last).
+        layer = max(shapes[i].params + shapes[i + 1].params for i in range(0, len(shapes) - 1, 2))
+        fused = spec.batch_size * _fused_lstm_trace(spec).training_peak() + FUSED_LSTM_WEIGHT_COPIES * FLOAT * layer
+        peak = max(peak, fused)
     return peak
 
 
 def _trace(spec: Spec) -> _Trace:
     """The forward pass of `spec`'s network (models/networks.py), one example at a time.
 
-    A recurrent net's layers are traced unrolled, as on a recorded step (`_training_peak` adds the LSTM's
+    A recurrent net's layers are traced unrolled, as on a recorded step (`_training_step_bytes` adds the LSTM's
     fused kernel); the no-grad evaluation runs the fused kernels, which keep less than the unrolled pass.
     """
     act = ACTIVATIONS[spec.activation]
@@ -553,7 +561,7 @@ def estimate_run_memory(spec: Spec, eval_samples: int) -> MemoryEstimate:
     batch = spec.batch_size * INPUT_FEATURES * FLOAT
     # The gradient a layer's backward adds into an existing .grad is computed into a temporary first.
     largest_layer = FLOAT * largest_layer_parameter_count(spec)
-    step = spec.batch_size * _training_peak(spec, trace) + largest_layer
+    step = _training_step_bytes(spec, trace) + largest_layer
     # After backward: Adam's step, a weight decay the optimizer adds to the gradient, and the probe's L1
     # (sign of the weights) and penalty norms allocate parameter-sized temporaries.
     temps = OPTIMIZER_STEP_TEMPS[spec.optimizer] + (spec.weight_decay > 0 or spec.l1 > 0)
