@@ -229,8 +229,13 @@ def _config_key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True)
 
 
+def _grid_value(value: Any) -> str:
+    """A grid value as --grid takes it back: null for None (forget_bias's PyTorch default), else as is."""
+    return "null" if value is None else str(value)
+
+
 def _config_label(config: dict[str, Any]) -> str:
-    return ", ".join(f"{field}={value}" for field, value in config.items()) or "(base spec)"
+    return ", ".join(f"{field}={_grid_value(value)}" for field, value in config.items()) or "(base spec)"
 
 
 def render_sweep(status: Json, summary: Json) -> str:
@@ -557,7 +562,7 @@ def render_sweeps(listing: Json) -> str:
             f"{_config_label(c['config'])}: {NO_CELL if c['critical_depth'] is None else c['critical_depth']}"
             for c in item["critical_depths"]
         )
-        grid = " ".join(f"{field}={','.join(map(str, values))}" for field, values in item["grid"].items())
+        grid = " ".join(f"{field}={','.join(map(_grid_value, values))}" for field, values in item["grid"].items())
         tags = ",".join(item["tags"])
         rows.append(
             [item["id"][:8], item["name"] or NO_CELL, tags or NO_CELL, f"{finished}/{item['size']}", grid, critical]

@@ -355,7 +355,18 @@ def test_sweep_base_may_need_the_grid_to_be_valid(
         "arch=lstm",
     )
     assert code == 0, err
-    assert client.sweep_status(out.strip())["grid"] == {"forget_bias": ["chrono", 1.0, None], "arch": ["lstm"]}
+    forget = out.strip()
+    assert client.sweep_status(forget)["grid"] == {"forget_bias": ["chrono", 1.0, None], "arch": ["lstm"]}
+    # Tables write null as --grid takes it back, not Python's None.
+    code, out, _ = run_cli(capsys, "status", "--sweep", forget, "--url", base_url)
+    labels = [row[0] for row in table_rows(out)[1:]]
+    assert code == 0 and labels == [
+        "forget_bias=chrono, arch=lstm",
+        "forget_bias=1.0, arch=lstm",
+        "forget_bias=null, arch=lstm",
+    ]
+    code, out, _ = run_cli(capsys, "sweeps", "--url", base_url)
+    assert code == 0 and "forget_bias=chrono,1.0,null arch=lstm" in out
     # Where no point makes it valid, the server names each refused point and the field.
     code, out, err = run_cli(
         capsys, "sweep", "--url", base_url, *sets, "--set", "forget_bias=1", "--grid", "arch=rnn,lstm"
