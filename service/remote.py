@@ -406,7 +406,7 @@ def cmd_sweep(args: argparse.Namespace, client: Client) -> int:
 def _arch_fields(spec: Json) -> str:
     """The fields only the spec's architecture has, as ` field=value` (`.get`: older servers lack them)."""
     names = {"lstm": ("forget_bias",), "transformer": ("heads", "norm_position", "mlp_ratio", "pooling")}
-    return "".join(f" {name}={spec.get(name)}" for name in names.get(spec["arch"], ()) if name in spec)
+    return "".join(f" {name}={_grid_value(spec[name])}" for name in names.get(spec["arch"], ()) if name in spec)
 
 
 def _run_lines(run: Json) -> list[str]:

@@ -307,6 +307,9 @@ def test_submit_and_status_take_the_new_fields(
     assert (client.get(lstm)["spec"]["forget_bias"], client.get(lstm)["spec"]["activation"]) == ("chrono", "tanh")
     code, out, _ = run_cli(capsys, "status", lstm, "--url", base_url)
     assert code == 0 and "spec: lstm depth=3 width=16 activation=tanh init=default norm=none forget_bias=chrono" in out
+    code, out, _ = run_cli(capsys, "submit", "--url", base_url, *TINY_FLAGS, "--arch", "lstm")
+    code, out, _ = run_cli(capsys, "status", out.strip(), "--url", base_url)
+    assert code == 0 and "norm=none forget_bias=null steps=" in out  # PyTorch's own bias, as --forget-bias takes it
 
     flags = [
         "--arch",
