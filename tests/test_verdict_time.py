@@ -275,8 +275,14 @@ def test_the_singular_value_bound_holds_for_a_probed_rnn() -> None:
     assert math.log10(first / last) <= time.bound_decades_per_step * (STEPS - 1) + 1e-9
 
 
-def test_identity_init_is_not_covered_and_says_why() -> None:
-    report = _probe(arch="rnn", activation="relu", init="identity", bias_init="zeros")
+@pytest.mark.parametrize("arch", ["rnn", "lstm"])
+def test_identity_init_is_not_covered_and_says_why(arch: str) -> None:
+    activation = "relu" if arch == "rnn" else "tanh"
+    report = _probe(arch=arch, activation=activation, init="identity", bias_init="zeros")
     time = report.verdict.theory.time
-    assert time is not None and not time.applicable
-    assert "identity" in time.reason and time.spectral_radius == pytest.approx(1.0)
+    assert time is not None and not time.applicable and time.agrees is None
+    assert "dentity" in time.reason
+    if arch == "rnn":
+        assert time.spectral_radius == pytest.approx(1.0)
+    else:
+        assert [s.spectral_radius for s in time.spectra] == pytest.approx([1.0] * 4)

@@ -471,18 +471,22 @@ def time_theory_for(
     groups = _groups(q_values)
     q_mean = statistics.fmean(q_values)
 
-    if spec.arch == "rnn":
-        if any(_identity_like(layer) for layer in stack):
-            return TimeTheory(
-                applicable=False,
-                reason=(
-                    "The identity recurrent matrix (IRNN) is not covered by mean field: each unit feeds only itself, "
-                    "so its derivative φ′(a_t) is correlated across time instead of drawn afresh at every step. "
-                    f"Its spectral radius {rho:.3g} gives the linearised rate {_decades(math.log10(rho))} decades "
-                    "per step (exact where φ′ = 1)."
-                ),
-                **common,
+    if any(_identity_like(layer) for layer in stack):
+        if spec.arch == "rnn":
+            why = (
+                "The identity recurrent matrix (IRNN) is not covered by mean field: each unit feeds only itself, "
+                "so its derivative φ′(a_t) is correlated across time instead of drawn afresh at every step. "
+                f"Its spectral radius {rho:.3g} gives the linearised rate {_decades(math.log10(rho))} decades "
+                "per step (exact where φ′ = 1)."
             )
+        else:
+            why = (
+                f"Identity recurrent blocks are not covered for the {spec.arch}: each unit's gates read only its own "
+                "state, so a unit's gates, its state and its cell are correlated, where the theory here takes "
+                "different gates' pre-activations as independent."
+            )
+        return TimeTheory(applicable=False, reason=why, **common)
+    if spec.arch == "rnn":
         runs = [(w, rnn_profile(spec.activation, stack, q, length)) for w, q in groups]
         profile = _mix([(w, run[2]) for w, run in runs])
         middle = runs[len(runs) // 2][1]

@@ -364,6 +364,7 @@ class _Judge:
         self.theory = theory
         self.profiles = _Profiles(layers, records)
         self.times = _Times(layers, time_records)
+        self._time_advice_made: dict[Label, list[str]] = {}
         self.recurrent = spec.arch in RECURRENT_ARCHS
         self.findings: list[Finding] = []
         self.uses_adam = spec.optimizer in ("adam", "adamw")
@@ -911,7 +912,9 @@ class _Judge:
             message += f" The cell state's ‖∂L/∂c_t‖ changes by {e.cell_decades_per_step:+.3f} per step."
         time = self.theory.time if self.theory is not None else None
         if at_init and time is not None and time.applicable and time.predicted_decades_per_step is not None:
-            numbers["predicted_decades_per_step"] = time.predicted_decades_per_step
+            # The LSTM's theory predicts its cell path, ‖∂L/∂c_t‖ (theory_time).
+            key = "predicted_cell_decades_per_step" if time.model == "lstm_cell" else "predicted_decades_per_step"
+            numbers[key] = time.predicted_decades_per_step
         self.add(
             "gradient_through_time",
             "critical",
@@ -925,6 +928,12 @@ class _Judge:
 
     def _time_advice(self, kind: Label) -> list[str]:
         """Remedies whose predicted span across the sequence (theory_time.time_remedy_span) is within ±2."""
+        # Both phases may cross the line in the same direction: predict the remedies once.
+        if kind not in self._time_advice_made:
+            self._time_advice_made[kind] = self._predict_time_remedies(kind)
+        return self._time_advice_made[kind]
+
+    def _predict_time_remedies(self, kind: Label) -> list[str]:
         spec = self.spec
         advice: list[str] = []
         if kind == "exploding" and spec.clip_value is None:
