@@ -4,9 +4,10 @@ Two tables:
 
 1. **Runs**: a small ViT (4×4 patches, width 64, 4 heads, MLP ratio 4, class token) at depths 2, 6, 12,
    pre-LN and post-LN, under SGD at the spec's default lr and under Adam at ViT's usual 1e-3, a short run
-   each. Per run: the across-block spans at init (block-output ‖∂L/∂h‖ and mlp.fc2's ‖∂L/∂W‖, decades
-   toward the input), the near-output scale (last block's fc2 gradient over the blocks' geometric mean),
-   the blocks' largest update ratio at step 0 and its block, the label and the findings.
+   each; and SGD at lr 1.0 at the deepest depth, where the step-size rule fires. Per run: the across-block
+   spans at init (block-output ‖∂L/∂h‖ and mlp.fc2's ‖∂L/∂W‖, decades toward the input), the near-output
+   scale (last block's fc2 gradient over the blocks' geometric mean), the blocks' largest update ratio at
+   step 0 and its block, the label, the findings and the advice.
 2. **Depth scaling**: Xiong et al. (2020), Theorem 1: at init the last block's ‖∂L/∂W^{2,L}‖ is
    O(d·√(ln d)) for post-LN and O(d·√(ln d / L)) for pre-LN. Per depth, the geometric mean over seeds
    of the last block's recorded fc2 gradient at step 0, and the fitted exponent of L (0.5 for pre-LN,
@@ -20,6 +21,7 @@ Not a timing benchmark: the numbers do not depend on load.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -39,6 +41,9 @@ OPTIMIZERS: list[tuple[str, dict[str, Any]]] = [
     ("sgd 0.01", dict(optimizer="sgd", lr=0.01)),
     ("adam 1e-3", dict(optimizer="adam", lr=1e-3)),
 ]
+# A learning rate large enough for step_size to fire, run at the deepest depth only: what the verdict
+# advises when the step, not the profile, is the problem.
+LARGE_LR: tuple[str, dict[str, Any]] = ("sgd 1.0", dict(optimizer="sgd", lr=1.0))
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -61,36 +66,35 @@ def _finding(report: Report, kind: str) -> dict[str, Any]:
 
 
 def run_rows(data: tuple[ImageSet, ImageSet] | None, depths: list[int], steps: int) -> list[dict[str, Any]]:
-    """One short run per optimizer, depth and norm position."""
+    """One short run per optimizer, depth and norm position, and the large learning rate at the deepest depth."""
+    grid = [(optimizer, fields, depth) for optimizer, fields in OPTIMIZERS for depth in depths]
+    grid.append((*LARGE_LR, max(depths)))
     rows = []
-    for optimizer, fields in OPTIMIZERS:
-        for depth in depths:
-            for position in ("pre", "post"):
-                report = run_probe(
-                    _spec(data, depth=depth, norm_position=position, steps=steps, **fields), data=data, eval_samples=500
-                )
-                verdict, evidence = report.verdict, report.verdict.evidence
-                position_numbers = _finding(report, "layer_norm_position")
-                rows.append(
-                    {
-                        "optimizer": optimizer,
-                        "depth": depth,
-                        "norm_position": position,
-                        "act_span": evidence.act_span_decades,
-                        "fc2_span": evidence.span_decades,
-                        "near_output": evidence.near_output_ratio,
-                        "act_near_output": position_numbers.get("act_near_output_ratio"),
-                        "block_update_init_max": position_numbers.get("update_ratio_init_block_max"),
-                        "largest_update_block": position_numbers.get("update_ratio_init_largest_block"),
-                        "max_update_ratio": evidence.max_update_ratio,
-                        "loss_first": evidence.loss_first,
-                        "loss_last": evidence.loss_last,
-                        "label": verdict.label,
-                        "findings": sorted({f.kind for f in verdict.findings}),
-                        "advice": verdict.advice,
-                    }
-                )
-                print(rows[-1], flush=True)
+    for (optimizer, fields, depth), position in itertools.product(grid, ("pre", "post")):
+        spec = _spec(data, depth=depth, norm_position=position, steps=steps, **fields)
+        report = run_probe(spec, data=data, eval_samples=500)
+        verdict, evidence = report.verdict, report.verdict.evidence
+        position_numbers = _finding(report, "layer_norm_position")
+        rows.append(
+            {
+                "optimizer": optimizer,
+                "depth": depth,
+                "norm_position": position,
+                "act_span": evidence.act_span_decades,
+                "fc2_span": evidence.span_decades,
+                "near_output": evidence.near_output_ratio,
+                "act_near_output": position_numbers.get("act_near_output_ratio"),
+                "block_update_init_max": position_numbers.get("update_ratio_init_block_max"),
+                "largest_update_block": position_numbers.get("update_ratio_init_largest_block"),
+                "max_update_ratio": evidence.max_update_ratio,
+                "loss_first": evidence.loss_first,
+                "loss_last": evidence.loss_last,
+                "label": verdict.label,
+                "findings": sorted({f.kind for f in verdict.findings}),
+                "advice": verdict.advice,
+            }
+        )
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -161,6 +165,14 @@ def _run_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _advice(rows: list[dict[str, Any]]) -> str:
+    """The advice of every run that got some, verbatim."""
+    lines = [
+        f"- {r['optimizer']}, depth {r['depth']}, {r['norm_position']}-LN: {item}" for r in rows for item in r["advice"]
+    ]
+    return "Advice given:\n\n" + ("\n".join(lines) if lines else "- none")
+
+
 def _scaling_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| LN | depth | last block's fc2 ‖∂L/∂W‖ (geometric mean) |", "|---|---|---|"]
     lines += [f"| {r['norm_position']} | {r['depth']} | {r['last_fc2']:.3f} |" for r in rows]
@@ -200,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         "input, i.e. it is largest near the output); near-output is the last block's value over the blocks' "
         "geometric mean.\n\n"
         f"{_run_table(runs)}\n\n"
+        f"{_advice(runs)}\n\n"
         "## The last block's gradient across depth (step 0)\n\n"
         f"{_scaling_table(scaling)}\n"
     )
