@@ -264,6 +264,17 @@ def test_the_probe_judges_through_time_and_the_theory_agrees(fields: dict[str, o
         assert advice.endswith("]")
 
 
+def test_a_contracting_recurrent_matrix_guarantees_vanishing_by_its_singular_values() -> None:
+    # Orthogonal W_hh of gain 0.8: every singular value is 0.8, so |tanh′| ≤ 1 bounds the change across the
+    # 32 steps by 31·log10 0.8 = −3.0 decades whatever the data (Pascanu et al. 2013).
+    report = _probe(arch="rnn", init="orthogonal", init_gain=0.8, bias_init="zeros")
+    (spectrum,) = [f for f in report.verdict.findings if f.kind == "recurrent_spectrum"]
+    assert spectrum.severity == "warning"
+    assert spectrum.evidence["bound_decades_per_step"] == pytest.approx(math.log10(0.8), abs=1e-6)
+    assert report.verdict.label == "vanishing"
+    assert (report.verdict.evidence.time_span_decades or 0) <= (STEPS - 1) * math.log10(0.8)
+
+
 def test_the_singular_value_bound_holds_for_a_probed_rnn() -> None:
     report = _probe(arch="rnn", depth=2)
     time = report.verdict.theory.time

@@ -1060,6 +1060,14 @@ class _Judge:
                 f"({'growth' if rho > 1 else 'decay'} toward t = 0; Pascanu et al. 2013)"
             )
             message += f"; measured {_fmt(measured, '+.3f')}." if measured is not None else "."
+            allowed = time.tolerance
+            if measured is not None and rate is not None and allowed is not None and measured < rate - allowed:
+                # |φ′| ≤ 1 for tanh and relu, so the activation can only take the rate below log10 ρ; "below" by
+                # more than the theory's agreement tolerance.
+                message += (
+                    f" The {rate - measured:.3f} decades per step below it are the activation's: φ′ < 1 on average "
+                    "(E[φ′²] in the q-map of theory.time)."
+                )
             guaranteed = bound is not None and bound < 0 and bound * (steps - 1) <= -SPAN_DECADES
             if bound is not None and bound < 0:
                 message += (
