@@ -135,7 +135,6 @@ def _set_up(spec: Spec, data: tuple[ImageSet, ImageSet] | None, eval_samples: in
     model.train()
     weight_layers = [layer for layer in model.layers if layer.kind != "norm"]
     recorder = Recorder(model.layers, spec.activation)
-    recorder.pack_gradients()  # the loop below keeps its gradients (zero_grad(set_to_none=False))
     # The recorder's parameters must be every parameter of the model, so its norms give the total.
     if len(recorder.params) != len(list(model.parameters())):
         raise RuntimeError("network has parameters outside its recorded layers")
@@ -290,6 +289,7 @@ def _recorded_step(
     clip_total = _clip(probe)
     # The norms of the gradients the optimizer receives: data loss, plus L1, after clipping.
     seen = grad_norms if spec.l1 == 0 and spec.clip_value is None else recorder.param_grad_norms(precise=True)
+    total_post = torch.linalg.vector_norm(seen)
     if clip_total is not None:
         total_pre = clip_total
     elif spec.clip_value is not None:  # clipped by value: the total before it, of data loss plus L1
@@ -299,8 +299,7 @@ def _recorded_step(
             else torch.linalg.vector_norm(recorder.param_grad_norms())
         )
     else:
-        total_pre = torch.linalg.vector_norm(seen)
-    total_post = torch.linalg.vector_norm(seen)
+        total_pre = total_post  # nothing clipped: the same gradients, the same norm
     probe.totals[step] = (total_pre, total_post)
 
     # On the CPU a finiteness check costs nothing; on CUDA it is a sync, so only at recorded steps.

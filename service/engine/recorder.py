@@ -157,6 +157,10 @@ class Recorder:
         self._stale = False
         self._act_grad: list[Tensor | None] = [None] * len(self.layers)
         self._act_norm: list[Tensor | None] = [None] * len(self.layers)
+        # Entries of each layer's output, to turn its norm into an RMS in one division per step; the
+        # divisors are built once per layout (on CUDA a new host-to-device copy each step would wait).
+        self._act_numel: list[int] = [1] * len(self.layers)
+        self._act_roots: tuple[list[int], Tensor] | None = None
         self._saturation: list[Tensor | None] = [None] * len(self.layers)
         self._weights_before: list[Tensor] | None = None
         self._buffers: list[Tensor] | None = None
@@ -187,8 +191,10 @@ class Recorder:
     def _on_output(self, index: int, _module: nn.Module, _inputs: object, output: Tensor) -> None:
         if not self.recording:
             return
-        # RMS rather than the norm: comparable across layers of different widths and batch sizes.
-        self._act_norm[index] = torch.linalg.vector_norm(output.detach()) / math.sqrt(max(output.numel(), 1))
+        # The norm here; layer_stats divides every layer's by √(entries) at once (the RMS: comparable
+        # across layers of different widths and batch sizes).
+        self._act_norm[index] = torch.linalg.vector_norm(output.detach())
+        self._act_numel[index] = output.numel()
         if output.requires_grad:
             output.register_hook(partial(self._on_output_grad, index))
 
@@ -336,7 +342,10 @@ class Recorder:
         else:
             update_ratio = torch.full_like(weight_norm, float("nan"))
         act_grad = torch.stack([g if g is not None else nan for g in self._act_grad])
-        act_norm = torch.stack([a if a is not None else nan for a in self._act_norm])
+        if self._act_roots is None or self._act_roots[0] != self._act_numel:
+            roots = [math.sqrt(max(n, 1)) for n in self._act_numel]
+            self._act_roots = (list(self._act_numel), torch.tensor(roots, dtype=grad_norms.dtype, device=device))
+        act_norm = torch.stack([a if a is not None else nan for a in self._act_norm]) / self._act_roots[1]
         saturation = torch.stack([s if s is not None else nan for s in self._saturation])
         penalty = penalty_norms if penalty_norms is not None else torch.full_like(weight_norm, float("nan"))
         columns = (
