@@ -90,6 +90,8 @@ LR = 0.01
 PROBE_EVAL_SAMPLES = 500
 ARMS = ("a_bare", "b_probe", "c_seed")
 TARGET_B_OVER_A = 1.05
+# Issue 16: recording every step costs at most this much over the bare loop (MLP).
+TARGET_EVERY_STEP_MLP = 1.20
 TARGET_C_OVER_B_MLP = 1.8
 TARGET_MEMORY_MIB = 1024.0
 # A block row whose repetitions differ by more than this factor was disturbed by other load.
@@ -409,10 +411,22 @@ class LockstepPoll:
         return False
 
 
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """Lower and upper quartile of `values`, interpolated between them."""
+    if len(values) == 1:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
 def _lockstep_figures(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    b_over_a = [r["b"] / r["a"] for r in rows]
+    q1, q3 = _quartiles(b_over_a)
     return {
         **{f"{arm}_ms": round(1000 * _median([r[arm] for r in rows]), 3) for arm in "abcf"},
-        "b_over_a": round(_median([r["b"] / r["a"] for r in rows]), 3),
+        "b_over_a": round(_median(b_over_a), 3),
+        "b_over_a_q1": round(q1, 3),
+        "b_over_a_q3": round(q3, 3),
         "c_over_b": round(_median([r["c"] / r["b"] for r in rows]), 3),
         "f_over_a": round(_median([r["f"] / r["a"] for r in rows]), 3),
         "c_over_f": round(_median([r["c"] / r["f"] for r in rows]), 3),
@@ -443,6 +457,7 @@ def lockstep_protocol(
         per_rep.append(_lockstep_figures(poll.rows))
         print(f"  lockstep cpu {net.key} rep {rep + 1}/{reps}: {per_rep[-1]}", flush=True)
     figures = _lockstep_figures(rows)
+    rep_q1, rep_q3 = _quartiles([r["b_over_a"] for r in per_rep])
     return {
         "protocol": "lockstep",
         "net": net.label,
@@ -457,7 +472,14 @@ def lockstep_protocol(
             "c_seed": {"ms": figures["c_ms"]},
             "f_floor": {"ms": figures["f_ms"]},
         },
-        "b_over_a": {"median_per_step": figures["b_over_a"]},
+        "b_over_a": {
+            "median_per_step": figures["b_over_a"],
+            "per_step_q1": figures["b_over_a_q1"],
+            "per_step_q3": figures["b_over_a_q3"],
+            # Run-to-run spread: quartiles of the repetitions' medians.
+            "per_rep_q1": round(rep_q1, 3),
+            "per_rep_q3": round(rep_q3, 3),
+        },
         "c_over_b": {"median_per_step": figures["c_over_b"]},
         "f_over_a": {"median_per_step": figures["f_over_a"]},
         "c_over_f": {"median_per_step": figures["c_over_f"]},
@@ -849,17 +871,34 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"(real images). Bench wall time {result['bench_wall_s']:.0f} s.",
         "",
         "| device | network | protocol | (a) bare loop | (b) probe, record_every=1 | (c) seed-style loop "
-        "| (b)/(a) (target ≤ 1.05) | (c)/(b) (target ≥ 1.8, MLP CPU) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        f"| (b)/(a) (target ≤ {TARGET_B_OVER_A}) | (b)/(a) every step, MLP (target ≤ {TARGET_EVERY_STEP_MLP}) "
+        "| (c)/(b) (target ≥ 1.8, MLP CPU) | 1-min load: median (min–max) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in result["timings"]:
         arms = t["arms"]
         ba, cb = _ratio(t, "b_over_a"), _ratio(t, "c_over_b")
         cb_judged = t["net"].startswith("MLP") and t["device"] == "cpu"
         ba_mark, cb_mark = _mark(ba <= TARGET_B_OVER_A), _mark(cb >= TARGET_C_OVER_B_MLP) if cb_judged else ""
+        every_mark = ""
+        ba_cell = f"{ba:.2f}"
         if t["protocol"] == "lockstep":
             protocol = f"lockstep, {t['reps']} × ({t['warmup_steps']} + {t['timed_steps']}) steps"
             cells = [f"{arms[a]['ms']:.1f} ms" for a in ARMS]
+            r = t["b_over_a"]
+            ba_cell = (
+                f"{ba:.2f} (steps' IQR {r['per_step_q1']:.2f}–{r['per_step_q3']:.2f}; "
+                f"repetitions' IQR {r['per_rep_q1']:.2f}–{r['per_rep_q3']:.2f})"
+            )
+            if t["net"].startswith("MLP"):
+                # Met where three repetitions in four meet it; a median alone on the right side is not shown.
+                every_mark = (
+                    "met"
+                    if r["per_rep_q3"] <= TARGET_EVERY_STEP_MLP
+                    else "**not shown** (upper quartile above)"
+                    if ba <= TARGET_EVERY_STEP_MLP
+                    else "**missed**"
+                )
         else:
             protocol = f"blocks, {t['reps']} × ({t['warmup_steps']} + {t['timed_steps']}) steps"
             spread = max(max(arms[a]["reps_ms"]) / min(arms[a]["reps_ms"]) for a in ARMS)
@@ -871,17 +910,20 @@ def render_markdown(result: dict[str, Any]) -> str:
             cells = [
                 f"{arms[a]['ms']:.1f} ms ({min(arms[a]['reps_ms']):.1f}–{max(arms[a]['reps_ms']):.1f})" for a in ARMS
             ]
+        loads = t["loadavg_1min_at_rep_start"]
         lines.append(
             f"| {t['device']} | {t['net']} | {protocol} | "
             + " | ".join(cells)
-            + f" | {ba:.2f} {ba_mark} | {cb:.2f} {cb_mark}".rstrip()
-            + " |"
+            + f" | {ba_cell} {ba_mark} | {every_mark} | {cb:.2f} {cb_mark}".rstrip()
+            + f" | {_median(loads):.2f} ({min(loads):.2f}–{max(loads):.2f}) |"
         )
     lines += [
         "",
         "Time per step after the warm-up steps. *lockstep*: every probe step runs after one step each of (a), "
         "(f) and (c) (their order rotating), all under the same momentary load; medians over all timed steps, "
-        "ratios are medians of per-step ratios. (f), the floor, is the bare loop plus one `torch._foreach_norm` "
+        "ratios are medians of per-step ratios, with the interquartile range of the per-step ratios and of the "
+        "repetitions' medians (the run-to-run spread); the every-step target is met when the repetitions' upper "
+        "quartile meets it. (f), the floor, is the bare loop plus one `torch._foreach_norm` "
         "read of every gradient and every weight: the least any exact per-layer record needs. *blocks*: "
         "a → b → c, one window each per repetition; median over repetitions of each "
         "window's mean (fastest–slowest repetition in parentheses); a block row marked unstable was disturbed by "
@@ -983,7 +1025,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
     parser.add_argument("--nets", default="mlp,cnn", help="comma-separated: mlp, cnn")
     parser.add_argument("--protocols", default="lockstep,blocks", help="comma-separated: lockstep, blocks")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per protocol")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of the block protocol")
+    parser.add_argument("--lockstep-reps", type=int, default=7, help="repetitions of the lockstep protocol")
     parser.add_argument("--warmup", type=int, default=30, help="MLP warm-up steps per arm and repetition")
     parser.add_argument("--steps", type=int, default=100, help="MLP timed steps per arm and repetition")
     parser.add_argument("--cnn-warmup", type=int, default=8, help="CNN warm-up steps")
@@ -1045,7 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for net in nets:
         warmup, steps = (args.warmup, args.steps) if net.arch == "mlp" else (args.cnn_warmup, args.cnn_steps)
         if "lockstep" in protocols:
-            result["timings"].append(lockstep_protocol(net, data, seed_set, warmup, steps, args.reps))
+            result["timings"].append(lockstep_protocol(net, data, seed_set, warmup, steps, args.lockstep_reps))
         if "blocks" in protocols:
             result["timings"].append(block_protocol(net, data, seed_set, CPU, warmup, steps, args.reps))
     if cuda:
