@@ -11,10 +11,12 @@ It is built from what really stays alive (on the CPU; a CUDA run keeps its tenso
   layers' initial weights, the recorder's snapshot of the weights (`recorder_buffer_bytes`);
 * the training step: the data batch, every tensor autograd saves for backward (per activation, per
   norm, per residual sum and pool, `ACTIVATIONS` and the trace below, read from autograd; per time
-  step of a recurrent layer, `CELLS`; a transformer's q, k, v, attention output and MLP activations:
+  step of a recurrent layer, `CELLS`, or on a step that records nothing the fused LSTM kernel's
+  workspace, `FUSED_LSTM_WORKSPACE`; a transformer's q, k, v, attention output and MLP activations:
   the CPU's fused attention keeps no tokens x tokens matrix), and the gradients and temporaries
   backward holds at its worst layer; or, if larger, the temporaries of the optimizer step, of the
   theory's float64 reads and of the input's second moment;
+* freed tensors under the worker's mmap threshold, which the C heap keeps resident (`HEAP_RETAINED`);
 * the held-out evaluation after training: the held-out sample and a no-grad forward pass in batches of
   `EVAL_BATCH` (the probe's), each block's input held while its layers run;
 * the report's Python records (one per layer and recorded step; a recurrent net's also one per layer,
@@ -164,6 +166,11 @@ class CellMemory:
 FUSED_LSTM_WORKSPACE: Final = 6
 FUSED_LSTM_BACKWARD: Final = 10
 FUSED_LSTM_WEIGHT_COPIES: Final = 4
+# The no-grad evaluation runs the fused kernels too: an LSTM's keeps scratch of about 1.5 floats per
+# hidden unit, example and time step besides its input and output sequences (measured 1.5-1.7 at hidden
+# 256 and 1024, batch 500); rnn's and gru's compute the input projection at once and collect the states
+# as the unrolled pass does (measured 0.99 of its no-grad peak).
+FUSED_LSTM_INFERENCE: Final = 1.5
 
 CELLS: Final[dict[str, CellMemory]] = {
     "rnn": CellMemory(saved=0, saves_output=True, temporaries=1, recorder_temporaries=4),
@@ -314,7 +321,9 @@ class _Trace:
         the gradients of its output and input sequences. Returns the output sequence."""
         unit = width * FLOAT
         sequence = SEQUENCE_LENGTH * unit
+        held: tuple[int, ...] = ()
         if first:
+            held = (x,)  # the data's rows, held by the network's loop while the layer runs
             x = self.copy(x, self.sizes[x])
         self.save(x)
         self.save(self.tensor(SEQUENCE_LENGTH * FUSED_LSTM_WORKSPACE * unit))
@@ -322,7 +331,7 @@ class _Trace:
         out = self.tensor(sequence)
         self.save(out)
         backward = SEQUENCE_LENGTH * FUSED_LSTM_BACKWARD * unit + sequence + (0 if first else self.sizes[x])
-        return self.op(x, out, backward, (x,))
+        return self.op(x, out, backward, held, 0.0, SEQUENCE_LENGTH * FUSED_LSTM_INFERENCE * unit)
 
     def recurrent(self, x: int, cell_name: str, width: int, first: bool) -> int:
         """One recurrent layer unrolled over the sequence: ``ih`` once, then W_hh and the cell per step.
@@ -424,11 +433,16 @@ def _training_step_bytes(spec: Spec, trace: _Trace) -> float:
     return peak
 
 
+def _evaluation_peak(spec: Spec, trace: _Trace) -> float:
+    """Bytes per example at the worst op of the no-grad evaluation: an LSTM's runs the fused kernel."""
+    return (_fused_lstm_trace(spec) if spec.arch == "lstm" else trace).evaluation_peak()
+
+
 def _trace(spec: Spec) -> _Trace:
     """The forward pass of `spec`'s network (models/networks.py), one example at a time.
 
-    A recurrent net's layers are traced unrolled, as on a recorded step (`_training_step_bytes` adds the LSTM's
-    fused kernel); the no-grad evaluation runs the fused kernels, which keep less than the unrolled pass.
+    A recurrent net's layers are traced unrolled, as on a recorded step; `_training_step_bytes` and
+    `_evaluation_peak` add the LSTM's fused kernel.
     """
     act = ACTIVATIONS[spec.activation]
     recorder = recorder_activation_temporaries(spec.activation)
@@ -568,7 +582,7 @@ def estimate_run_memory(spec: Spec, eval_samples: int) -> MemoryEstimate:
     theory = THEORY_LAYER_COPIES * largest_layer
     training = batch + max(step, FLOAT * params * temps, theory, INPUT_MOMENT_BATCHES * batch)
     eval_batch = min(EVAL_BATCH, eval_samples)
-    evaluation = eval_samples * INPUT_FEATURES * FLOAT + eval_batch * trace.evaluation_peak()
+    evaluation = eval_samples * INPUT_FEATURES * FLOAT + eval_batch * _evaluation_peak(spec, trace)
     heap = HEAP_RETAINED * spec.batch_size * trace.saved(MMAP_THRESHOLD_BYTES, spec.batch_size)
     recorded_steps = -(-spec.steps // spec.record_every) + 1
     time_records = spec.depth * SEQUENCE_LENGTH if spec.arch in RECURRENT_ARCHS else 0
