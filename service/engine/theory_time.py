@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,30 +76,60 @@ _Q_GROUPS = 8
 GATES: dict[str, tuple[str, ...]] = {"rnn": ("h",), "lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
 
 
+Matrix = Tensor | np.ndarray
+
+
 @dataclass(frozen=True)
 class RecurrentWeights:
-    """One stacked recurrent layer as initialised: W_ih (gates·H × in), b_ih, W_hh (gates·H × H), b_hh."""
+    """One stacked recurrent layer as initialised: W_ih (gates·H × in), b_ih, W_hh (gates·H × H), b_hh.
+
+    The matrices are kept as given (the probe's float32 copies of the initial weights) and read one gate
+    block at a time in float64, so the theory never holds a whole layer, let alone a stack, in float64:
+    it stays within the few float32 copies of the largest layer that models.memory budgets for it.
+    """
 
     index: int  # LayerInfo index of the recurrent matrix (the `…hh` layer)
-    w_ih: np.ndarray
-    b_ih: np.ndarray
-    w_hh: np.ndarray
-    b_hh: np.ndarray
+    w_ih: Matrix
+    b_ih: Matrix | None
+    w_hh: Matrix
+    b_hh: Matrix | None
 
     @property
     def hidden(self) -> int:
         """H, the hidden size."""
-        return self.w_hh.shape[1]
+        return int(self.w_hh.shape[1])
 
-    def block(self, matrix: np.ndarray, k: int) -> np.ndarray:
-        """Gate block k (PyTorch's order) of a stacked matrix or bias."""
-        return matrix[k * self.hidden : (k + 1) * self.hidden]
+    @property
+    def gates(self) -> int:
+        """How many gate blocks W_hh stacks (1 for rnn)."""
+        return int(self.w_hh.shape[0]) // self.hidden
 
+    def block(self, name: str, k: int) -> np.ndarray:
+        """Gate block k (PyTorch's order) of `w_ih`, `w_hh`, `b_ih` or `b_hh`, in float64 (a missing bias: 0)."""
+        value = getattr(self, name)
+        h = self.hidden
+        if value is None:
+            return np.zeros(h)
+        part = value[k * h : (k + 1) * h]
+        if isinstance(part, Tensor):
+            return part.detach().to(device="cpu", dtype=torch.float64).numpy()
+        return np.asarray(part, dtype=np.float64)
 
-def _array(tensor: Tensor | None, rows: int) -> np.ndarray:
-    if tensor is None:
-        return np.zeros(rows)
-    return tensor.detach().to(device="cpu", dtype=torch.float64).numpy()
+    def sigma2(self, name: str) -> float:
+        """fan_in·mean(W²) of `w_ih` or `w_hh`: the mean-field σ² (a second moment, as theory.measured_variances)."""
+        total = sum(float(np.square(self.block(name, k)).sum()) for k in range(self.gates))
+        rows, fan_in = getattr(self, name).shape
+        return fan_in * total / max(rows * fan_in, 1)
+
+    def bias2(self) -> float:
+        """mean((b_ih + b_hh)²): the pre-activation's σ_b² (the two biases add)."""
+        total = sum(float(np.square(self.block("b_ih", k) + self.block("b_hh", k)).sum()) for k in range(self.gates))
+        return total / (self.gates * self.hidden)
+
+    def finite(self) -> bool:
+        """Whether every weight and bias is finite."""
+        values = (self.w_ih, self.b_ih, self.w_hh, self.b_hh)
+        return all(v is None or bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
 
 
 def recurrent_layers(
@@ -108,38 +138,24 @@ def recurrent_layers(
     """Pair each recurrent matrix `{name}.hh` with its input projection `{name}.ih`, bottom layer first.
 
     `weights`/`biases` are the probe's initial weights of every non-norm layer, in the order of `layers`
-    without the norm layers (probe._set_up keeps them so).
+    without the norm layers (probe._set_up keeps them so); they are referenced, not copied.
     """
     weighted = [layer for layer in layers if layer.kind != "norm"]
     by_name = {layer.name: i for i, layer in enumerate(weighted)}
     out = []
     for i, layer in enumerate(weighted):
-        if layer.kind != "recurrent":
-            continue
-        prefix = layer.name.rpartition(".")[0]
-        j = by_name.get(f"{prefix}.ih")
-        if j is None:
-            continue
-        w_hh = _array(weights[i], 0)
-        w_ih = _array(weights[j], 0)
-        out.append(
-            RecurrentWeights(
-                index=layer.index,
-                w_ih=w_ih,
-                b_ih=_array(biases[j], w_ih.shape[0]),
-                w_hh=w_hh,
-                b_hh=_array(biases[i], w_hh.shape[0]),
-            )
-        )
+        j = by_name.get(f"{layer.name.rpartition('.')[0]}.ih")
+        if layer.kind == "recurrent" and j is not None:
+            out.append(RecurrentWeights(layer.index, weights[j], biases[j], weights[i], biases[i]))
     return out
 
 
-def spectra(arch: str, layers: Sequence[RecurrentWeights]) -> list[RecurrentSpectrum]:
+def spectra(arch: str, layers: Iterable[RecurrentWeights]) -> list[RecurrentSpectrum]:
     """ρ(U_k) and the largest singular value of each gate block U_k of each layer's W_hh (float64)."""
     out = []
     for layer in layers:
         for k, gate in enumerate(GATES[arch]):
-            block = torch.from_numpy(np.ascontiguousarray(layer.block(layer.w_hh, k)))
+            block = torch.from_numpy(np.ascontiguousarray(layer.block("w_hh", k)))
             rho = float(torch.linalg.eigvals(block).abs().max())
             top = float(torch.linalg.matrix_norm(block, ord=2))
             out.append(RecurrentSpectrum(layer=layer.index, gate=gate, spectral_radius=rho, largest_singular_value=top))
@@ -155,11 +171,6 @@ def fit_time_slope(profile: Sequence[float]) -> float | None:
     mean_y = sum(y for _, y in points) / len(points)
     sxx = sum((x - mean_x) ** 2 for x, _ in points)
     return -sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
-
-
-def _sigma2(matrix: np.ndarray) -> float:
-    """fan_in·mean(W²): the mean-field σ² of a matrix (second moment, as theory.measured_variances)."""
-    return matrix.shape[1] * float(np.mean(matrix * matrix)) if matrix.size else 0.0
 
 
 def _groups(q_inputs: Sequence[float]) -> list[tuple[float, float]]:
@@ -181,17 +192,19 @@ def _mix(profiles: Sequence[tuple[float, list[float]]]) -> list[float]:
 
 
 def rnn_profile(
-    activation: str, layers: Sequence[RecurrentWeights], q_input: float, length: int
+    activation: str, layers: Iterable[RecurrentWeights], q_input: float, length: int
 ) -> tuple[list[float], list[float], list[float]]:
     """(q_t, χ_t, predicted log10 ‖∂L/∂h_t‖ up to a constant) of the top layer, t = 0 … length − 1.
 
-    χ_t is the factor on ‖∂L/∂h‖² from step t back to t − 1 (χ_0 is not used by the profile).
+    χ_t is the factor on ‖∂L/∂h‖² from step t back to t − 1 (χ_0 is not used by the profile). `layers`
+    is read once, bottom first.
     """
     p = [q_input] * length
     qs: list[float] = []
+    sigma_hh2 = 0.0
     for layer in layers:
-        sigma_ih2, sigma_hh2 = _sigma2(layer.w_ih), _sigma2(layer.w_hh)
-        sigma_b2 = float(np.mean((layer.b_ih + layer.b_hh) ** 2))
+        sigma_ih2, sigma_hh2 = layer.sigma2("w_ih"), layer.sigma2("w_hh")
+        sigma_b2 = layer.bias2()
         qs = []
         second = 0.0  # E[φ(a_{t−1})²], 0 for h_{−1} = 0
         for t in range(length):
@@ -200,7 +213,6 @@ def rnn_profile(
             qs.append(q)
             second = gaussian_expectations(activation, q).second
         p = [gaussian_expectations(activation, q).second for q in qs]
-    sigma_hh2 = _sigma2(layers[-1].w_hh)
     chi = [sigma_hh2 * gaussian_expectations(activation, q).slope2 for q in qs]
     profile = [0.0] * length
     for t in range(length - 2, -1, -1):
@@ -265,16 +277,22 @@ def _sum(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np
     return m, v
 
 
-def _forward_gated(arch: str, layers: Sequence[RecurrentWeights], q_input: float, length: int) -> list[_Step]:
-    """The top layer's per-unit moments at every step, tracking each layer's second moment upward."""
+def _forward_gated(
+    arch: str, layers: Iterable[RecurrentWeights], q_input: float, length: int
+) -> tuple[list[_Step], RecurrentWeights]:
+    """The top layer's per-unit moments at every step, and the top layer; `layers` is read once, bottom first."""
     p = np.full(length, q_input)
     steps: list[_Step] = []
+    top: RecurrentWeights | None = None
     for layer in layers:
+        top = layer
         hidden = layer.hidden
         parts = []
         for k in range(len(GATES[arch])):
-            w, u = layer.block(layer.w_ih, k), layer.block(layer.w_hh, k)
-            parts.append(((w * w).sum(1), (u * u).sum(1), layer.block(layer.b_ih, k), layer.block(layer.b_hh, k)))
+            # Row norms only: each block is read in float64 and dropped.
+            w2 = np.square(layer.block("w_ih", k)).sum(1)
+            u2 = np.square(layer.block("w_hh", k)).sum(1)
+            parts.append((w2, u2, layer.block("b_ih", k), layer.block("b_hh", k)))
         h_mean, h_second = np.zeros(hidden), np.zeros(hidden)
         c_mean, c_second = np.zeros(hidden), np.zeros(hidden)
         steps = []
@@ -330,7 +348,9 @@ def _forward_gated(arch: str, layers: Sequence[RecurrentWeights], q_input: float
             steps.append(_Step(paths))
             out_second[t] = float(h_second.mean())
         p = out_second
-    return steps
+    if top is None:
+        raise ValueError("a recurrent stack needs at least one layer")
+    return steps, top
 
 
 # Directions the coherent part of the backward signal is followed along (fixed: the prediction is repeatable).
@@ -338,7 +358,7 @@ _PROBES = 16
 
 
 def gate_path_profile(
-    arch: str, layers: Sequence[RecurrentWeights], q_input: float, length: int
+    arch: str, layers: Iterable[RecurrentWeights], q_input: float, length: int
 ) -> tuple[list[float], list[float], list[float], list[float]]:
     """(E[gate], E[gate²] per step, predicted log10 ‖∂L/∂h_t‖, predicted log10 ‖∂L/∂c_t‖) of the top layer.
 
@@ -357,9 +377,9 @@ def gate_path_profile(
 
     from a random δh at the last step (the classifier's gradient). For the gru the cell profile is −∞.
     """
-    steps = _forward_gated(arch, layers, q_input, length)
-    top = layers[-1]
-    blocks = {gate: (u, u * u) for gate, u in ((g, top.block(top.w_hh, k)) for k, g in enumerate(GATES[arch]))}
+    steps, top = _forward_gated(arch, layers, q_input, length)
+    # The top layer's W_hh in float64, once (about two float32 copies); U² is formed a block at a time.
+    blocks = {gate: top.block("w_hh", k) for k, gate in enumerate(GATES[arch])}
     hidden = top.hidden
     rng = np.random.default_rng(0)
     m_h = rng.standard_normal((hidden, _PROBES)) / math.sqrt(_PROBES)
@@ -399,16 +419,16 @@ def _through(factor: tuple[np.ndarray, np.ndarray], m: np.ndarray, v: np.ndarray
 
 
 def _through_matrix(
-    block: tuple[np.ndarray, np.ndarray], factor: tuple[np.ndarray, np.ndarray], m: np.ndarray, v: np.ndarray
+    block: np.ndarray, factor: tuple[np.ndarray, np.ndarray], m: np.ndarray, v: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Uᵀ(x ⊙ δ): the coherent part exactly, the fluctuation by the mean field's (U²)ᵀ (`block` = (U, U²))."""
+    """Uᵀ(x ⊙ δ): the coherent part exactly, the fluctuation by the mean field's (U²)ᵀ."""
     m_x, v_x = _through(factor, m, v)
-    return block[0].T @ m_x, block[1].T @ v_x
+    return block.T @ m_x, np.square(block).T @ v_x
 
 
 def _identity_like(layer: RecurrentWeights) -> bool:
     """W_hh is a multiple of the identity (init='identity'): the Gaussian mean field does not describe it."""
-    w = layer.w_hh[: layer.hidden]
+    w = layer.block("w_hh", 0)
     diagonal = np.diag(w)
     return bool(np.allclose(w, np.diag(diagonal)) and np.allclose(diagonal, diagonal[0]) and diagonal[0] != 0)
 
@@ -446,7 +466,7 @@ def time_theory_for(
     top = stack[-1]
     spectrum = spectra(spec.arch, stack)
     top_spectrum = [s for s in spectrum if s.layer == top.index]
-    finite = all(np.isfinite(a).all() for layer in stack for a in (layer.w_ih, layer.b_ih, layer.w_hh, layer.b_hh))
+    finite = all(layer.finite() for layer in stack)
     common = {"layer": top.index, "spectra": spectrum}
     if spec.arch == "rnn":
         rho = top_spectrum[0].spectral_radius
@@ -559,14 +579,28 @@ def time_remedy_span(
     ``lstm`` / ``lstm_forget1`` / ``lstm_chrono`` (the cell path with PyTorch's forget bias, 1, or chrono),
     ``gru`` (the update-gate path), ``rnn_orthogonal`` (W_hh orthogonal, gain 1, zero biases: σ_hh² = 1).
     """
-    generator = torch.Generator().manual_seed(seed)
     target = {"lstm": "lstm", "lstm_forget1": "lstm", "lstm_chrono": "lstm", "gru": "gru", "rnn_orthogonal": "rnn"}
     cell = target.get(remedy)
     if cell is None:
         return None
+    # Drawn a layer at a time as the theory reads them, so a deep, wide remedy never sits in memory whole.
+    stack = _draw_stack(cell, remedy, width=width, depth=depth, input_features=input_features, length=length, seed=seed)
+    if cell == "rnn":
+        profile = rnn_profile(activation, stack, q_input, length)[2]
+    else:
+        # ‖∂L/∂h_t‖, the statistic the label judges (for the lstm too: its cell path is theory.time's).
+        profile = gate_path_profile(cell, stack, q_input, length)[2]
+    slope = fit_time_slope(profile)
+    return None if slope is None or not math.isfinite(slope) else slope * (length - 1)
+
+
+def _draw_stack(
+    cell: str, remedy: str, *, width: int, depth: int, input_features: int, length: int, seed: int
+) -> Iterator[RecurrentWeights]:
+    """The remedy's layers, bottom first, as time_remedy_span describes them."""
+    generator = torch.Generator().manual_seed(seed)
     gates = len(GATES[cell])
     bound = width**-0.5
-    stack = []
     for layer in range(depth):
         fan_in = input_features if layer == 0 else width
         draws = [
@@ -575,23 +609,14 @@ def time_remedy_span(
         ]
         w_ih, b_ih, w_hh, b_hh = (d.numpy() for d in draws)
         if remedy == "rnn_orthogonal":
-            w_hh = torch.nn.init.orthogonal_(
-                torch.empty(width, width, dtype=torch.float64), generator=generator
-            ).numpy()
+            square = torch.empty(width, width, dtype=torch.float64)
+            w_hh = torch.nn.init.orthogonal_(square, generator=generator).numpy()
             b_ih, b_hh = np.zeros_like(b_ih), np.zeros_like(b_hh)
         elif remedy == "lstm_forget1":
             b_ih[width : 2 * width], b_hh[width : 2 * width] = 1.0, 0.0
         elif remedy == "lstm_chrono":
-            drawn = np.log(
-                torch.empty(width, dtype=torch.float64).uniform_(1.0, length - 1, generator=generator).numpy()
-            )
+            uniform = torch.empty(width, dtype=torch.float64).uniform_(1.0, length - 1, generator=generator)
+            drawn = np.log(uniform.numpy())
             b_ih[width : 2 * width], b_ih[:width] = drawn, -drawn
             b_hh[:width], b_hh[width : 2 * width] = 0.0, 0.0
-        stack.append(RecurrentWeights(index=layer, w_ih=w_ih, b_ih=b_ih, w_hh=w_hh, b_hh=b_hh))
-    if cell == "rnn":
-        profile = rnn_profile(activation, stack, q_input, length)[2]
-    else:
-        # ‖∂L/∂h_t‖, the statistic the label judges (for the lstm too: its cell path is theory.time's).
-        profile = gate_path_profile(cell, stack, q_input, length)[2]
-    slope = fit_time_slope(profile)
-    return None if slope is None or not math.isfinite(slope) else slope * (length - 1)
+        yield RecurrentWeights(index=layer, w_ih=w_ih, b_ih=b_ih, w_hh=w_hh, b_hh=b_hh)
