@@ -309,6 +309,7 @@ MEASURED: list[dict[str, Any]] = [
     # the middle step records nothing: PyTorch's fused LSTM and its workspace
     {"arch": "lstm", "depth": 2, "width": 256, "batch_size": 256, "steps": 3},
     {"arch": "gru", "depth": 1, "width": 256, "batch_size": 2},
+    {"arch": "lstm", "depth": 1, "width": 256, "batch_size": 2},  # the fused kernel's evaluation
     {"arch": "transformer", "depth": 3, "width": 64, "heads": 4, "batch_size": 256, "norm_position": "post"},
 ]
 
