@@ -23,6 +23,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("service", "bench.service"),
     ("theory", "bench.theory"),
     ("transformer", "bench.transformer"),
+    ("recurrent", "bench.recurrent"),
     ("load", "bench.load"),
     ("memory", "bench.memory"),
     ("dispatch", "bench.dispatch"),
