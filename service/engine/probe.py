@@ -278,10 +278,9 @@ def _recorded_step(
     spec, model, recorder = probe.spec, probe.model, probe.recorder
     # Every per-layer statistic is of the data loss: measured before the penalty joins the gradient.
     with _one_thread():
-        grad_norms = recorder.param_grad_norms(precise=True)
+        grad_norms, weight_norms = recorder.grad_and_weight_norms()
         zero_fracs = recorder.zero_fractions()
         penalty_norms = recorder.penalty_grad_norms(spec.l1, _coupled_weight_decay(spec))
-        weight_norms = recorder.weight_norms()
     if on_record is not None:
         on_record(step, model.layers)
     if spec.l1 > 0:
