@@ -378,8 +378,15 @@ def gate_path_profile(
     from a random δh at the last step (the classifier's gradient). For the gru the cell profile is −∞.
     """
     steps, top = _forward_gated(arch, layers, q_input, length)
-    # The top layer's W_hh in float64, once (about two float32 copies); U² is formed a block at a time.
-    blocks = {gate: top.block("w_hh", k) for k, gate in enumerate(GATES[arch])}
+    # The top layer's W_hh in float64 (about two float32 copies of it) and U² in float32 (one more): the
+    # fluctuation's weights, where float32's 1e-7 is far below the mean field's own error.
+    # Both are stored transposed and contiguous (Uᵀ·x on a transposed view is ~3× slower), as torch tensors:
+    # torch's matmul keeps to the caller's thread count (the probe's one thread), numpy's BLAS would not
+    # (on 2 busy cores its threads made this 3× slower).
+    blocks = {}
+    for k, gate in enumerate(GATES[arch]):
+        u_t = torch.from_numpy(np.ascontiguousarray(top.block("w_hh", k).T))
+        blocks[gate] = (u_t, u_t.square().float())
     hidden = top.hidden
     rng = np.random.default_rng(0)
     m_h = rng.standard_normal((hidden, _PROBES)) / math.sqrt(_PROBES)
@@ -419,11 +426,13 @@ def _through(factor: tuple[np.ndarray, np.ndarray], m: np.ndarray, v: np.ndarray
 
 
 def _through_matrix(
-    block: np.ndarray, factor: tuple[np.ndarray, np.ndarray], m: np.ndarray, v: np.ndarray
+    block: tuple[Tensor, Tensor], factor: tuple[np.ndarray, np.ndarray], m: np.ndarray, v: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Uᵀ(x ⊙ δ): the coherent part exactly, the fluctuation by the mean field's (U²)ᵀ."""
+    """Uᵀ(x ⊙ δ): the coherent part exactly, the fluctuation by the mean field's (U²)ᵀ (`block` = (Uᵀ, (U²)ᵀ))."""
     m_x, v_x = _through(factor, m, v)
-    return block.T @ m_x, np.square(block).T @ v_x
+    coherent = block[0] @ torch.from_numpy(m_x)
+    fluctuation = block[1] @ torch.from_numpy(v_x.astype(np.float32))
+    return coherent.numpy(), fluctuation.double().numpy()
 
 
 def _identity_like(layer: RecurrentWeights) -> bool:
