@@ -23,10 +23,17 @@ wall-time ratios meets it; a median that meets it with the upper quartile above 
 whole ``run_probe`` call (set-up, held-out evaluation of ``--eval-samples`` images, theory and verdict
 included) against the bare loop plus its set-up is reported too.
 
+Step-paired (``--paired-reps``, default 5): the same whole runs of (d) and (e), each with a step of (a)
+run inside the probe's ``should_stop()`` poll just before every probe step, so both arms take turns
+step by step under the same momentary load; a repetition's ratio is the probe's summed loop-body time
+over the bare steps' (wall and CPU). Load that changes from second to second, which moves whole-run
+ratios by several percent on a shared machine, falls on both arms alike here.
+
 torch threads: ``--threads`` (default 1, as each graddiag worker runs on a CPU machine: one
 single-threaded worker per core).
 
-    python -m bench.recording [--reps 11] [--steps 100] [--cnn-reps 9] [--cnn-steps 30] [--threads 1] [--only mlp,cnn]
+    python -m bench.recording [--reps 11] [--steps 100] [--cnn-reps 9] [--cnn-steps 30] [--paired-reps 5]
+        [--threads 1] [--only mlp,cnn]
 """
 
 from __future__ import annotations
@@ -91,21 +98,32 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
     return wall - start[0], cpu - start[1]
 
 
+class BareLoop:
+    """Arm (a): the loop a user would write, over the probe's batches, one step per call."""
+
+    def __init__(self, spec: Spec, data: Data) -> None:
+        self.model = build_network(spec).to(CPU)
+        self.model.train()
+        self.optimizer = make_optimizer(spec, list(self.model.parameters()))
+        self.source = make_source(spec, data=data, device=CPU, eval_samples=1)
+
+    def step(self, step: int) -> torch.Tensor:
+        inputs, labels = self.source.batch(step)
+        loss = F.cross_entropy(self.model(inputs), labels)
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+
 def run_bare(spec: Spec, data: Data) -> dict[str, float]:
-    """Arm (a): the loop a user would write, over the probe's batches; seconds of the loop and with set-up."""
+    """Arm (a) as a whole run; seconds of the loop and with set-up."""
     started = _clock()
-    model = build_network(spec).to(CPU)
-    model.train()
-    optimizer = make_optimizer(spec, list(model.parameters()))
-    source = make_source(spec, data=data, device=CPU, eval_samples=1)
+    bare = BareLoop(spec, data)
     loop_started = _clock()
     loss = torch.tensor(float("nan"))
     for step in range(spec.steps):
-        inputs, labels = source.batch(step)
-        loss = F.cross_entropy(model(inputs), labels)
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        optimizer.step()
+        loss = bare.step(step)
     (train_s, train_cpu), (total_s, total_cpu) = _since(loop_started), _since(started)
     return {"train_s": train_s, "train_cpu_s": train_cpu, "total_s": total_s, "total_cpu_s": total_cpu,
             "last_loss": float(loss.detach())}  # fmt: skip
@@ -139,6 +157,88 @@ def run_probe_arm(spec: Spec, data: Data, eval_samples: int) -> dict[str, float]
     }
 
 
+def run_paired(spec: Spec, data: Data, eval_samples: int) -> dict[str, float]:
+    """A whole run_probe with one (a) step in each should_stop() poll; summed seconds of both, wall and CPU.
+
+    The probe's step is its loop body, from the poll's return to the next poll (the last one closed when
+    its training loop returns); the (a) step runs in the poll, just before the probe's step of the same index.
+    """
+    bare = BareLoop(spec, data)
+    sums = {"a_s": 0.0, "a_cpu_s": 0.0, "probe_s": 0.0, "probe_cpu_s": 0.0}
+    opened: list[tuple[float, float]] = []
+    bare_steps = 0
+
+    def close() -> None:
+        if opened:
+            wall, cpu = _since(opened.pop())
+            sums["probe_s"] += wall
+            sums["probe_cpu_s"] += cpu
+
+    def poll() -> bool:
+        nonlocal bare_steps
+        close()
+        started = _clock()
+        bare.step(bare_steps)
+        bare_steps += 1
+        wall, cpu = _since(started)
+        sums["a_s"] += wall
+        sums["a_cpu_s"] += cpu
+        opened.append(_clock())
+        return False
+
+    train = probe_module._train
+
+    def timed_train(*args: Any, **kwargs: Any) -> None:
+        try:
+            train(*args, **kwargs)
+        finally:
+            close()
+
+    with mock.patch.object(probe_module, "_train", timed_train):
+        report = run_probe(spec, data=data, eval_samples=eval_samples, should_stop=poll)
+    if report.timing.steps_run != spec.steps or bare_steps != spec.steps:
+        raise RuntimeError(f"the paired probe stopped early at step {report.timing.steps_run}")
+    return sums
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    q1, median, q3 = _quartiles(values)
+    return {"median": round(median, 3), "q1": round(q1, 3), "q3": round(q3, 3)}
+
+
+def measure_paired(key: str, data: Data, steps: int, reps: int, eval_samples: int) -> dict[str, Any]:
+    """The step-paired protocol for (d) and (e), `reps` repetitions each, their order alternating."""
+    arms = ("d_default", "e_every_step")
+    specs = {"d_default": make_spec(key, steps, 10), "e_every_step": make_spec(key, steps, 1)}
+    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
+    loads = []
+    for rep in range(reps):
+        loads.append(round(os.getloadavg()[0], 2))
+        for arm in arms if rep % 2 == 0 else arms[::-1]:
+            gc.collect()
+            runs[arm].append(run_paired(specs[arm], data, eval_samples))
+        print(
+            f"  {key} paired rep {rep + 1}/{reps}: "
+            + ", ".join(f"{arm} {r[-1]['probe_s'] / r[-1]['a_s']:.3f}" for arm, r in runs.items()),
+            flush=True,
+        )
+    out: dict[str, Any] = {
+        "reps": reps,
+        "steps": steps,
+        "loadavg_1min_at_rep_start": loads,
+        "loadavg_1min": {"median": round(statistics.median(loads), 2), "min": min(loads), "max": max(loads)},
+        "ms_per_step": {
+            "a_bare": round(1000 * statistics.median(r["a_s"] for arm in arms for r in runs[arm]) / steps, 3),
+            **{arm: round(1000 * statistics.median(r["probe_s"] for r in runs[arm]) / steps, 3) for arm in arms},
+        },
+    }
+    for arm in arms:
+        wall = [round(r["probe_s"] / r["a_s"], 4) for r in runs[arm]]
+        cpu = [round(r["probe_cpu_s"] / r["a_cpu_s"], 4) for r in runs[arm]]
+        out[f"{arm}_over_a"] = {"wall": _spread(wall), "wall_per_rep": wall, "cpu": _spread(cpu), "cpu_per_rep": cpu}
+    return out
+
+
 def measure(key: str, data: Data, steps: int, reps: int, eval_samples: int) -> dict[str, Any]:
     specs = {
         "a_bare": make_spec(key, steps, 10),
@@ -169,10 +269,6 @@ def measure(key: str, data: Data, steps: int, reps: int, eval_samples: int) -> d
     def ratios(arm: str, field: str) -> list[float]:
         return [round(r[arm][field] / r["a_bare"][field], 4) for r in rows]
 
-    def spread(values: list[float]) -> dict[str, float]:
-        q1, median, q3 = _quartiles(values)
-        return {"median": round(median, 3), "q1": round(q1, 3), "q3": round(q3, 3)}
-
     def ms(arm: str, field: str = "train_s") -> float:
         return round(1000 * statistics.median(r[arm][field] for r in rows) / steps, 3)
 
@@ -191,11 +287,11 @@ def measure(key: str, data: Data, steps: int, reps: int, eval_samples: int) -> d
         train, total = ratios(arm, "train_s"), ratios(arm, "total_s")
         cpu = ratios(arm, "train_cpu_s")
         out[f"{arm}_over_a"] = {
-            "train": spread(train),
+            "train": _spread(train),
             "train_per_rep": train,
-            "train_cpu": spread(cpu),
+            "train_cpu": _spread(cpu),
             "train_cpu_per_rep": cpu,
-            "whole_call": spread(total),
+            "whole_call": _spread(total),
             "whole_call_per_rep": total,
         }
     return out
@@ -243,6 +339,28 @@ def _markdown(result: dict[str, Any]) -> str:
             f"| {_cell(d['train_cpu'])} | {_cell(e['train'])} {e_mark} | {_cell(e['train_cpu'])} "
             f"| {load['median']} ({load['min']}–{load['max']}) |"
         )
+    paired = [row for row in result["nets"] if "paired" in row]
+    if paired:
+        lines += [
+            "",
+            "**Step-paired** (the same whole runs, a bare step before every probe step, in the probe's "
+            "`should_stop()` poll):",
+            "",
+            "| network | reps × steps | (a) bare step | (d) probe, record_every=10 | (e) probe, every step "
+            f"| (d)/(a) wall (target ≤ {TARGET_DEFAULT}) | (d)/(a) CPU "
+            f"| (e)/(a) wall (target ≤ {TARGET_EVERY_STEP_MLP}, MLP) | (e)/(a) CPU | 1-min load: median (min–max) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in paired:
+            p = row["paired"]
+            d, e, ms, load = p["d_default_over_a"], p["e_every_step_over_a"], p["ms_per_step"], p["loadavg_1min"]
+            e_mark = _mark(e["wall"], TARGET_EVERY_STEP_MLP) if row["net"].startswith("MLP") else ""
+            lines.append(
+                f"| {row['net']} | {p['reps']} × {p['steps']} | {ms['a_bare']} ms | {ms['d_default']} ms "
+                f"| {ms['e_every_step']} ms | {_cell(d['wall'])} {_mark(d['wall'], TARGET_DEFAULT)} "
+                f"| {_cell(d['cpu'])} | {_cell(e['wall'])} {e_mark} | {_cell(e['cpu'])} "
+                f"| {load['median']} ({load['min']}–{load['max']}) |"
+            )
     lines += [
         "",
         "Milliseconds per step (wall) are whole training loops over every step, recorded steps included, "
@@ -266,6 +384,15 @@ def _markdown(result: dict[str, Any]) -> str:
             f"(d) {losses['d_default']:.6f}, (e) {losses['e_every_step']:.6f}; 1-min load at each repetition's "
             f"start {', '.join(map(str, row['loadavg_1min_at_rep_start']))}."
         )
+        if "paired" in row:
+            p = row["paired"]
+            d, e = p["d_default_over_a"], p["e_every_step_over_a"]
+            lines.append(
+                f"- {row['net']}, step-paired, {p['reps']} × {p['steps']} steps: per repetition (d)/(a) wall "
+                f"{', '.join(map(str, d['wall_per_rep']))}, CPU {', '.join(map(str, d['cpu_per_rep']))}; (e)/(a) "
+                f"wall {', '.join(map(str, e['wall_per_rep']))}, CPU {', '.join(map(str, e['cpu_per_rep']))}; "
+                f"1-min load at each repetition's start {', '.join(map(str, p['loadavg_1min_at_rep_start']))}."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -276,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--cnn-steps", type=int, default=30, help="a CNN step takes ~0.2 s: 4 records in 30")
     parser.add_argument("--cnn-reps", type=int, default=9)
+    parser.add_argument("--paired-reps", type=int, default=5, help="step-paired repetitions per network (0: none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--only", default="mlp,cnn", help="comma-separated networks")
@@ -297,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     for key in args.only.split(","):
         steps, reps = (args.steps, args.reps) if key == "mlp" else (args.cnn_steps, args.cnn_reps)
-        result["nets"].append(measure(key, data, steps, reps, args.eval_samples))
+        row = measure(key, data, steps, reps, args.eval_samples)
+        if args.paired_reps:
+            row["paired"] = measure_paired(key, data, steps, args.paired_reps, args.eval_samples)
+        result["nets"].append(row)
     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "recording.json").write_text(json.dumps(result, indent=1) + "\n")
