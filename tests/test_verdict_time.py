@@ -297,3 +297,27 @@ def test_identity_init_is_not_covered_and_says_why(arch: str) -> None:
         assert time.spectral_radius == pytest.approx(1.0)
     else:
         assert [s.spectral_radius for s in time.spectra] == pytest.approx([1.0] * 4)
+
+
+def test_remedies_through_time_are_advised_only_where_predicted_within_two_decades() -> None:
+    report = _probe(arch="rnn")
+    time = report.verdict.theory.time
+    assert time is not None and time.q_input is not None
+    texts = {
+        "rnn_orthogonal": "init=orthogonal",
+        "gru": "arch=gru",
+        "lstm_forget1": "forget_bias=1",
+        "lstm_chrono": "forget_bias=chrono",
+    }
+    advice = [a for a in report.verdict.advice if a.endswith("[gradient_through_time]")]
+    for remedy, text in texts.items():
+        span = time_remedy_span(
+            "rnn", remedy, width=32, depth=1, input_features=FEATURES, q_input=time.q_input, length=STEPS, seed=0
+        )
+        assert span is not None
+        advised = [a for a in advice if text in a]
+        assert bool(advised) == (abs(span) < SPAN_DECADES), (remedy, span, advice)
+        for item in advised:
+            assert f"predicted {span:+.2f} decades" in item
+    # At this width chrono is the one that keeps the gradient within 2 decades (Tallec & Ollivier 2018).
+    assert any("forget_bias=chrono" in a for a in advice)
