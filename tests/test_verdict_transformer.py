@@ -249,6 +249,10 @@ def test_a_vanishing_block_profile_gets_transformer_advice_and_no_mlp_remedies()
     assert "norm_position=pre" in text
     for mlp_remedy in ("Kaiming", "batch", "residual", "leaky_relu", "norm=layer"):
         assert mlp_remedy not in text, mlp_remedy
+    # Growing toward the input is not the post-LN pattern Xiong et al. derive: no pre-LN advice for it.
+    exploding = _verdict("post", fc2[::-1], [1e-3] * 6)
+    assert exploding.label == "exploding"
+    assert exploding.advice and not any("norm_position=pre" in item for item in exploding.advice)
 
 
 def test_warm_up_only_when_the_updates_are_large_at_step_0() -> None:

@@ -797,17 +797,20 @@ class _Judge:
             )
         return clause, numbers, advice
 
-    def _transformer_profile_advice(self) -> list[str]:
-        """Advice for a transformer whose profile crosses the span rule: no remedy's span is predicted."""
+    def _transformer_profile_advice(self, kind: Label) -> list[str]:
+        """Advice for a transformer whose profile crosses the span rule: no remedy's span is predicted. Pre-LN
+        only for a post-LN profile that falls toward the input (largest near the output, as Xiong et al. 2020
+        derive for post-LN and not for pre-LN)."""
         advice = [
             "Use fewer blocks or smaller initial weights (init_gain); graddiag predicts no remedy's span for "
             "transformers, so probe again after the change."
         ]
-        if self.post_ln:
+        if self.post_ln and kind == "vanishing":
             advice.insert(
                 0,
-                "Use norm_position=pre: Xiong et al. (2020) show pre-LN's gradients at init do not concentrate "
-                "near the output (graddiag predicts no span for it; probe again).",
+                "Use norm_position=pre: this post-LN stack's gradients are largest near the output, the pattern "
+                "Xiong et al. (2020) derive for post-LN and not for pre-LN (graddiag predicts no span for it; "
+                "probe again).",
             )
         return advice
 
@@ -1118,7 +1121,7 @@ class _Judge:
                 )
             )
         if self.transformer:
-            return self._transformer_profile_advice()
+            return self._transformer_profile_advice(kind)
         if self.recurrent:
             return [
                 "Stack fewer recurrent layers (depth): graddiag derives no remedy's effect across stacked recurrent "
