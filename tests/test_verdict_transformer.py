@@ -1,11 +1,13 @@
 """The transformer's across-block verdict, checked against computations that share nothing with graddiag.
 
-- The network's block is PyTorch's own nn.TransformerEncoderLayer when the weights are copied over.
 - What graddiag records per block at step 0 (‖∂L/∂h‖ at the block output, ‖∂L/∂W‖ of every weight)
   equals plain autograd with retain_grad on the block outputs.
 - Xiong et al. (2020) at initialisation: the last block's gradient shrinks as 1/√L with depth for
   pre-LN and does not for post-LN; post-LN's signal sits nearer the output than pre-LN's.
 - The rules for transformers: which findings and which advice fire, on evidence made by hand.
+
+That the network's block is PyTorch's own nn.TransformerEncoderLayer with the weights copied over is
+tests/test_sequence_models.py's test_transformer_block_equals_pytorchs_encoder_layer.
 """
 
 from __future__ import annotations
@@ -34,42 +36,6 @@ def vit(**fields: object) -> Spec:
     )
     base.update(fields)
     return Spec.model_validate(base)
-
-
-@pytest.mark.parametrize(
-    ("position", "activation"), [("pre", "gelu"), ("post", "gelu"), ("pre", "relu"), ("post", "relu")]
-)
-def test_a_block_is_pytorchs_transformer_encoder_layer(position: str, activation: str) -> None:
-    spec = vit(norm_position=position, activation=activation, mlp_ratio=2)
-    block = dict(build_network(spec).named_modules())["block1"]
-    reference = nn.TransformerEncoderLayer(
-        WIDTH,
-        HEADS,
-        dim_feedforward=2 * WIDTH,
-        dropout=0.0,
-        activation=activation,
-        batch_first=True,
-        norm_first=position == "pre",
-    )
-    parts = dict(block.named_modules())
-    with torch.no_grad():
-        q, k, v = (parts[f"attn.{name}"] for name in "qkv")
-        reference.self_attn.in_proj_weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
-        reference.self_attn.in_proj_bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
-        for ours, theirs in (
-            ("attn.out", reference.self_attn.out_proj),
-            ("mlp.fc1", reference.linear1),
-            ("mlp.fc2", reference.linear2),
-            ("norm1", reference.norm1),
-            ("norm2", reference.norm2),
-        ):
-            theirs.weight.copy_(parts[ours].weight)
-            theirs.bias.copy_(parts[ours].bias)
-    # Training mode on both: PyTorch's inference fast path computes the same function by other kernels.
-    block.train()
-    reference.train()
-    x = torch.randn(3, 65, WIDTH, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(block(x), reference(x), rtol=1e-5, atol=1e-6)
 
 
 def _autograd_step0(spec: Spec) -> tuple[list[float], dict[str, float]]:
