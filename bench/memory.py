@@ -293,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only and args.merge:
         previous = json.loads((args.out_dir / "memory.json").read_text())
         rows = _merged(previous["rows"], rows)
-        skipped = sorted(set(previous["skipped"]) | set(skipped))
+        # A spec skipped before (no CIFAR-10 there) and measured now is no longer skipped.
+        present = {row["label"] for row in rows}
+        skipped = sorted((set(previous["skipped"]) | set(skipped)) - present)
         command = f"{previous['command']}; {command} --merge"
         wall_s = round(previous["wall_s"] + wall_s, 1)
     ratios = [r["peak_over_estimate"] for r in rows]
