@@ -226,15 +226,22 @@ class _Trace:
 
     def __init__(self) -> None:
         self.sizes: list[float] = []
+        # How many tensors of that size an entry stands for: a recurrent layer's first steps save the same
+        # tensors over and over, traced as one entry each.
+        self.counts: list[int] = []
         self.first_saver: list[int | None] = []
         # per op: (input, output, backward working set, held tensors, forward temporaries in training
         # and in a no-grad pass)
         self.ops: list[tuple[int, int, float, tuple[int, ...], float, float]] = []
 
-    def tensor(self, size: float) -> int:
+    def tensor(self, size: float, count: int = 1) -> int:
         self.sizes.append(size)
+        self.counts.append(count)
         self.first_saver.append(None)
         return len(self.sizes) - 1
+
+    def _bytes(self, tensor: int) -> float:
+        return self.sizes[tensor] * self.counts[tensor]
 
     def save(self, tensor: int) -> None:
         if self.first_saver[tensor] is None:
@@ -346,26 +353,37 @@ class _Trace:
         gates = gate_count(cell_name) * unit
         projected = self.weight(x, SEQUENCE_LENGTH * gates, (), first)
         held = (x, projected)
-        h = c = self.tensor(unit)  # h_0 = c_0 = zeros
         sequence = SEQUENCE_LENGTH * unit
         backward = 2 * self.sizes[projected] + sequence + gates + unit
-        for _ in range(SEQUENCE_LENGTH):
-            recurrent = self.weight(h, gates, held)
-            if cell.saves_projection:
-                self.save(recurrent)
-            if cell.saves_cell_state:
-                self.save(c)
-                c = self.tensor(unit)
-            for _ in range(cell.saved):
-                self.save(self.tensor(unit))
-            h = self.tensor(unit)
-            if cell.saves_output:
-                self.save(h)
-            # The list of states grows to the whole sequence before it is stacked (saved in training).
-            temps = cell.temporaries * unit
-            self.op(recurrent, h, backward, held, temps + cell.recorder_temporaries * unit, temps + sequence)
+        temps = cell.temporaries * unit
+        # Each step runs W_hh on h_{t-1} (saving it) and the cell. The list of states grows to the whole
+        # sequence before it is stacked (saved in training).
+        training, no_grad = temps + cell.recorder_temporaries * unit, temps + sequence
+        # Every step saves the same tensors and the peaks come at the last, after the others saved theirs:
+        # steps 0 .. T-2 are traced as one op of repeated tensors, the last step on its own. Before it:
+        # h_0 (= c_0), the states h_1 .. h_{T-2} (h_{T-1} too where the cell saves its output: rnn),
+        # lstm's c_1 .. c_{T-2}, and every step's own saved tensors.
+        first_steps = SEQUENCE_LENGTH - 1
+        h = self.tensor(unit)
+        self.save(h)
+        states = first_steps - 1 + cell.saves_output + cell.saves_cell_state * (first_steps - 1)
+        self.save(self.tensor(unit, states + cell.saved * first_steps))
+        if cell.saves_projection:
+            self.save(self.tensor(gates, first_steps))
+        self.op(h, self.tensor(gates), backward, held, training, no_grad)
+        # The last step: h_{T-1} (W_hh's input, unless saved as an output already), c_{T-1}, its own tensors.
+        last = 1 - cell.saves_output + cell.saves_cell_state + cell.saved
+        if last:
+            self.save(self.tensor(unit, last))
+        recurrent = self.tensor(gates)
+        if cell.saves_projection:
+            self.save(recurrent)
+        h = self.tensor(unit)
+        if cell.saves_output:
+            self.save(h)
+        self.op(recurrent, h, backward, held, training, no_grad)
         # The last step's temporaries are still referenced when the states are stacked.
-        return self.op(h, self.tensor(sequence), sequence, held, 0.0, sequence + cell.temporaries * unit)
+        return self.op(h, self.tensor(sequence), sequence, held, 0.0, sequence + temps)
 
     def _saved_before(self, tensor: int, op: int) -> bool:
         first = self.first_saver[tensor]
@@ -379,17 +397,17 @@ class _Trace:
         Only tensors whose `batch` examples take fewer than `below` bytes count, when `below` is given.
         """
         return sum(
-            size
-            for size, first in zip(self.sizes, self.first_saver, strict=True)
+            size * count
+            for size, count, first in zip(self.sizes, self.counts, self.first_saver, strict=True)
             if first is not None and size * batch < below
         )
 
     def training_peak(self) -> float:
         """Bytes per example at the worst moment of forward and backward (saved tensors plus work)."""
         saved_from = [0.0] * (len(self.ops) + 1)
-        for size, first in zip(self.sizes, self.first_saver, strict=True):
+        for size, count, first in zip(self.sizes, self.counts, self.first_saver, strict=True):
             if first is not None:
-                saved_from[first] += size
+                saved_from[first] += size * count
         # A tensor saved first by op i lives until backward has passed op i.
         cumulative, alive = 0.0, []
         for k in range(len(self.ops)):
@@ -400,13 +418,13 @@ class _Trace:
         for k, (x, out, _work, held, temporaries, _no_grad) in enumerate(self.ops):
             before = alive[k - 1] if k else 0.0
             unsaved = {t for t in (x, out, *held) if not self._saved_before(t, k)}
-            forward = max(forward, before + sum(self.sizes[t] for t in unsaved) + temporaries)
+            forward = max(forward, before + sum(self._bytes(t) for t in unsaved) + temporaries)
         return max(forward, backward)
 
     def evaluation_peak(self) -> float:
         """Bytes per example at the worst op of a no-grad pass: held tensors, input, output, kept extras."""
         return max(
-            sum(self.sizes[t] for t in {x, out, *held}) + temps for x, out, _work, held, _train, temps in self.ops
+            sum(self._bytes(t) for t in {x, out, *held}) + temps for x, out, _work, held, _train, temps in self.ops
         )
 
 
