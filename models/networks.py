@@ -320,8 +320,9 @@ class Recurrent(nn.Module):
         else:
             fused = (nn.GRU if cell == "gru" else nn.LSTM)(in_features, hidden, batch_first=True)
         # PyTorch's constructor drew U(±1/√hidden) for its parameters: the two linear layers adopt them.
-        self.ih.weight, self.ih.bias = fused.weight_ih_l0, fused.bias_ih_l0
-        self.hh.weight, self.hh.bias = fused.weight_hh_l0, fused.bias_hh_l0
+        for linear, kind in ((self.ih, "ih"), (self.hh, "hh")):
+            linear.weight = fused.get_parameter(f"weight_{kind}_l0")
+            linear.bias = fused.get_parameter(f"bias_{kind}_l0")
         self.fused = fused
         self._state_hooks: OrderedDict[int, StateHook] = OrderedDict()
 
