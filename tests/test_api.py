@@ -117,6 +117,11 @@ async def test_idempotency_key_returns_the_same_run(api: httpx.AsyncClient) -> N
         ({"lr": "fast"}, ["body", "lr"], "float_parsing"),
         # Within the hard cap (100) but above this server's max_depth=50.
         ({"depth": 60}, ["body", "depth"], "over_cap"),
+        # Combinations the spec refuses are located at the field their message names.
+        ({"arch": "transformer", "width": 30, "heads": 4}, ["body", "width"], "value_error"),
+        ({"arch": "lstm", "activation": "relu"}, ["body", "activation"], "value_error"),
+        ({"heads": 8}, ["body", "heads"], "value_error"),
+        ({"arch": "gru", "forget_bias": 1}, ["body", "forget_bias"], "value_error"),
     ],
 )
 async def test_invalid_spec_is_422_naming_the_field(

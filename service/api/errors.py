@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from graddiag.models.spec import combination_field
 from graddiag.service.api.schemas import FieldError, Problem
 from graddiag.service.store.db import is_transient
 from graddiag.service.store.ids import AmbiguousId
@@ -69,15 +70,26 @@ def field_errors(raw: Sequence[Any], limit: int = MAX_FIELD_ERRORS) -> list[Fiel
 
     Drops ``input``/``ctx`` (they may echo large bodies or hold unserialisable exception objects), cuts
     long location parts and messages and escapes lone surrogates, so the body is bounded and encodable.
+    A spec's refused combination (pydantic locates it at the spec itself) gets the field its message
+    names appended to its location, e.g. ``["body", "heads"]``.
     """
     return [
         FieldError(
-            loc=[p if isinstance(p, int) else printable(str(p), MAX_LOC_CHARS) for p in e.get("loc", ())],
+            loc=[p if isinstance(p, int) else printable(str(p), MAX_LOC_CHARS) for p in _located(e)],
             msg=printable(str(e.get("msg", "")), MAX_MSG_CHARS),
             type=printable(str(e.get("type", "value_error")), MAX_LOC_CHARS),
         )
         for e in raw[:limit]
     ]
+
+
+def _located(error: Mapping[str, Any]) -> list[Any]:
+    loc = list(error.get("loc", ()))
+    if error.get("type") == "value_error" and loc in (["body"], ["body", "spec"]):
+        field = combination_field(str(error.get("msg", "")))
+        if field is not None:
+            loc.append(field)
+    return loc
 
 
 def _describe(errors: Sequence[FieldError], total: int | None = None) -> str:
