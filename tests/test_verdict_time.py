@@ -16,10 +16,10 @@ from torch import nn
 
 from graddiag.models.spec import Spec
 from graddiag.service.engine.probe import run_probe
+from graddiag.service.engine.profile import fit_log_slope
 from graddiag.service.engine.report import Evidence, LayerInfo, TimeRecord
 from graddiag.service.engine.theory_time import (
     RecurrentWeights,
-    fit_time_slope,
     gate_path_profile,
     rnn_profile,
     spectra,
@@ -85,7 +85,7 @@ def test_a_linear_rnn_with_an_orthogonal_matrix_changes_by_log10_gain_per_step()
             h = x[:, t] + gain * h @ q.T
             hs.append(h)
         grads = torch.autograd.grad(hs[-1].square().sum(), hs)
-        measured = fit_time_slope([math.log10(float(g.norm())) for g in grads])
+        measured = fit_log_slope([math.log10(float(g.norm())) for g in grads])
         # graddiag's spectral prediction log10 ρ(W_hh) is exact for a linear RNN.
         matrix = (gain * q).numpy()
         weights = RecurrentWeights(0, np.eye(HIDDEN), np.zeros(HIDDEN), matrix, np.zeros(HIDDEN))
@@ -101,9 +101,9 @@ def test_the_tanh_rnn_rate_is_the_mean_field_chi_through_time(gain: float) -> No
     nn.init.zeros_(cell.bias_hh)
     nn.init.zeros_(cell.bias_ih)
     h_profile, _, _ = _plain_profiles(cell)
-    predicted = fit_time_slope(rnn_profile("tanh", [_weights(cell)], 1.0, STEPS)[2])
+    predicted = fit_log_slope(rnn_profile("tanh", [_weights(cell)], 1.0, STEPS)[2])
     assert predicted is not None
-    assert fit_time_slope(h_profile) == pytest.approx(predicted, abs=WIDTH_32_TOLERANCE)
+    assert fit_log_slope(h_profile) == pytest.approx(predicted, abs=WIDTH_32_TOLERANCE)
     # tanh′ ≤ 1 with E[φ′²] < 1 away from q = 0: always below the linear rate log10 g.
     assert predicted < math.log10(gain)
 
@@ -121,8 +121,8 @@ def test_the_lstm_cell_path_rate_matches_autograd(forget_bias: float | str | Non
             cell.bias_ih[gate_f], cell.bias_hh[gate_f] = forget_bias, 0.0
     h_profile, c_profile, forget_mean = _plain_profiles(cell)
     gate_mean, _, h_predicted, c_predicted = gate_path_profile("lstm", [_weights(cell)], 1.0, STEPS)
-    assert fit_time_slope(c_profile) == pytest.approx(fit_time_slope(c_predicted), abs=WIDTH_32_TOLERANCE)
-    assert fit_time_slope(h_profile) == pytest.approx(fit_time_slope(h_predicted), abs=WIDTH_32_TOLERANCE)
+    assert fit_log_slope(c_profile) == pytest.approx(fit_log_slope(c_predicted), abs=WIDTH_32_TOLERANCE)
+    assert fit_log_slope(h_profile) == pytest.approx(fit_log_slope(h_predicted), abs=WIDTH_32_TOLERANCE)
     # The forward half: E[f] over the Gaussian pre-activations against the forget gates the cell computed.
     assert np.mean(gate_mean) == pytest.approx(forget_mean, abs=0.01)
 
@@ -131,7 +131,7 @@ def test_the_gru_update_path_rate_matches_autograd() -> None:
     cell = _cell("gru", seed=4)
     h_profile, _, _ = _plain_profiles(cell)
     _, _, h_predicted, _ = gate_path_profile("gru", [_weights(cell)], 1.0, STEPS)
-    assert fit_time_slope(h_profile) == pytest.approx(fit_time_slope(h_predicted), abs=WIDTH_32_TOLERANCE)
+    assert fit_log_slope(h_profile) == pytest.approx(fit_log_slope(h_predicted), abs=WIDTH_32_TOLERANCE)
 
 
 def test_chrono_keeps_more_of_the_gradient_than_forget_bias_one_than_pytorchs_default() -> None:

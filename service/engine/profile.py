@@ -21,7 +21,12 @@ LOG_FLOOR: Final = 1e-30
 def fit_slope(values: Sequence[float | None]) -> float | None:
     """Least-squares slope of log10(values) in decades per layer toward the input (index 0); through time,
     in decades per step toward t = 0. None with fewer than two values."""
-    points = [(i, math.log10(max(v, LOG_FLOOR))) for i, v in enumerate(values) if v is not None]
+    return fit_log_slope([math.log10(max(v, LOG_FLOOR)) if v is not None else math.nan for v in values])
+
+
+def fit_log_slope(logs: Sequence[float]) -> float | None:
+    """`fit_slope` of a profile already in log10 (a theory's predicted profile); non-finite points are skipped."""
+    points = [(i, y) for i, y in enumerate(logs) if math.isfinite(y)]
     if len(points) < 2:
         return None
     mean_x = sum(x for x, _ in points) / len(points)

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from graddiag.models.init import kaiming_nonlinearity
 from graddiag.models.networks import make_activation
 from graddiag.models.spec import RECURRENT_ARCHS, Spec
+from graddiag.service.engine.profile import fit_log_slope
 from graddiag.service.engine.report import Theory
 
 __all__ = [
@@ -409,7 +410,7 @@ def remedy_span(activation: str, remedy: Remedy, interior: int, *, sigma_w2: flo
         layers = [(sigma_w2, 0.0)] * (interior + 2)
         norm = {"layer_norm": "layer", "batch_norm": "batch"}.get(remedy, "none")
         trajectory = _trajectory(activation, norm, remedy == "residual", layers, q_input)
-    slope = _fit(trajectory.profile)
+    slope = fit_log_slope(trajectory.profile)
     return None if slope is None or not math.isfinite(slope) else slope * (interior - 1)
 
 
@@ -422,17 +423,6 @@ def _profile_from_ratios(chi: list[float]) -> list[float]:
     for i in range(len(chi) - 1, -1, -1):
         profile[i] = profile[i + 1] + (0.5 * math.log10(chi[i]) if chi[i] > 0 else -math.inf)
     return profile
-
-
-def _fit(profile: list[float]) -> float | None:
-    """Least-squares slope of a log10 profile, in decades per layer toward the input (as verdict.fit_slope)."""
-    points = [(i, y) for i, y in enumerate(profile) if math.isfinite(y)]
-    if len(points) < 2:
-        return None
-    mean_x = sum(x for x, _ in points) / len(points)
-    mean_y = sum(y for _, y in points) / len(points)
-    sxx = sum((x - mean_x) ** 2 for x, _ in points)
-    return -sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
 
 
 def span_noise_decades(activation: str, qs: list[float], fan_in: int, *, orthogonal: bool = False) -> float:
@@ -540,7 +530,7 @@ def theory_for(
             ),
         )
     trajectory = _trajectory(spec.activation, spec.norm, spec.residual, layers, q_input)
-    predicted = _fit(trajectory.profile)
+    predicted = fit_log_slope(trajectory.profile)
     finite_chi = [c for c in trajectory.chi if c > 0 and math.isfinite(c)]
     chi1 = math.exp(statistics.fmean(math.log(c) for c in finite_chi)) if finite_chi else None
     interior_layers = layers[1:-1]

@@ -50,12 +50,12 @@ import torch
 from torch import Tensor
 
 from graddiag.models.spec import Spec
+from graddiag.service.engine.profile import fit_log_slope
 from graddiag.service.engine.report import LayerInfo, RecurrentSpectrum, TimeTheory
 from graddiag.service.engine.theory import gaussian_expectations
 
 __all__ = [
     "RecurrentWeights",
-    "fit_time_slope",
     "gate_path_profile",
     "recurrent_layers",
     "rnn_profile",
@@ -160,17 +160,6 @@ def spectra(arch: str, layers: Iterable[RecurrentWeights]) -> list[RecurrentSpec
             top = float(torch.linalg.matrix_norm(block, ord=2))
             out.append(RecurrentSpectrum(layer=layer.index, gate=gate, spectral_radius=rho, largest_singular_value=top))
     return out
-
-
-def fit_time_slope(profile: Sequence[float]) -> float | None:
-    """Least-squares slope of log10 values over t, in decades per step toward t = 0 (as verdict.fit_slope)."""
-    points = [(t, y) for t, y in enumerate(profile) if math.isfinite(y)]
-    if len(points) < 2:
-        return None
-    mean_x = sum(x for x, _ in points) / len(points)
-    mean_y = sum(y for _, y in points) / len(points)
-    sxx = sum((x - mean_x) ** 2 for x, _ in points)
-    return -sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
 
 
 def _groups(q_inputs: Sequence[float]) -> list[tuple[float, float]]:
@@ -536,7 +525,7 @@ def time_theory_for(
         extra = {"gate_mean": statistics.fmean(middle_gate[0]), "chi": statistics.fmean(middle_gate[1])}
         statistic = "‖∂L/∂c_t‖" if spec.arch == "lstm" else "‖∂L/∂h_t‖"
 
-    predicted = fit_time_slope(profile)
+    predicted = fit_log_slope(profile)
     agrees: bool | None = None
     allowed: float | None = None
     if predicted is None or not math.isfinite(predicted):
@@ -599,7 +588,7 @@ def time_remedy_span(
     else:
         # ‖∂L/∂h_t‖, the statistic the label judges (for the lstm too: its cell path is theory.time's).
         profile = gate_path_profile(cell, stack, q_input, length)[2]
-    slope = fit_time_slope(profile)
+    slope = fit_log_slope(profile)
     return None if slope is None or not math.isfinite(slope) else slope * (length - 1)
 
 
