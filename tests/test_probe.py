@@ -364,3 +364,21 @@ def test_the_probe_leaves_the_torch_thread_count_as_it_found_it() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_pass_gradient_and_weight_norms_equal_the_separate_passes() -> None:
+    # width 32: the first layer's 3072 × 32 weight is chunked; one layer's gradient underflows float32 squares.
+    model = build_network(tiny(width=32, depth=3))
+    recorder = Recorder(model.layers, "relu")
+    generator = torch.Generator().manual_seed(0)
+    for layer in model.layers:
+        for p in (layer.weight, layer.bias):
+            if p is not None:
+                p.grad = torch.randn(p.shape, generator=generator)
+    model.layers[1].weight.grad.mul_(1e-25)
+    grad_norms, weight_norms = recorder.grad_and_weight_norms()
+    assert model.layers[0].weight.numel() > 2**16
+    assert torch.equal(grad_norms, recorder.param_grad_norms(precise=True))
+    assert torch.equal(weight_norms, recorder.weight_norms())
+    position = next(i for i, p in enumerate(recorder.params) if p is model.layers[1].weight)
+    assert grad_norms[position].item() == pytest.approx(model.layers[1].weight.grad.double().norm().item(), rel=1e-6)
