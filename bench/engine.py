@@ -532,7 +532,7 @@ def status():
     out = {}
     for line in open("/proc/self/status"):
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             out[key] = round(int(value.split()[0]) / 1024, 1)
     return out
 mark, data_dir, cache_dir, threads, depth, steps, batch, lr = sys.argv[1:9]
@@ -981,6 +981,16 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{mem['steps'] - 1} steps. The probe "
             f"ran {run['probe_step_ms']:.1f} ms/step here (whole call / steps, evaluation included).",
         ]
+        after = run["after_probe"]
+        if "RssAnon" in after:
+            # Since the cache is memory-mapped, CIFAR-10's pages count in RSS as the probe reads them, as
+            # file-backed pages every worker shares (and the kernel may evict), not as private memory.
+            lines[-1] += (
+                f" VmHWM counts file-backed pages too: after the probe {after['RssFile']:.0f} MiB of the RSS are "
+                f"file-backed (torch's libraries and the memory-mapped CIFAR-10 cache, "
+                f"{after['RssFile'] - run['after_data']['RssFile']:.0f} MiB of it mapped during the probe, shared "
+                f"by every worker) and {after['RssAnon']:.0f} MiB private (anonymous)."
+            )
     for p in result.get("profiles", []):
         gap = p["gap_ms"] or float("nan")
         lines += [
