@@ -226,7 +226,8 @@ def _grid(intervals: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sigmoid(a: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-a))
+    # The tanh form is exact and never overflows (1 / (1 + exp(-a)) does, harmlessly, for a < -709).
+    return 0.5 * (1 + np.tanh(0.5 * a))
 
 
 def _sigmoid_slope(a: np.ndarray) -> np.ndarray:
