@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from graddiag.models.spec import Spec
+from graddiag.models.spec import RECURRENT_ARCHS, Spec
 
 # Both data sets (CIFAR-10 and the synthetic one) have this shape: 3 x 32 x 32 images in 10 classes.
 IMAGE_SHAPE: Final[tuple[int, int, int]] = (3, 32, 32)
@@ -159,3 +159,16 @@ def weight_count(spec: Spec) -> int:
 def layer_count(spec: Spec) -> int:
     """Parameterised layers in the network's `layers` list."""
     return len(layer_shapes(spec))
+
+
+def recorded_steps(spec: Spec) -> int:
+    """Steps the probe records: every record_every-th from step 0, and the last."""
+    every = -(-spec.steps // spec.record_every)
+    return every + (0 if (spec.steps - 1) % spec.record_every == 0 else 1)
+
+
+def time_record_count(spec: Spec) -> int:
+    """Rows of a run's gradient through time: recorded steps × recurrent layers × time steps (0 if not recurrent)."""
+    if spec.arch not in RECURRENT_ARCHS:
+        return 0
+    return recorded_steps(spec) * spec.depth * SEQUENCE_LENGTH

@@ -13,11 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
+from graddiag.models.shapes import time_record_count
 from graddiag.models.spec import Spec
 from graddiag.service.api import reports as reports_api
 from graddiag.service.api import runs as runs_api
 from graddiag.service.api.schemas import TimeProfile
 from graddiag.service.client import AsyncClient, Client, GraddiagError
+from graddiag.service.engine.probe import run_probe
 from graddiag.service.engine.report import Report
 from graddiag.service.settings import Settings
 from graddiag.service.store.db import make_engine, make_sessionmaker
@@ -198,11 +200,36 @@ async def test_an_answer_too_large_asks_for_a_layer(
     api: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_id = _stored(settings, recurrent_report(LSTM, time_steps=4))  # 2 steps x 2 layers x 4 t = 16 rows
-    monkeypatch.setattr(runs_api, "MAX_TIME_ROWS", 10)
+    monkeypatch.setattr(runs_api, "MAX_TIME_RECORDS", 10)
     problem = assert_problem(await api.get(f"/v1/runs/{run_id}/time"), 422, "validation_error")
     assert problem["errors"][0]["loc"] == ["query", "layer"]
     assert problem["errors"][0]["msg"] == "16 time records match, over the 10 one answer holds: ask for one layer"
     assert len((await api.get(f"/v1/runs/{run_id}/time", params={"layer": 3})).json()["rows"]) == 8
+
+
+async def test_a_spec_over_the_time_records_cap_is_refused_naming_what_sizes_them(api: httpx.AsyncClient) -> None:
+    # 5000 recorded steps x 4 layers x 32 time steps = 640 000 rows: under the memory cap, over the rows'.
+    fields = {
+        **TINY.model_dump(mode="json", exclude_defaults=True),
+        "arch": "lstm",
+        "depth": 4,
+        "width": 8,
+        "batch_size": 2,
+        "steps": 5000,
+        "record_every": 1,
+    }
+    problem = assert_problem(await api.post("/v1/runs", json=fields), 422, "validation_error")
+    assert [e["loc"] for e in problem["errors"]] == [["body", "steps"], ["body", "record_every"], ["body", "depth"]]
+    assert "would record 640,000 time records" in problem["errors"][0]["msg"]
+    assert "500,000" in problem["errors"][0]["msg"]
+    # Recorded every other step: 2500 x 4 x 32 = 320 000 rows, accepted.
+    assert (await api.post("/v1/runs", json={**fields, "record_every": 2})).status_code == 202
+
+
+def test_time_record_count_is_the_probes() -> None:
+    spec = TINY.model_copy(update={"arch": "rnn", "activation": "tanh", "depth": 2, "steps": 7, "record_every": 3})
+    report = run_probe(spec)
+    assert len(report.time_records) == time_record_count(spec) == 3 * 2 * 32  # steps 0, 3, 6
 
 
 async def test_unknown_run_is_404(api: httpx.AsyncClient) -> None:
@@ -280,7 +307,7 @@ async def test_uploaded_time_records_must_be_finite_and_within_the_cap(
         0,
         "state_rms",
     ]
-    monkeypatch.setattr(reports_api, "MAX_REPORT_TIME_RECORDS", 5)
+    monkeypatch.setattr(reports_api, "MAX_TIME_RECORDS", 5)
     problem = assert_problem(await api.post("/v1/reports", json=_recurrent_upload()), 422, "validation_error")
     assert problem["errors"][0]["loc"] == ["body", "report", "time_records"]
     assert problem["errors"][0]["msg"] == "12 time_records; at most 5 are accepted"

@@ -6,16 +6,25 @@ parameter or the spec fields. The caps are settings, so an operator sets them pe
 
 from __future__ import annotations
 
+from typing import Final
+
 from fastapi.exceptions import RequestValidationError
 from pydantic import Field
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from graddiag.models.memory import estimate_run_memory, sizing_fields
+from graddiag.models.shapes import time_record_count
 from graddiag.models.spec import Spec, SpecCaps
 from graddiag.service.api.errors import problem_response
 from graddiag.service.api.schemas import FieldError
 from graddiag.service.settings import Settings
+
+# The most time records (a recurrent run's gradient through time) one run may hold, and one answer of
+# GET /v1/runs/{id}/time serves (256,000 rows measured ~4 s and 42 MB as JSON; a spec at the caps would
+# record 16 M). Past it a probe is refused at submit and an upload with a 422; a /time request over it
+# (none, while runs keep to it) would be refused naming the filter that makes it fit.
+MAX_TIME_RECORDS: Final = 500_000
 
 
 class ServerCaps(SpecCaps):
@@ -42,6 +51,13 @@ class ServerCaps(SpecCaps):
                 f"lower {', '.join(fields[:-1])} or {fields[-1]}"
             )
             found += [(field, message) for field in fields]
+        rows = time_record_count(spec)
+        if rows > MAX_TIME_RECORDS:
+            message = (
+                f"the run would record {rows:,} time records (recorded steps x depth x 32 time steps), over the "
+                f"{MAX_TIME_RECORDS:,} a run holds; lower steps or depth, or raise record_every"
+            )
+            found += [(field, message) for field in ("steps", "record_every", "depth")]
         return found
 
 

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from graddiag.service.api.deps import SessionFactoryDep
 from graddiag.service.api.errors import documented
+from graddiag.service.api.limits import MAX_TIME_RECORDS
 from graddiag.service.api.schemas import RunDetail
 from graddiag.service.engine.report import Report
 from graddiag.service.store import runs as store
@@ -31,8 +32,6 @@ from graddiag.service.store import runs as store
 MAX_REPORT_LAYERS: Final = 10_000
 MAX_REPORT_STEPS: Final = 100_000
 MAX_REPORT_RECORDS: Final = 1_000_000
-# As many as one GET /v1/runs/{id}/time answer holds (api/runs.py's MAX_TIME_ROWS): an upload is served whole.
-MAX_REPORT_TIME_RECORDS: Final = 500_000
 # Steps and time steps are stored as SQL integers (32 bits on PostgreSQL).
 MAX_REPORT_STEP: Final = 2**31 - 2
 MAX_REPORT_T: Final = 2**31 - 1
@@ -109,7 +108,7 @@ def report_problems(report: Report, upload_name: str | None = None, tags: Sequen
         ("layers", report.layers, MAX_REPORT_LAYERS),
         ("steps", report.steps, MAX_REPORT_STEPS),
         ("records", report.records, MAX_REPORT_RECORDS),
-        ("time_records", report.time_records, MAX_REPORT_TIME_RECORDS),
+        ("time_records", report.time_records, MAX_TIME_RECORDS),
     ):
         if len(items) > cap:
             yield (*at, part), f"{len(items)} {part}; at most {cap} are accepted", "too_long"

@@ -20,8 +20,8 @@ from graddiag.service.api.data import require_cifar10
 from graddiag.service.api.deps import RunIdDep, SessionDep, SessionFactoryDep, SettingsDep
 from graddiag.service.api.errors import documented
 from graddiag.service.api.labels import query_labels
-from graddiag.service.api.limits import check_page_size, check_spec
-from graddiag.service.api.reports import MAX_REPORT_LAYERS, MAX_REPORT_STEP, MAX_REPORT_TIME_RECORDS
+from graddiag.service.api.limits import MAX_TIME_RECORDS, check_page_size, check_spec
+from graddiag.service.api.reports import MAX_REPORT_LAYERS, MAX_REPORT_STEP
 from graddiag.service.api.schemas import RecurrentLayer, RunDetail, RunList, RunSummary, TimeProfile
 from graddiag.service.engine.report import LayerInfo, LayerRecord
 from graddiag.service.store import labels as label_store
@@ -234,13 +234,6 @@ TIME_CSV_FIELDS: tuple[str, ...] = ("step", "layer", "layer_name", *store.TIME_F
 CSV_MEDIA_TYPE = "text/csv"
 # A 422 lists at most this many of a run's recorded steps.
 MAX_LISTED_STEPS = 20
-# Rows one /time answer holds: 256 000 rows took ~4 s and 42 MB as JSON, and a probe may have up to 5000
-# steps x 100 layers x 32 time steps (16 M rows), which must not be built in one answer. Past the cap the
-# request is refused, naming the filter that makes it fit (one layer's rows; one step's). An uploaded
-# report has at most this many, so it is always served whole.
-MAX_TIME_ROWS = MAX_REPORT_TIME_RECORDS
-
-
 def _quality(accept: str, media_type: str) -> float:
     """The q-value `accept` gives `media_type` (through type/* or */* where it is not named); 0 if none."""
     kind = media_type.split("/")[0]
@@ -328,10 +321,10 @@ def get_time(
     count = store.time_count(session, run_id, layer=layer, step=step)
     layers = store.recurrent_layers(session, run_id)
     _check_time_filters(session, run_id, layers, layer, step)
-    if count > MAX_TIME_ROWS:
+    if count > MAX_TIME_RECORDS:
         name = "layer" if layer is None else "step"
         raise _query_problem(
-            name, f"{count} time records match, over the {MAX_TIME_ROWS} one answer holds: ask for one {name}"
+            name, f"{count} time records match, over the {MAX_TIME_RECORDS} one answer holds: ask for one {name}"
         )
     rows = store.time_table(session, run_id, layer=layer, step=step)
     headers = {"Vary": "Accept"}
