@@ -234,6 +234,8 @@ TIME_CSV_FIELDS: tuple[str, ...] = ("step", "layer", "layer_name", *store.TIME_F
 CSV_MEDIA_TYPE = "text/csv"
 # A 422 lists at most this many of a run's recorded steps.
 MAX_LISTED_STEPS = 20
+
+
 def _quality(accept: str, media_type: str) -> float:
     """The q-value `accept` gives `media_type` (through type/* or */* where it is not named); 0 if none."""
     kind = media_type.split("/")[0]
