@@ -450,10 +450,26 @@ def _format_q(q: float) -> str:
     return "q → ∞" if math.isinf(q) else f"q = {q:#.3g}"
 
 
-def _format_decades(value: float) -> str:
-    # Avoid printing "-0.00" for a slope that rounds to zero.
+def format_decades(value: float) -> str:
+    """A rate in decades to three places, signed; never "-0.000" for a rate that rounds to zero."""
     text = f"{value:+.3f}"
     return "+0.000" if text == "-0.000" else text
+
+
+def compare_rates(
+    predicted: float, measured: float | None, tolerance: float, relative_tolerance: float
+) -> tuple[str, float | None, bool | None]:
+    """(the clause that sets `measured` beside a finite `predicted` rate, the tolerance allowed, whether they agree).
+
+    They agree within max(tolerance, relative_tolerance·|predicted|); with no finite measurement the
+    clause says so and the tolerance and agreement are None. Used by the depth and the time theories alike.
+    """
+    if measured is None or not math.isfinite(measured):
+        return "; there is no finite measured slope to compare.", None, None
+    allowed = max(tolerance, relative_tolerance * abs(predicted))
+    agrees = abs(measured - predicted) <= allowed
+    clause = f"; measured {format_decades(measured)}, {'within' if agrees else 'outside'} the ±{allowed:.3f} tolerance."
+    return clause, allowed, agrees
 
 
 def _not_applicable(spec: Spec, interior: int) -> str | None:
@@ -550,19 +566,12 @@ def theory_for(
     else:
         sentence = (
             f"Mean-field theory ({described}, from the measured input {_format_q(q_mean)}) predicts "
-            f"{_format_decades(predicted)} decades per layer for ‖∂L/∂h‖"
+            f"{format_decades(predicted)} decades per layer for ‖∂L/∂h‖"
         )
         if chi1 is not None:
             sentence += f" (mean χ₁ = {chi1:#.3g})"
-        if measured_decades_per_layer is None or not math.isfinite(measured_decades_per_layer):
-            sentence += "; there is no finite measured slope to compare."
-        else:
-            allowed = max(tolerance, relative_tolerance * abs(predicted))
-            agrees = abs(measured_decades_per_layer - predicted) <= allowed
-            sentence += (
-                f"; measured {_format_decades(measured_decades_per_layer)}, "
-                f"{'within' if agrees else 'outside'} the ±{allowed:.3f} tolerance."
-            )
+        clause, allowed, agrees = compare_rates(predicted, measured_decades_per_layer, tolerance, relative_tolerance)
+        sentence += clause
     last_q = trajectory.qs[-1] if trajectory.qs else None
     return Theory(
         applicable=True,

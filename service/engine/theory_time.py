@@ -52,7 +52,7 @@ from torch import Tensor
 from graddiag.models.spec import Spec
 from graddiag.service.engine.profile import fit_log_slope
 from graddiag.service.engine.report import LayerInfo, RecurrentSpectrum, TimeTheory
-from graddiag.service.engine.theory import gaussian_expectations
+from graddiag.service.engine.theory import compare_rates, format_decades, gaussian_expectations
 
 __all__ = [
     "RecurrentWeights",
@@ -432,11 +432,6 @@ def _identity_like(layer: RecurrentWeights) -> bool:
     return bool(np.allclose(w, np.diag(diagonal)) and np.allclose(diagonal, diagonal[0]) and diagonal[0] != 0)
 
 
-def _decades(value: float) -> str:
-    text = f"{value:+.3f}"
-    return "+0.000" if text == "-0.000" else text
-
-
 def time_theory_for(
     spec: Spec,
     layers: Sequence[LayerInfo],
@@ -495,7 +490,7 @@ def time_theory_for(
             why = (
                 "The identity recurrent matrix (IRNN) is not covered by mean field: each unit feeds only itself, "
                 "so its derivative φ′(a_t) is correlated across time instead of drawn afresh at every step. "
-                f"Its spectral radius {rho:.3g} gives the linearised rate {_decades(math.log10(rho))} decades "
+                f"Its spectral radius {rho:.3g} gives the linearised rate {format_decades(math.log10(rho))} decades "
                 "per step (exact where φ′ = 1)."
             )
         else:
@@ -534,17 +529,11 @@ def time_theory_for(
     else:
         sentence = (
             f"Through time, mean-field theory ({described}, from the measured input q = {q_mean:#.3g}) predicts "
-            f"{_decades(predicted)} decades per step for {statistic} ({_decades(predicted * (length - 1))} across "
-            f"the {length} steps)"
+            f"{format_decades(predicted)} decades per step for {statistic} "
+            f"({format_decades(predicted * (length - 1))} across the {length} steps)"
         )
-        if measured is None or not math.isfinite(measured):
-            sentence += "; there is no finite measured slope to compare."
-        else:
-            allowed = max(tolerance, relative_tolerance * abs(predicted))
-            agrees = abs(measured - predicted) <= allowed
-            sentence += (
-                f"; measured {_decades(measured)}, {'within' if agrees else 'outside'} the ±{allowed:.3f} tolerance."
-            )
+        clause, allowed, agrees = compare_rates(predicted, measured, tolerance, relative_tolerance)
+        sentence += clause
     return TimeTheory(
         applicable=True,
         reason=sentence,
