@@ -35,22 +35,31 @@ def probe(
     return run_probe(spec, data=data, eval_samples=settings.eval_samples)
 
 
-def cifar10_dir(settings: Settings, progress: TextIO | None = sys.stderr) -> Path:
+def fetch_cifar10(settings: Settings, progress: TextIO | None = sys.stderr) -> Path:
     """The directory holding CIFAR-10: the configured one, downloading the archive there first when no copy
     is found and `settings.download_data` allows it (progress on `progress`).
 
-    Raises DataUnavailableError saying what failed and how to point at a local copy instead.
+    Raises dataset_files.DataDownloadError saying what failed. Imports no torch, so `graddiag serve`'s API
+    process calls it too.
     """
+    from graddiag.service.engine.dataset_files import ensure_cifar10
+
+    return ensure_cifar10(
+        settings.cifar10_dir(),
+        download=settings.download_data,
+        url=settings.data_url,
+        md5=settings.data_md5,
+        progress=progress,
+    )
+
+
+def cifar10_dir(settings: Settings, progress: TextIO | None = sys.stderr) -> Path:
+    """`fetch_cifar10` for a probe: raises DataUnavailableError saying what failed and how to point at a local
+    copy instead."""
     from graddiag.service.engine.data import DataUnavailableError
-    from graddiag.service.engine.dataset_files import DataDownloadError, ensure_cifar10
+    from graddiag.service.engine.dataset_files import DataDownloadError
 
     try:
-        return ensure_cifar10(
-            settings.cifar10_dir(),
-            download=settings.download_data,
-            url=settings.data_url,
-            md5=settings.data_md5,
-            progress=progress,
-        )
+        return fetch_cifar10(settings, progress)
     except DataDownloadError as exc:
         raise DataUnavailableError(str(exc)) from exc

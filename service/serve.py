@@ -278,16 +278,11 @@ def prepare_cifar10(settings: Settings, progress: TextIO | None = sys.stderr) ->
     A failed or disallowed download is logged with what to do, and serving goes on: synthetic runs need no
     data, and the API refuses CIFAR-10 specs at submit time (503 data_unavailable) until a copy is there.
     """
-    from graddiag.service.engine.dataset_files import DataDownloadError, ensure_cifar10
+    from graddiag.service.engine.dataset_files import DataDownloadError
+    from graddiag.service.local import fetch_cifar10
 
     try:
-        where = ensure_cifar10(
-            settings.cifar10_dir(),
-            download=settings.download_data,
-            url=settings.data_url,
-            md5=settings.data_md5,
-            progress=progress,
-        )
+        where = fetch_cifar10(settings, progress)
     except DataDownloadError as exc:
         log.warning("CIFAR-10 is not available, so runs with dataset='cifar10' are refused: %s", exc)
         return False
