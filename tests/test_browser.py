@@ -437,6 +437,15 @@ def test_a_named_run_in_the_runs_table(tab: Tab, sweep: dict[str, Any], client: 
         "document.querySelector('th[data-sort=decades_per_layer]').getAttribute('aria-sort') === 'ascending'"
     )
     page.wait_for_function("location.search.includes('sort=decades_per_layer')")
+    # The header and the URL change before the sorted page arrives: wait for the rows themselves (a table that
+    # never sorts times out here).
+    page.wait_for_function(
+        """() => {
+            const shown = [...document.querySelectorAll('#runs tbody td.col-decades')]
+                .map((td) => td.textContent.trim()).filter((t) => t !== '—').map(Number);
+            return document.querySelectorAll('#runs tbody tr').length === 6 && shown.every((x, i) => i === 0 || shown[i - 1] <= x);
+        }"""
+    )
     shown = [float(t) for t in row_texts(page, "col-decades") if t != "—"]
     assert shown == sorted(shown)
     assert not tab.errors
